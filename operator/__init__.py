@@ -1,0 +1,1 @@
+"""Kopf shell: process entry points, handler registration, settings."""

@@ -1,0 +1,1 @@
+"""Hyperfleet domain: CRD models, pure reconcile logic, scheduler, I/O clients."""

@@ -1,0 +1,1 @@
+"""cloud-hypervisor: REST client, process manager, and the contract-checking test double."""

@@ -1,0 +1,1 @@
+"""VmJob protocol: envelope, typed versioned payloads, validation, builder, engine."""

@@ -1,0 +1,1 @@
+"""Pydantic models of every Hyperfleet custom resource (the source of the CRDs)."""
