@@ -1,2 +1,126 @@
+"""`hyperfleet` command: controller, agent, demo, and CRD generation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Hyperfleet: GitOps for cloud-hypervisor VMs on Kubernetes.")
+
+KubeconfigOpt = Annotated[
+    str | None, typer.Option(envvar="KUBECONFIG", help="kubeconfig (in-cluster config if unset)")
+]
+LogFormatOpt = Annotated[str, typer.Option(help="json or text")]
+MetricsOpt = Annotated[int, typer.Option(help="Prometheus metrics port on 127.0.0.1 (0: off)")]
+
+
+def _run_kopf(registry: object, kubeconfig: str | None, role: str) -> None:
+    import kopf
+    from hyperfleet.reconcilers.kube import load_config
+
+    if kubeconfig:
+        os.environ["KUBECONFIG"] = kubeconfig
+    load_config(kubeconfig)
+    asyncio.run(kopf.operator(registry=registry, clusterwide=True, standalone=True))  # type: ignore[arg-type]
+
+
+@app.command()
+def controller(
+    kubeconfig: KubeconfigOpt = None,
+    node_grace: Annotated[float, typer.Option(help="Seconds without heartbeat -> NotReady")] = 20.0,
+    log_format: LogFormatOpt = "json",
+    metrics_port: MetricsOpt = 0,
+) -> None:
+    """Run the controller (scheduling, node health)."""
+    import kopf
+    from hyperfleet.reconcilers.kube import Kube
+
+    from . import controller as ctl
+    from . import logs, metrics
+    from .settings import ControllerConfig
+
+    logs.setup(fmt=log_format)
+    metrics.serve(metrics_port)
+    registry = kopf.OperatorRegistry()
+    ctl.register(registry, ControllerConfig(node_grace_seconds=node_grace), Kube())
+    _run_kopf(registry, kubeconfig, "controller")
+
+
+@app.command()
+def agent(
+    node_name: Annotated[str, typer.Option(envvar="NODE_NAME", help="This node's WorkerNode name")],
+    kubeconfig: KubeconfigOpt = None,
+    ch_binary: Annotated[str, typer.Option(envvar="HYPERFLEET_CH_BINARY",
+                                           help="cloud-hypervisor binary")] = "cloud-hypervisor",
+    socket_dir: Annotated[str, typer.Option(help="Directory of VMM API sockets")] = "/run/hyperfleet",
+    pool: Annotated[str, typer.Option(help="Worker pool when registering")] = "default",
+    cpus: Annotated[int | None, typer.Option(help="Advertise this many CPUs")] = None,
+    memory: Annotated[str | None, typer.Option(help="Advertise this much memory (e.g. 64Gi)")] = None,
+    heartbeat: Annotated[float, typer.Option(help="Heartbeat interval, seconds")] = 5.0,
+    log_format: LogFormatOpt = "json",
+    metrics_port: MetricsOpt = 0,
+) -> None:
+    """Run the node agent that drives cloud-hypervisor on this node."""
+    import kopf
+    from hyperfleet.reconcilers.kube import Kube
+
+    from . import agent as agent_mod
+    from . import logs, metrics
+    from .settings import AgentConfig
+
+    logs.setup(fmt=log_format)
+    metrics.serve(metrics_port)
+    cfg = AgentConfig(node_name=node_name, ch_binary=ch_binary, socket_dir=socket_dir, pool=pool,
+                      cpus=cpus, memory=memory, heartbeat_seconds=heartbeat)
+    registry = kopf.OperatorRegistry()
+    agent_mod.register(registry, cfg, Kube())
+    _run_kopf(registry, kubeconfig, "agent")
+
+
+@app.command()
+def crds(
+    out: Annotated[Path, typer.Option(help="Output directory")] = Path("crds"),
+    check: Annotated[bool, typer.Option(help="Fail if the files differ instead of writing")] = False,
+) -> None:
+    """Generate the CRD YAML from the pydantic models."""
+    from hyperfleet.reconcilers import crdgen, kinds
+
+    if check:
+        stale = [
+            k.plural for k in kinds.ALL_KINDS
+            if not (out / f"{k.plural}.hyperfleet.dev.yaml").exists()
+            or (out / f"{k.plural}.hyperfleet.dev.yaml").read_text() != crdgen.render(k)
+        ]
+        if stale:
+            typer.echo(f"out of date: {', '.join(stale)}; run `hyperfleet crds`", err=True)
+            raise typer.Exit(1)
+        return
+    for p in crdgen.write_all(kinds.ALL_KINDS, out):
+        typer.echo(str(p))
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo keeps its state")] = Path(".demo"),
+    nodes: Annotated[int, typer.Option(help="Simulated worker nodes")] = 2,
+    keep: Annotated[bool | None, typer.Option(help="Keep running after convergence "
+                                              "(default: only on a terminal)")] = None,
+) -> None:
+    """Local stack: API server, CRDs, controller, agents with the CH double, sample VMs."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(workdir.resolve(), nodes, sys.stdin.isatty() if keep is None else keep))
+
+
 def main() -> None:
-    print("hi")
+    app()
+
+
+if __name__ == "__main__":
+    main()

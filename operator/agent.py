@@ -1,0 +1,149 @@
+"""Node agent: registers its WorkerNode, heartbeats, and drives the VMs bound to it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import kopf
+from hyperfleet.reconcilers import providers
+from hyperfleet.reconcilers.driver import VmDriver
+from hyperfleet.reconcilers.hypervisor.process import ProcessManager
+from hyperfleet.reconcilers.kube import NODES, VMS, Kube
+from hyperfleet.reconcilers.models.common import GROUP, VERSION, parse_quantity
+from hyperfleet.reconcilers.models.vm import VirtualMachine
+from hyperfleet.reconcilers.nodes import heartbeat_status, host_capacity
+
+from . import metrics
+from .settings import AgentConfig, configure_kopf
+
+log = logging.getLogger("hyperfleet.agent")
+AGENT_VERSION = "0.1.0"
+
+
+class Agent:
+    """State shared by the agent's handlers (one per process)."""
+
+    def __init__(self, cfg: AgentConfig, kube: Kube) -> None:
+        self.cfg = cfg
+        self.kube = kube
+        self.pm = ProcessManager(cfg.ch_binary, cfg.socket_dir)
+        self.driver = VmDriver(self.pm, cfg.node_name)
+        self.wakeups: dict[str, asyncio.Event] = {}
+        self.heartbeat_task: asyncio.Task[None] | None = None
+        self.node_status: dict[str, Any] = {}
+
+    def wakeup(self, key: str) -> asyncio.Event:
+        return self.wakeups.setdefault(key, asyncio.Event())
+
+    def register_node(self) -> None:
+        """Create our WorkerNode if absent and publish what this host offers."""
+        name = self.cfg.node_name
+        if self.kube.get(NODES, name) is None:
+            self.kube.create(NODES, {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "WorkerNode",
+                "metadata": {"name": name, "labels": {"hyperfleet.dev/node": name}},
+                "spec": {"pool": self.cfg.pool},
+            })
+            log.info("registered WorkerNode", extra={"node": name})
+        reports = providers.discover([providers.CloudHypervisorProvider(self.cfg.ch_binary)])
+        cpus, mem = host_capacity()
+        cpus = self.cfg.cpus or cpus
+        mem = parse_quantity(self.cfg.memory) if self.cfg.memory else mem
+        self.node_status = heartbeat_status(
+            cpus, mem, reports, providers.capabilities(reports), AGENT_VERSION
+        )
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        fresh = heartbeat_status(0, 0, [], [], AGENT_VERSION)
+        status = {**self.node_status, "heartbeatTime": fresh["heartbeatTime"]}
+        self.kube.patch(NODES, self.cfg.node_name, {"status": status}, status=True)
+
+    async def heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_seconds)
+            try:
+                await asyncio.to_thread(self.heartbeat)
+            except Exception:
+                log.exception("heartbeat failed", extra={"node": self.cfg.node_name})
+
+
+def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> Agent:
+    agent = Agent(cfg, kube)
+
+    def bound_here(status: kopf.Status, **_: Any) -> bool:
+        return bool(status.get("nodeName") == cfg.node_name)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_kopf(settings, "agent")
+        # Only objects bound to this node matter; keep the rest off the wire is a later step.
+        await asyncio.to_thread(agent.register_node)
+        adopted = await asyncio.to_thread(agent.pm.discover)
+        if adopted:
+            log.info("adopting running VMMs", extra={"vms": [f"{n}/{m}" for n, m in adopted]})
+        agent.heartbeat_task = asyncio.create_task(agent.heartbeat_loop())
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        if agent.heartbeat_task:
+            agent.heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await agent.heartbeat_task
+
+    @kopf.on.event(GROUP, VERSION, "virtualmachines", registry=registry)
+    async def vm_event(*, name: str, namespace: str | None, **_: Any) -> None:
+        ev = agent.wakeups.get(f"{namespace}/{name}")
+        if ev is not None:
+            ev.set()
+
+    @kopf.daemon(GROUP, VERSION, "virtualmachines", registry=registry, when=bound_here,
+                 cancellation_timeout=30.0)
+    async def vm_daemon(
+        *, body: kopf.Body, name: str, namespace: str | None, stopped: kopf.DaemonStopped,
+        **_: Any,
+    ) -> None:
+        namespace = namespace or "default"
+        key = f"{namespace}/{name}"
+        wake = agent.wakeup(key)
+        try:
+            while not stopped:
+                wake.clear()
+                vm = VirtualMachine.from_body(body)
+                with metrics.RECONCILE_SECONDS.labels("vm").time():
+                    outcome = await asyncio.to_thread(agent.driver.converge, vm)
+                current = dict(body.get("status") or {})
+                if any(current.get(k) != v for k, v in outcome.status.items()):
+                    await asyncio.to_thread(
+                        kube.patch, VMS, name, {"status": outcome.status}, namespace, True
+                    )
+                for type_, reason, message in outcome.events:
+                    await asyncio.to_thread(kube.event, dict(body), reason, message, type_,
+                                            "hyperfleet-agent")
+                metrics.RECONCILES.labels("vm", "converged" if outcome.converged else "pending").inc()
+                delay = agent.cfg.resync_seconds if outcome.converged else 0.5
+                await _wait_either(wake, stopped, delay)
+        finally:
+            agent.wakeups.pop(key, None)
+
+    @kopf.on.delete(GROUP, VERSION, "virtualmachines", registry=registry, when=bound_here)
+    async def vm_delete(*, name: str, namespace: str | None, **_: Any) -> None:
+        namespace = namespace or "default"
+        await asyncio.to_thread(agent.driver.destroy, namespace, name)
+        log.info("VM removed from node", extra={"vm": f"{namespace}/{name}"})
+
+    return agent
+
+
+async def _wait_either(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:
+    """Sleep until the object changed, the daemon is stopped, or ``timeout`` passed."""
+    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

@@ -1,0 +1,196 @@
+"""Controller: watches VMs and WorkerNodes, places pending VMs, tracks node health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+import kopf
+from hyperfleet.reconcilers.kube import NODES, VMS, Conflict, Kube
+from hyperfleet.reconcilers.models.common import GROUP, VERSION, format_quantity, now_utc
+from hyperfleet.reconcilers.nodes import is_ready, node_view
+from hyperfleet.reconcilers.scheduler import schedule, vm_view
+
+from . import metrics
+from .settings import ControllerConfig, configure_kopf
+
+log = logging.getLogger("hyperfleet.controller")
+
+
+class Controller:
+    """An in-memory view of the cluster fed by watch events, and the scheduling loop."""
+
+    def __init__(self, cfg: ControllerConfig, kube: Kube) -> None:
+        self.cfg = cfg
+        self.kube = kube
+        self.vms: dict[str, dict[str, Any]] = {}
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.dirty = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def observe(self, store: dict[str, dict[str, Any]], key: str, event: kopf.RawEvent,
+                body: kopf.Body) -> None:
+        if event.get("type") == "DELETED":
+            store.pop(key, None)
+        else:
+            store[key] = copy.deepcopy(dict(body))
+        self.dirty.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.dirty.wait(), timeout=self.cfg.resync_seconds)
+            self.dirty.clear()
+            try:
+                await self.pass_once()
+            except Exception:
+                log.exception("scheduling pass failed")
+                await asyncio.sleep(1)
+
+    async def pass_once(self) -> None:
+        now = now_utc()
+        grace = timedelta(seconds=self.cfg.node_grace_seconds)
+        await self._mark_node_health(now, grace)
+        nodes = [node_view(b, now, grace) for b in self.nodes.values()]
+        vms = [b for b in self.vms.values() if not b["metadata"].get("deletionTimestamp")]
+        pending_bodies = {vm_view(b).key: b for b in vms if not (b.get("status") or {}).get("nodeName")}
+        placed = [vm_view(b) for b in vms if (b.get("status") or {}).get("nodeName")]
+        metrics.PENDING_VMS.set(len(pending_bodies))
+        phases = Counter((b.get("status") or {}).get("phase") or "Pending" for b in vms)
+        for phase, n in phases.items():
+            metrics.VMS_BY_PHASE.labels(phase).set(n)
+        await self._publish_allocations(placed)
+        if not pending_bodies:
+            return
+        with metrics.RECONCILE_SECONDS.labels("schedule").time():
+            result = schedule([vm_view(b) for b in pending_bodies.values()], nodes, placed)
+        for key, node in result.placements.items():
+            await self._bind(pending_bodies[key], node)
+        for key, reason in result.unschedulable.items():
+            await self._unschedulable(pending_bodies[key], reason)
+
+    async def _bind(self, body: dict[str, Any], node: str) -> None:
+        meta = body["metadata"]
+        ts = now_utc().isoformat().replace("+00:00", "Z")
+        patch = {
+            "metadata": {"resourceVersion": meta["resourceVersion"]},
+            "status": {
+                "nodeName": node,
+                "phase": "Scheduled",
+                "message": None,
+                "conditions": [
+                    c for c in (body.get("status") or {}).get("conditions") or []
+                    if c.get("type") != "Scheduled"
+                ] + [{
+                    "type": "Scheduled", "status": "True", "reason": "Bound",
+                    "message": f"placed on {node}", "lastTransitionTime": ts,
+                }],
+            },
+        }
+        try:
+            out = await asyncio.to_thread(
+                self.kube.patch, VMS, meta["name"], patch, meta.get("namespace"), True
+            )
+        except Conflict:
+            metrics.BINDINGS.labels("conflict").inc()
+            log.info("binding conflict; will retry", extra={"vm": meta["name"]})
+            self.dirty.set()
+            return
+        metrics.BINDINGS.labels("bound").inc()
+        key = f"{meta.get('namespace') or 'default'}/{meta['name']}"
+        self.vms[key] = out  # count the allocation before the watch event arrives
+        log.info("bound VM", extra={"vm": key, "node": node})
+        await asyncio.to_thread(self.kube.event, body, "Scheduled",
+                                f"placed on WorkerNode {node}", "Normal", "hyperfleet-controller")
+
+    async def _unschedulable(self, body: dict[str, Any], reason: str) -> None:
+        meta = body["metadata"]
+        status = body.get("status") or {}
+        if status.get("phase") == "Unschedulable" and status.get("message") == reason:
+            return
+        ts = now_utc().isoformat().replace("+00:00", "Z")
+        patch = {
+            "metadata": {"resourceVersion": meta["resourceVersion"]},
+            "status": {
+                "phase": "Unschedulable",
+                "message": reason,
+                "conditions": [{
+                    "type": "Scheduled", "status": "False", "reason": "Unschedulable",
+                    "message": reason, "lastTransitionTime": ts,
+                }],
+            },
+        }
+        with contextlib.suppress(Conflict):
+            await asyncio.to_thread(
+                self.kube.patch, VMS, meta["name"], patch, meta.get("namespace"), True
+            )
+            await asyncio.to_thread(self.kube.event, body, "FailedScheduling", reason,
+                                    "Warning", "hyperfleet-controller")
+
+    async def _mark_node_health(self, now: Any, grace: timedelta) -> None:
+        """Like the node lifecycle controller: a lapsed heartbeat turns Ready False."""
+        for name, body in list(self.nodes.items()):
+            status = body.get("status") or {}
+            if status.get("phase") == "Ready" and not is_ready(body, now, grace):
+                ts = now.isoformat().replace("+00:00", "Z")
+                patch = {"status": {"phase": "NotReady", "conditions": [{
+                    "type": "Ready", "status": "False", "reason": "HeartbeatLapsed",
+                    "message": f"no heartbeat since {status.get('heartbeatTime')}",
+                    "lastTransitionTime": ts,
+                }]}}
+                self.nodes[name] = await asyncio.to_thread(
+                    self.kube.patch, NODES, name, patch, None, True
+                )
+                log.warning("node NotReady", extra={"node": name})
+
+    async def _publish_allocations(self, placed: list[Any]) -> None:
+        per_node: dict[str, list[int]] = {n: [0, 0, 0] for n in self.nodes}
+        for vm in placed:
+            if vm.node in per_node:
+                acc = per_node[vm.node]
+                acc[0] += vm.cpus
+                acc[1] += vm.memory
+                acc[2] += 1
+        for name, (cpus, mem, count) in per_node.items():
+            status = self.nodes[name].get("status") or {}
+            allocated = {"cpus": cpus, "memory": format_quantity(mem)}
+            if status.get("allocated") == allocated and status.get("vmCount") == count:
+                continue
+            out = await asyncio.to_thread(
+                self.kube.patch, NODES, name,
+                {"status": {"allocated": allocated, "vmCount": count}}, None, True,
+            )
+            self.nodes[name] = out
+
+
+def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: Kube) -> Controller:
+    ctl = Controller(cfg, kube)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_kopf(settings, "controller")
+        ctl.task = asyncio.create_task(ctl.run())
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        if ctl.task:
+            ctl.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ctl.task
+
+    @kopf.on.event(GROUP, VERSION, "virtualmachines", registry=registry)
+    async def vm_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
+                       namespace: str | None, **_: Any) -> None:
+        ctl.observe(ctl.vms, f"{namespace}/{name}", event, body)
+
+    @kopf.on.event(GROUP, VERSION, "workernodes", registry=registry)
+    async def node_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
+                         **_: Any) -> None:
+        ctl.observe(ctl.nodes, name, event, body)
+
+    return ctl

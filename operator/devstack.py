@@ -1,0 +1,219 @@
+"""A local control plane for the demo and the integration tests.
+
+Runs the genuine apiextensions-apiserver + etcd (built once from Debian packages by
+``../shared/k8s-apiserver/build-crd-apiserver.sh`` into the cache directory) on
+loopback with fresh certificates, and the Hyperfleet processes beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def k8s_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("HYPERFLEET_K8S_DIR", str(Path(base) / "hyperfleet-k8s")))
+
+
+def apiserver_binaries() -> tuple[Path, Path]:
+    root = k8s_dir() / "chroot"
+    return root / "root/out/crd-apiserver", root / "usr/bin/etcd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_certs(w: Path) -> None:
+    if (w / "admin.crt").exists():
+        return
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.crt", "-days", "3650", "-subj", "/CN=hyperfleet-test-ca", cwd=w)
+    (w / "server.ext").write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+    )
+    (w / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name, subj, ext in (
+        ("server", "/CN=localhost", "server.ext"),
+        ("admin", "/O=system:masters/CN=admin", "client.ext"),
+    ):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", "-subj", subj, cwd=w)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "3650", "-extfile", ext,
+                 cwd=w)
+
+
+@dataclass
+class ApiServer:
+    """etcd + crd-apiserver on 127.0.0.1; ``kubeconfig`` is valid once started."""
+
+    workdir: Path
+    port: int = 0
+    etcd_port: int = 0
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.workdir / "kubeconfig"
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> ApiServer:
+        bin_, etcd = apiserver_binaries()
+        for b in (bin_, etcd):
+            if not b.exists():
+                raise FileNotFoundError(
+                    f"{b} is missing: build it once with `make apiserver` "
+                    "(runs ../shared/k8s-apiserver/build-crd-apiserver.sh)"
+                )
+        w = self.workdir
+        w.mkdir(parents=True, exist_ok=True)
+        _make_certs(w)
+        self.port = self.port or free_port()
+        self.etcd_port = self.etcd_port or free_port()
+        peer = free_port()
+        self.kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters: [{{name: local, cluster: {{server: '{self.url}', "
+            f"certificate-authority: '{w}/ca.crt'}}}}]\n"
+            f"users: [{{name: admin, user: {{client-certificate: '{w}/admin.crt', "
+            f"client-key: '{w}/admin.key'}}}}]\n"
+            "contexts: [{name: local, context: {cluster: local, user: admin, "
+            "namespace: default}}]\ncurrent-context: local\n"
+        )
+        shutil.rmtree(w / "etcd-data", ignore_errors=True)
+        etcd_url = f"http://127.0.0.1:{self.etcd_port}"
+        peer_url = f"http://127.0.0.1:{peer}"
+        self._spawn("etcd", [
+            str(etcd), "--name", "t", "--data-dir", str(w / "etcd-data"),
+            "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
+            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"t={peer_url}", "--quota-backend-bytes", str(4 << 30),
+        ])
+        kc = str(self.kubeconfig)
+        self._spawn("apiserver", [
+            str(bin_), f"--etcd-servers={etcd_url}", "--bind-address=127.0.0.1",
+            f"--secure-port={self.port}", f"--tls-cert-file={w}/server.crt",
+            f"--tls-private-key-file={w}/server.key", f"--client-ca-file={w}/ca.crt",
+            f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+            f"--authorization-kubeconfig={kc}", "--authentication-skip-lookup",
+            "--enable-priority-and-fairness=false",
+            "--disable-admission-plugins=NamespaceLifecycle,MutatingAdmissionPolicy,"
+            "MutatingAdmissionWebhook,ValidatingAdmissionPolicy,ValidatingAdmissionWebhook",
+            f"--audit-log-path={w}/audit.log", "--audit-policy-file=" + self._audit_policy(),
+        ])
+        self._wait_ready(timeout)
+        return self
+
+    def _audit_policy(self) -> str:
+        p = self.workdir / "audit-policy.yaml"
+        p.write_text(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n"
+            "  omitStages: [RequestReceived]\n"
+        )
+        return str(p)
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        (self.workdir / f"{name}.pid").write_text(str(proc.pid))
+        self.procs.append(proc)
+
+    def _wait_ready(self, timeout: float) -> None:
+        ctx = ssl.create_default_context(cafile=str(self.workdir / "ca.crt"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for p in self.procs:
+                if p.poll() is not None:
+                    tail = (self.workdir / "apiserver.log").read_text()[-2000:]
+                    raise RuntimeError(f"control plane exited early: {p.args!r}\n{tail}")
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{self.url}/readyz", context=ctx, timeout=2) as r,
+            ):
+                if r.status == 200:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"API server not ready within {timeout}s; see {self.workdir}")
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            stop_process(p)
+        self.procs.clear()
+
+
+def stop_process(p: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    if p.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            p.kill()
+        p.wait(5)
+
+
+def kubectl(kubeconfig: Path, *args: str, check: bool = True,
+            input_: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The real kubectl client against the local API server."""
+    return subprocess.run(
+        ["kubectl", f"--kubeconfig={kubeconfig}", *args],
+        capture_output=True, text=True, check=check, input=input_, timeout=120,
+    )
+
+
+def install_crds(kubeconfig: Path, crd_dir: Path = REPO / "crds") -> None:
+    """Apply the CRDs and wait until established (retrying the first-start 429s)."""
+    deadline = time.monotonic() + 60
+    while True:
+        r = kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-f", str(crd_dir),
+                    check=False)
+        if r.returncode == 0:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"kubectl apply of CRDs failed: {r.stderr}")
+        time.sleep(0.5)
+    kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=60s",
+            "crd", "-l", "app.kubernetes.io/part-of=hyperfleet")
+    # The first request to a new resource type may get 429 while storage initialises.
+    for plural in ("virtualmachines", "workernodes"):
+        while kubectl(kubeconfig, "get", plural, "-A", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{plural} never became servable")
+            time.sleep(0.2)
+
+
+def hyperfleet_cmd(*args: str) -> list[str]:
+    """How to start a Hyperfleet process with the same interpreter."""
+    return [sys.executable, "-m", "hyperfleet.operator.cli", *args]
+
+
+def ch_double_cmd() -> str:
+    """Path of the CH double console script installed next to this interpreter."""
+    exe = Path(sys.executable).parent / "hyperfleet-ch-double"
+    return str(exe) if exe.exists() else shutil.which("hyperfleet-ch-double") or str(exe)

@@ -1,0 +1,20 @@
+"""Prometheus metrics of the Hyperfleet processes (served on --metrics-port)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+RECONCILES = Counter(
+    "hyperfleet_reconciles_total", "Reconcile passes by kind and result", ["kind", "result"]
+)
+RECONCILE_SECONDS = Histogram(
+    "hyperfleet_reconcile_duration_seconds", "Duration of one reconcile pass", ["kind"]
+)
+VMS_BY_PHASE = Gauge("hyperfleet_vms", "VirtualMachines by phase", ["phase"])
+PENDING_VMS = Gauge("hyperfleet_scheduler_queue_depth", "VMs waiting for a node")
+BINDINGS = Counter("hyperfleet_bindings_total", "VM to node bindings by result", ["result"])
+
+
+def serve(port: int | None) -> None:
+    if port:
+        start_http_server(port, addr="127.0.0.1")

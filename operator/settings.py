@@ -1,0 +1,45 @@
+"""Process configuration and the kopf settings shared by the controller and the agents."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import kopf
+from hyperfleet.reconcilers.models.common import GROUP
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str
+    ch_binary: str = "cloud-hypervisor"
+    socket_dir: str = "/run/hyperfleet"
+    pool: str = "default"
+    cpus: int | None = None  # None: discover from the host
+    memory: str | None = None
+    heartbeat_seconds: float = 5.0
+    resync_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    node_grace_seconds: float = 20.0
+    resync_seconds: float = 5.0
+
+
+def configure_kopf(settings: kopf.OperatorSettings, role: str) -> None:
+    """Separate finalizers and annotation prefixes per role, so that the controller and
+    every agent can handle the same objects without reading each other's bookkeeping."""
+    prefix = f"{role}.{GROUP}"
+    settings.persistence.finalizer = f"{GROUP}/{role}"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=prefix, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 60
+    settings.watching.client_timeout = 70
+    settings.networking.request_timeout = 30
+    settings.batching.worker_limit = 200
+    settings.batching.batch_window = 0.05
+    settings.batching.idle_timeout = 60

@@ -1,0 +1,170 @@
+"""One cloud-hypervisor process per VM: spawn, find again after a restart, stop.
+
+Processes run in their own session so that an agent restart (or crash) leaves the
+VMs running; a pid file next to the API socket lets the next agent adopt them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .client import MAX_SOCKET_PATH, ChClient, ChError
+
+log = logging.getLogger(__name__)
+
+_SAFE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+class UnsafeNameError(ValueError):
+    """A VM name that would escape the socket directory or overflow sun_path."""
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    socket: Path
+    pidfile: Path
+    events: Path
+    log: Path
+    snapshots: Path
+
+
+class ProcessManager:
+    """Owns the files of every VMM on this node under ``socket_dir``."""
+
+    def __init__(self, binary: str, socket_dir: str | Path, extra_args: list[str] | None = None):
+        self.binary = binary
+        self.socket_dir = Path(socket_dir).resolve()
+        self.extra_args = extra_args or []
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def paths(self, namespace: str, name: str) -> VmPaths:
+        for part, what in ((namespace, "metadata.namespace"), (name, "metadata.name")):
+            if not _SAFE.match(part) or ".." in part:
+                raise UnsafeNameError(
+                    f"{what} {part!r} is not a DNS-1123 name: it cannot name a socket "
+                    "file safely; rename the VM"
+                )
+        stem = f"{namespace}_{name}"
+        socket = self.socket_dir / f"{stem}.sock"
+        if socket.resolve().parent != self.socket_dir:
+            raise UnsafeNameError(f"metadata.name {name!r} escapes the socket directory")
+        if len(str(socket).encode()) > MAX_SOCKET_PATH:
+            raise UnsafeNameError(
+                f"socket path {socket} exceeds {MAX_SOCKET_PATH} bytes: shorten metadata.name "
+                "or the agent's --socket-dir"
+            )
+        return VmPaths(
+            socket=socket,
+            pidfile=self.socket_dir / f"{stem}.pid",
+            events=self.socket_dir / f"{stem}.events",
+            log=self.socket_dir / f"{stem}.log",
+            snapshots=self.socket_dir / "snapshots" / stem,
+        )
+
+    def spawn(self, namespace: str, name: str) -> int:
+        p = self.paths(namespace, name)
+        with contextlib.suppress(FileNotFoundError):
+            p.socket.unlink()  # a stale socket from a dead VMM would fool the readiness wait
+        cmd = [
+            self.binary,
+            "--api-socket",
+            f"path={p.socket}",
+            "--event-monitor",
+            f"path={p.events}",
+            *self.extra_args,
+        ]
+        with open(p.log, "ab") as logf:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        self._children[str(p.socket)] = proc
+        p.pidfile.write_text(f"{proc.pid}\n")
+        log.info("spawned vmm", extra={"vm": f"{namespace}/{name}", "pid": proc.pid})
+        return proc.pid
+
+    def pid(self, namespace: str, name: str) -> int | None:
+        """The live VMM's pid, or None; reaps our own dead children so they do not linger."""
+        p = self.paths(namespace, name)
+        child = self._children.get(str(p.socket))
+        if child is not None and child.poll() is not None:
+            del self._children[str(p.socket)]
+            return None
+        try:
+            pid = int(p.pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if _is_our_vmm(pid, p.socket) else None
+
+    def client(self, namespace: str, name: str, wait_socket: float = 5.0) -> ChClient:
+        return ChClient(str(self.paths(namespace, name).socket), wait_socket=wait_socket)
+
+    def stop(self, namespace: str, name: str, grace: float = 5.0) -> None:
+        """Ask the VMM to exit, then escalate; leave no process, socket or pid file."""
+        p = self.paths(namespace, name)
+        pid = self.pid(namespace, name)
+        if pid is not None:
+            client = ChClient(str(p.socket), timeout=grace, wait_socket=0)
+            with contextlib.suppress(ChError, OSError):
+                client.shutdown_vmm()
+            client.close()
+            if not self._wait_exit(p, pid, grace):
+                log.warning("vmm ignored shutdown; killing", extra={"pid": pid})
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self._wait_exit(p, pid, grace)
+        for f in (p.socket, p.pidfile, p.events):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+        self._children.pop(str(p.socket), None)
+
+    def _wait_exit(self, p: VmPaths, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        child = self._children.get(str(p.socket))
+        while time.monotonic() < deadline:
+            if child is not None:
+                if child.poll() is not None:
+                    return True
+            elif not _is_our_vmm(pid, p.socket):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def discover(self) -> list[tuple[str, str]]:
+        """(namespace, name) of every VMM still alive from an earlier agent run."""
+        found = []
+        for pidfile in sorted(self.socket_dir.glob("*_*.pid")):
+            namespace, _, name = pidfile.stem.partition("_")
+            try:
+                if self.pid(namespace, name) is not None:
+                    found.append((namespace, name))
+            except UnsafeNameError:
+                continue
+        return found
+
+
+def _is_our_vmm(pid: int, socket: Path) -> bool:
+    """True if pid is alive (not a zombie) and is the VMM serving this socket."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return str(socket).encode() in cmdline

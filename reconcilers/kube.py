@@ -1,0 +1,162 @@
+"""Thin Kubernetes API client for the Hyperfleet kinds (sync; call via asyncio.to_thread)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+from .models.common import GROUP, VERSION
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resource:
+    plural: str
+    namespaced: bool
+
+
+VMS = Resource("virtualmachines", True)
+NODES = Resource("workernodes", False)
+JOBS = Resource("vmjobs", True)
+
+
+class Conflict(Exception):
+    """The object changed since it was read (HTTP 409): re-read and decide again."""
+
+
+def _transient(exc: BaseException) -> bool:
+    # 429: the API server's storage is (re)initialising right after start; 5xx: hiccups.
+    return isinstance(exc, ApiException) and exc.status in (429, 500, 502, 503, 504)
+
+
+_retry = retry(
+    retry=retry_if_exception(_transient),
+    stop=stop_after_attempt(6),
+    wait=wait_exponential(multiplier=0.1, max=2),
+    reraise=True,
+)
+
+
+def load_config(kubeconfig: str | None = None) -> None:
+    """In-cluster config when running in a pod, else the kubeconfig."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        # The generated client's annotations say `object`; treat its answers as JSON.
+        self.api: Any = client.CustomObjectsApi(api_client)
+
+    @_retry
+    def get(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        try:
+            if res.namespaced:
+                obj = self.api.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, res.plural, name
+                )
+            else:
+                obj = self.api.get_cluster_custom_object(GROUP, VERSION, res.plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(obj)
+
+    @_retry
+    def list(self, res: Resource, namespace: str | None = None) -> list[dict[str, Any]]:
+        if res.namespaced and namespace:
+            out = self.api.list_namespaced_custom_object(GROUP, VERSION, namespace, res.plural)
+        else:
+            out = self.api.list_cluster_custom_object(GROUP, VERSION, res.plural)
+        return list(out.get("items", []))
+
+    @_retry
+    def create(self, res: Resource, body: dict[str, Any]) -> dict[str, Any]:
+        ns = body.get("metadata", {}).get("namespace") or "default"
+        if res.namespaced:
+            out = self.api.create_namespaced_custom_object(GROUP, VERSION, ns, res.plural, body)
+        else:
+            out = self.api.create_cluster_custom_object(GROUP, VERSION, res.plural, body)
+        return dict(out)
+
+    @_retry
+    def patch(
+        self,
+        res: Resource,
+        name: str,
+        patch: dict[str, Any],
+        namespace: str | None = None,
+        status: bool = False,
+    ) -> dict[str, Any]:
+        """JSON merge patch; put metadata.resourceVersion in ``patch`` to make it conditional."""
+        try:
+            if res.namespaced:
+                fn = (
+                    self.api.patch_namespaced_custom_object_status
+                    if status
+                    else self.api.patch_namespaced_custom_object
+                )
+                out = fn(GROUP, VERSION, namespace, res.plural, name, patch)
+            else:
+                fn = (
+                    self.api.patch_cluster_custom_object_status
+                    if status
+                    else self.api.patch_cluster_custom_object
+                )
+                out = fn(GROUP, VERSION, res.plural, name, patch)
+        except ApiException as exc:
+            if exc.status == 409:
+                raise Conflict(f"{res.plural}/{name} changed since it was read") from exc
+            raise
+        return dict(out)
+
+    @_retry
+    def delete(self, res: Resource, name: str, namespace: str | None = None) -> None:
+        try:
+            if res.namespaced:
+                self.api.delete_namespaced_custom_object(GROUP, VERSION, namespace, res.plural, name)
+            else:
+                self.api.delete_cluster_custom_object(GROUP, VERSION, res.plural, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def event(
+        self,
+        involved: dict[str, Any],
+        reason: str,
+        message: str,
+        type_: str = "Normal",
+        component: str = "hyperfleet",
+    ) -> None:
+        """Best-effort Kubernetes Event; a failure to record must never break a reconcile."""
+        meta = involved.get("metadata", {})
+        ns = meta.get("namespace") or "default"
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta.get('name', 'x')}."),
+            involved_object=client.V1ObjectReference(
+                api_version=involved.get("apiVersion"),
+                kind=involved.get("kind"),
+                name=meta.get("name"),
+                namespace=meta.get("namespace"),
+                uid=meta.get("uid"),
+            ),
+            reason=reason,
+            message=message[:1024],
+            type=type_,
+            source=client.V1EventSource(component=component),
+            count=1,
+        )
+        try:
+            client.CoreV1Api(self.api.api_client).create_namespaced_event(ns, body)
+        except Exception as exc:
+            log.debug("event not recorded: %s", exc)

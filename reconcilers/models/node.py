@@ -1,0 +1,74 @@
+"""WorkerNode: a host that runs VMs; spec is the operator's intent, status the agent's report."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .common import CamelModel, Condition, ObjectMeta, Quantity
+
+
+class Overcommit(CamelModel):
+    cpu: float = Field(default=1.0, ge=1.0, le=16.0, description="vCPUs per host CPU")
+    memory: float = Field(default=1.0, ge=1.0, le=4.0, description="Guest RAM per host RAM")
+
+
+class WorkerNodeSpec(CamelModel):
+    pool: str = Field(default="default", description="Worker pool the node belongs to")
+    unschedulable: bool = Field(default=False, description="Cordon: no new VMs are placed here")
+    drain: bool = Field(default=False, description="Move the VMs away (implies unschedulable)")
+    overcommit: Overcommit = Field(default_factory=Overcommit)
+    capacity_override: Resources | None = Field(
+        default=None, description="Advertise less than the agent discovered (reserve for host)"
+    )
+
+
+class Resources(CamelModel):
+    cpus: int = Field(ge=0)
+    memory: Quantity
+
+
+class Provider(CamelModel):
+    """One backend provider's runtime report (e.g. cloud-hypervisor)."""
+
+    name: str
+    available: bool
+    healthy: bool = True
+    version: str | None = None
+    capabilities: list[str] = Field(default_factory=list)
+    message: str | None = None
+
+
+class WorkerNodeStatus(CamelModel):
+    model_config = CamelModel.model_config | {"extra": "allow"}
+
+    capacity: Resources | None = None
+    allocatable: Resources | None = None
+    allocated: Resources | None = None
+    vm_count: int = 0
+    capabilities: list[str] = Field(default_factory=list)
+    providers: list[Provider] = Field(default_factory=list)
+    hypervisor_version: str | None = None
+    agent_version: str | None = None
+    heartbeat_time: datetime | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    phase: Literal["Ready", "NotReady", "Unknown"] = "Unknown"
+
+
+class WorkerNode(CamelModel):
+    model_config = CamelModel.model_config | {"extra": "ignore"}
+
+    api_version: Literal["hyperfleet.dev/v1alpha1"] = "hyperfleet.dev/v1alpha1"
+    kind: Literal["WorkerNode"] = "WorkerNode"
+    metadata: ObjectMeta
+    spec: WorkerNodeSpec = Field(default_factory=WorkerNodeSpec)
+    status: WorkerNodeStatus = Field(default_factory=WorkerNodeStatus)
+
+    @classmethod
+    def from_body(cls, body: Any) -> WorkerNode:
+        return cls.model_validate(dict(body))
+
+
+WorkerNodeSpec.model_rebuild()

@@ -1,0 +1,204 @@
+"""VirtualMachine: the desired VM (spec) and what the node agent observed (status)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from .common import CamelModel, Condition, ObjectMeta, Quantity, parse_quantity
+
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class RunStrategy(StrEnum):
+    ALWAYS = "Always"
+    HALTED = "Halted"
+    MANUAL = "Manual"
+
+
+class PowerState(StrEnum):
+    RUNNING = "Running"
+    STOPPED = "Stopped"
+    PAUSED = "Paused"
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    UNSCHEDULABLE = "Unschedulable"
+    SCHEDULED = "Scheduled"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    STOPPED = "Stopped"
+    FAILED = "Failed"
+    TERMINATING = "Terminating"
+
+
+class Boot(CamelModel):
+    """What the VMM loads: a kernel (+initramfs, cmdline) or firmware."""
+
+    model_config = CamelModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.kernel) || has(self.firmware)",
+                    "message": "set boot.kernel or boot.firmware",
+                }
+            ]
+        }
+    }
+
+    kernel: str | None = Field(default=None, description="Host path of the guest kernel")
+    initramfs: str | None = Field(default=None, description="Host path of the initramfs")
+    cmdline: str | None = Field(default=None, description="Kernel command line")
+    firmware: str | None = Field(
+        default=None, description="Host path of the firmware (e.g. hypervisor-fw, OVMF)"
+    )
+
+    @model_validator(mode="after")
+    def _kernel_or_firmware(self) -> Boot:
+        if not self.kernel and not self.firmware:
+            raise ValueError("boot: set boot.kernel or boot.firmware")
+        return self
+
+
+class Disk(CamelModel):
+    name: str = Field(pattern=NAME_PATTERN, max_length=63, description="Device id in the VMM")
+    path: str = Field(min_length=1, description="Host path of the disk image")
+    readonly: bool = False
+    direct: bool = False
+
+
+class Interface(CamelModel):
+    name: str = Field(pattern=NAME_PATTERN, max_length=63, description="Device id in the VMM")
+    tap: str | None = Field(default=None, max_length=15, description="Host TAP device name")
+    mac: str | None = Field(
+        default=None, pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$", description="Guest MAC"
+    )
+    ip: str | None = Field(default=None, description="Host-side IPv4 address of the TAP")
+    mask: str | None = Field(default=None, description="Host-side netmask of the TAP")
+
+
+class Vsock(CamelModel):
+    cid: int = Field(ge=3, le=4294967294, description="Guest context id (3 or more)")
+
+
+class ConsoleMode(StrEnum):
+    OFF = "Off"
+    PTY = "Pty"
+    TTY = "Tty"
+    FILE = "File"
+    NULL = "Null"
+
+
+class Affinity(CamelModel):
+    """VM-to-VM co-location rules, evaluated per WorkerNode."""
+
+    vm_affinity: list[dict[str, str]] = Field(
+        default_factory=list,
+        description="Each entry is a label selector (matchLabels); the VM must share a node "
+        "with a VM matching every entry",
+    )
+    vm_anti_affinity: list[dict[str, str]] = Field(
+        default_factory=list,
+        description="Each entry is a label selector (matchLabels); the VM must not share a "
+        "node with any VM matching an entry",
+    )
+
+
+class VirtualMachineSpec(CamelModel):
+    model_config = CamelModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.maxCpus) || self.maxCpus >= self.cpus",
+                    "message": "maxCpus must be >= cpus: raise maxCpus or lower cpus",
+                }
+            ]
+        }
+    }
+
+    cpus: int = Field(ge=1, le=512, description="vCPUs at boot (1-512)")
+    max_cpus: int | None = Field(
+        default=None, ge=1, le=512, description="vCPU ceiling for hot-resize; defaults to cpus"
+    )
+    memory: Quantity
+    boot: Boot
+    disks: list[Disk] = Field(default_factory=list)
+    interfaces: list[Interface] = Field(default_factory=list)
+    vsock: Vsock | None = None
+    serial: ConsoleMode = ConsoleMode.NULL
+    console: ConsoleMode = ConsoleMode.OFF
+    run_strategy: RunStrategy = Field(
+        default=RunStrategy.ALWAYS,
+        description="Always: keep it running (restart on exit); Halted: keep it off; "
+        "Manual: do what powerState says, never restart",
+    )
+    power_state: PowerState = PowerState.RUNNING
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="WorkerNode labels the node must have"
+    )
+    worker_pool: str | None = Field(default=None, description="Only nodes of this pool")
+    required_capabilities: list[str] = Field(
+        default_factory=list, description="Capabilities the node must advertise"
+    )
+    affinity: Affinity | None = None
+
+    @model_validator(mode="after")
+    def _max_cpus(self) -> VirtualMachineSpec:
+        if self.max_cpus is not None and self.max_cpus < self.cpus:
+            raise ValueError("maxCpus must be >= cpus: raise maxCpus or lower cpus")
+        return self
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_quantity(self.memory)
+
+    def wants_running(self) -> bool:
+        """Whether the VM should have a live guest (running or paused) right now."""
+        if self.run_strategy == RunStrategy.HALTED:
+            return False
+        return self.power_state in (PowerState.RUNNING, PowerState.PAUSED)
+
+
+class HypervisorStatus(CamelModel):
+    state: str | None = Field(default=None, description="vm.info state reported by the VMM")
+    pid: int | None = None
+    version: str | None = None
+
+
+class VirtualMachineStatus(CamelModel):
+    model_config = CamelModel.model_config | {"extra": "allow"}
+
+    phase: Phase = Phase.PENDING
+    node_name: str | None = None
+    message: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    hypervisor: HypervisorStatus | None = None
+    api_socket: str | None = None
+    boot_time: datetime | None = None
+    restart_count: int = 0
+
+
+class VirtualMachine(CamelModel):
+    """The whole object, as read from the API server."""
+
+    model_config = CamelModel.model_config | {"extra": "ignore"}
+
+    api_version: Literal["hyperfleet.dev/v1alpha1"] = "hyperfleet.dev/v1alpha1"
+    kind: Literal["VirtualMachine"] = "VirtualMachine"
+    metadata: ObjectMeta
+    spec: VirtualMachineSpec
+    status: VirtualMachineStatus = Field(default_factory=VirtualMachineStatus)
+
+    @classmethod
+    def from_body(cls, body: Any) -> VirtualMachine:
+        return cls.model_validate(dict(body))
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.namespace or 'default'}/{self.metadata.name}"

@@ -1,0 +1,107 @@
+"""WorkerNode logic: readiness from heartbeats, allocatable from capacity and overcommit."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from .models.common import format_quantity, now_utc, parse_quantity
+from .models.node import Provider
+from .scheduler import NodeView
+
+#: A node whose agent has not heartbeated for this long is NotReady.
+DEFAULT_GRACE = timedelta(seconds=20)
+
+
+def host_capacity() -> tuple[int, int]:
+    """(cpus, memory bytes) of this host."""
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+                break
+    return os.cpu_count() or 1, mem
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def is_ready(body: Mapping[str, Any], now: datetime, grace: timedelta = DEFAULT_GRACE) -> bool:
+    status = body.get("status") or {}
+    beat = _parse_time(status.get("heartbeatTime"))
+    if beat is None or now - beat > grace:
+        return False
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+
+
+def allocatable(body: Mapping[str, Any]) -> tuple[int, int]:
+    """Capacity (or its override) scaled by the overcommit ratios."""
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    cap = spec.get("capacityOverride") or status.get("capacity") or {}
+    over = spec.get("overcommit") or {}
+    cpus = int(int(cap.get("cpus", 0)) * float(over.get("cpu", 1.0)))
+    mem = int(parse_quantity(str(cap.get("memory", "0"))) * float(over.get("memory", 1.0)))
+    return cpus, mem
+
+
+def node_view(
+    body: Mapping[str, Any], now: datetime, grace: timedelta = DEFAULT_GRACE
+) -> NodeView:
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    cpus, mem = allocatable(body)
+    return NodeView(
+        name=body["metadata"]["name"],
+        pool=spec.get("pool") or "default",
+        labels=dict(body["metadata"].get("labels") or {}),
+        capabilities=frozenset(status.get("capabilities") or ()),
+        cpus=cpus,
+        memory=mem,
+        ready=is_ready(body, now, grace),
+        unschedulable=bool(spec.get("unschedulable") or spec.get("drain")),
+    )
+
+
+def heartbeat_status(
+    cpus: int,
+    memory: int,
+    providers: list[Provider],
+    capabilities: list[str],
+    agent_version: str,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The status patch an agent writes on each heartbeat."""
+    now = now or now_utc()
+    ts = now.isoformat().replace("+00:00", "Z")
+    ch = next((p for p in providers if p.name == "cloud-hypervisor"), None)
+    healthy = ch is not None and ch.available and ch.healthy
+    return {
+        "capacity": {"cpus": cpus, "memory": format_quantity(memory)},
+        "capabilities": capabilities,
+        "providers": [p.wire() for p in providers],
+        "hypervisorVersion": ch.version if ch else None,
+        "agentVersion": agent_version,
+        "heartbeatTime": ts,
+        "phase": "Ready" if healthy else "NotReady",
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True" if healthy else "False",
+                "reason": "AgentHeartbeat" if healthy else "HypervisorUnavailable",
+                "message": "agent is heartbeating"
+                if healthy
+                else (ch.message if ch else "no cloud-hypervisor provider") or "",
+                "lastTransitionTime": ts,
+            }
+        ],
+    }
