@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import kopf
+
 from hyperfleet.reconcilers import providers
 from hyperfleet.reconcilers.driver import VmDriver
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager

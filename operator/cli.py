@@ -6,8 +6,9 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import kopf
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -20,14 +21,22 @@ LogFormatOpt = Annotated[str, typer.Option(help="json or text")]
 MetricsOpt = Annotated[int, typer.Option(help="Prometheus metrics port on 127.0.0.1 (0: off)")]
 
 
-def _run_kopf(registry: object, kubeconfig: str | None, role: str) -> None:
-    import kopf
+def _connect(kubeconfig: str | None) -> None:
+    """Point both API clients (ours and kopf's) at the same cluster before anything else."""
     from hyperfleet.reconcilers.kube import load_config
 
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig
     load_config(kubeconfig)
-    asyncio.run(kopf.operator(registry=registry, clusterwide=True, standalone=True))  # type: ignore[arg-type]
+
+
+def _run_kopf(registry: kopf.OperatorRegistry) -> None:
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # In a pod: the service account; elsewhere: $KUBECONFIG.
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    asyncio.run(kopf.operator(registry=registry, clusterwide=True, standalone=True))
 
 
 @app.command()
@@ -38,7 +47,6 @@ def controller(
     metrics_port: MetricsOpt = 0,
 ) -> None:
     """Run the controller (scheduling, node health)."""
-    import kopf
     from hyperfleet.reconcilers.kube import Kube
 
     from . import controller as ctl
@@ -47,9 +55,10 @@ def controller(
 
     logs.setup(fmt=log_format)
     metrics.serve(metrics_port)
+    _connect(kubeconfig)
     registry = kopf.OperatorRegistry()
     ctl.register(registry, ControllerConfig(node_grace_seconds=node_grace), Kube())
-    _run_kopf(registry, kubeconfig, "controller")
+    _run_kopf(registry)
 
 
 @app.command()
@@ -67,7 +76,6 @@ def agent(
     metrics_port: MetricsOpt = 0,
 ) -> None:
     """Run the node agent that drives cloud-hypervisor on this node."""
-    import kopf
     from hyperfleet.reconcilers.kube import Kube
 
     from . import agent as agent_mod
@@ -78,9 +86,10 @@ def agent(
     metrics.serve(metrics_port)
     cfg = AgentConfig(node_name=node_name, ch_binary=ch_binary, socket_dir=socket_dir, pool=pool,
                       cpus=cpus, memory=memory, heartbeat_seconds=heartbeat)
+    _connect(kubeconfig)
     registry = kopf.OperatorRegistry()
     agent_mod.register(registry, cfg, Kube())
-    _run_kopf(registry, kubeconfig, "agent")
+    _run_kopf(registry)
 
 
 @app.command()

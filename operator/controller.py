@@ -11,9 +11,10 @@ from datetime import timedelta
 from typing import Any
 
 import kopf
+
 from hyperfleet.reconcilers.kube import NODES, VMS, Conflict, Kube
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, format_quantity, now_utc
-from hyperfleet.reconcilers.nodes import is_ready, node_view
+from hyperfleet.reconcilers.nodes import allocatable, is_ready, node_view
 from hyperfleet.reconcilers.scheduler import schedule, vm_view
 
 from . import metrics
@@ -157,13 +158,20 @@ class Controller:
                 acc[1] += vm.memory
                 acc[2] += 1
         for name, (cpus, mem, count) in per_node.items():
-            status = self.nodes[name].get("status") or {}
-            allocated = {"cpus": cpus, "memory": format_quantity(mem)}
-            if status.get("allocated") == allocated and status.get("vmCount") == count:
+            body = self.nodes[name]
+            status = body.get("status") or {}
+            if not status.get("capacity"):
+                continue  # the agent has not reported yet
+            a_cpus, a_mem = allocatable(body)
+            want = {
+                "allocated": {"cpus": cpus, "memory": format_quantity(mem)},
+                "allocatable": {"cpus": a_cpus, "memory": format_quantity(a_mem)},
+                "vmCount": count,
+            }
+            if all(status.get(k) == v for k, v in want.items()):
                 continue
             out = await asyncio.to_thread(
-                self.kube.patch, NODES, name,
-                {"status": {"allocated": allocated, "vmCount": count}}, None, True,
+                self.kube.patch, NODES, name, {"status": want}, None, True
             )
             self.nodes[name] = out
 

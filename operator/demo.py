@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -69,10 +70,9 @@ def run_demo(workdir: Path, n_nodes: int, keep: bool) -> int:
 def _wait_running(kc: Path, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = kubectl(kc, "get", "hvm", "-o",
-                    "jsonpath={range .items[*]}{.status.phase}{'\\n'}{end}", check=False)
-        phases = r.stdout.split()
-        if r.returncode == 0 and phases and all(p == "Running" for p in phases):
+        r = kubectl(kc, "get", "hvm", "-o", "json", check=False)
+        items = json.loads(r.stdout).get("items", []) if r.returncode == 0 else []
+        if items and all((i.get("status") or {}).get("phase") == "Running" for i in items):
             return True
         time.sleep(1)
     return False

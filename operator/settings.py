@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 import kopf
+
 from hyperfleet.reconcilers.models.common import GROUP
 
 

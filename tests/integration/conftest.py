@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from hyperfleet.operator.devstack import (
     ApiServer,
     ch_double_cmd,
@@ -102,6 +103,10 @@ def wait_for(pred: Callable[[], Any], timeout: float = 60, what: str = "conditio
     """Poll until ``pred`` returns something truthy; fail with the processes' logs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if cluster is not None:
+            dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
+            if dead:
+                pytest.fail(f"{', '.join(dead)} exited while waiting for {what}\n{cluster.logs()}")
         value = pred()
         if value:
             return value

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from hyperfleet.reconcilers import crdgen, kinds
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"

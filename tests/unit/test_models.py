@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
+
 from hyperfleet.reconcilers.models.common import format_quantity, parse_quantity, set_condition
 from hyperfleet.reconcilers.models.vm import VirtualMachineSpec
-from pydantic import ValidationError
 
 
 @pytest.mark.parametrize(

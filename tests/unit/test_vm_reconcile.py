@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hyperfleet.reconcilers.models.vm import Phase, VirtualMachineSpec
-from hyperfleet.reconcilers.vm import Action, Observed, phase_of, reconcile, vm_config
 from hypothesis import given
 from hypothesis import strategies as st
+
+from hyperfleet.reconcilers.models.vm import Phase, VirtualMachineSpec
+from hyperfleet.reconcilers.vm import Action, Observed, phase_of, reconcile, vm_config
 
 BASE: dict[str, Any] = {"cpus": 2, "memory": "1Gi", "boot": {"kernel": "/k"}}
 
