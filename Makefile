@@ -24,7 +24,7 @@ lint: $(VENV)/.installed
 	@ln -sfn $(CURDIR)/reconcilers build/typecheck/hyperfleet/reconcilers
 	MYPYPATH=build/typecheck $(BIN)/mypy $$(find operator reconcilers -name '*.py' \
 	  | sed -e 's|/__init__\.py$$||' -e 's|\.py$$||' -e 's|/|.|g' -e 's|^|-m hyperfleet.|')
-	MYPYPATH=build/typecheck $(BIN)/mypy tests bench
+	MYPYPATH=build/typecheck $(BIN)/mypy tests $(wildcard bench/*.py)
 	$(BIN)/hyperfleet crds --check
 
 unit: $(VENV)/.installed

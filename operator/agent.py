@@ -33,7 +33,7 @@ class Agent:
         self.pm = ProcessManager(cfg.ch_binary, cfg.socket_dir)
         self.driver = VmDriver(self.pm, cfg.node_name)
         self.wakeups: dict[str, asyncio.Event] = {}
-        self.heartbeat_task: asyncio.Task[None] | None = None
+        self.tasks: list[asyncio.Task[None]] = []
         self.node_status: dict[str, Any] = {}
 
     def wakeup(self, key: str) -> asyncio.Event:
@@ -64,6 +64,16 @@ class Agent:
         status = {**self.node_status, "heartbeatTime": fresh["heartbeatTime"]}
         self.kube.patch(NODES, self.cfg.node_name, {"status": status}, status=True)
 
+    async def watch_vmms(self) -> None:
+        """Notice a dead VMM or a new VMM event within half a second and wake its VM's
+        loop; vm.info polling at the resync interval stays as the fallback."""
+        while True:
+            await asyncio.sleep(0.5)
+            for key, ev in list(self.wakeups.items()):
+                ns, _, name = key.partition("/")
+                if await asyncio.to_thread(self.driver.changed, ns, name):
+                    ev.set()
+
     async def heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_seconds)
@@ -82,19 +92,19 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_kopf(settings, "agent")
-        # Only objects bound to this node matter; keep the rest off the wire is a later step.
         await asyncio.to_thread(agent.register_node)
         adopted = await asyncio.to_thread(agent.pm.discover)
         if adopted:
             log.info("adopting running VMMs", extra={"vms": [f"{n}/{m}" for n, m in adopted]})
-        agent.heartbeat_task = asyncio.create_task(agent.heartbeat_loop())
+        agent.tasks = [asyncio.create_task(agent.heartbeat_loop()),
+                       asyncio.create_task(agent.watch_vmms())]
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        if agent.heartbeat_task:
-            agent.heartbeat_task.cancel()
+        for task in agent.tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await agent.heartbeat_task
+                await task
 
     @kopf.on.event(GROUP, VERSION, "virtualmachines", registry=registry)
     async def vm_event(*, name: str, namespace: str | None, **_: Any) -> None:
@@ -125,8 +135,12 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
                 for type_, reason, message in outcome.events:
                     await asyncio.to_thread(kube.event, dict(body), reason, message, type_,
                                             "hyperfleet-agent")
-                metrics.RECONCILES.labels("vm", "converged" if outcome.converged else "pending").inc()
-                delay = agent.cfg.resync_seconds if outcome.converged else 0.5
+                result = "converged" if outcome.converged else "pending"
+                metrics.RECONCILES.labels("vm", result).inc()
+                if outcome.retry_after is not None:
+                    delay = outcome.retry_after
+                else:
+                    delay = agent.cfg.resync_seconds if outcome.converged else 0.2
                 await _wait_either(wake, stopped, delay)
         finally:
             agent.wakeups.pop(key, None)

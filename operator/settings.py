@@ -19,7 +19,7 @@ class AgentConfig:
     cpus: int | None = None  # None: discover from the host
     memory: str | None = None
     heartbeat_seconds: float = 5.0
-    resync_seconds: float = 2.0
+    resync_seconds: float = 10.0
 
 
 @dataclass(frozen=True)

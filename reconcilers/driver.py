@@ -1,4 +1,4 @@
-"""Node-side VM driver: observe a VM's VMM, run the planned actions, report status.
+"""Node-side VM driver: observe a VM's VMM, run the planned steps, report status.
 
 This is the I/O half of :mod:`.vm`; the kopf agent calls :meth:`VmDriver.converge`
 from a worker thread for each VM bound to its node.
@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from .hypervisor.client import ChClient, ChError
 from .hypervisor.process import ProcessManager, UnsafeNameError
-from .models.common import Condition, now_utc, set_condition
-from .models.vm import Phase, VirtualMachine
-from .vm import Action, Observed, desired_state, phase_of, reconcile, vm_config
+from .models.common import now_utc, set_condition
+from .models.vm import Phase, RunStrategy, VirtualMachine
+from .vm import BOOTED, Action, Desired, Observed, Step, phase_of, reconcile
 
 log = logging.getLogger(__name__)
+
+#: How long a freshly spawned VMM may take to create its API socket.
+SOCKET_TIMEOUT = 10.0
+#: Restart backoff: immediate first, then doubling up to the cap; reset after a quiet spell.
+BACKOFF_CAP = 300.0
+BACKOFF_RESET = timedelta(minutes=10)
 
 
 @dataclass
@@ -28,6 +36,18 @@ class Outcome:
     status: dict[str, Any]
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     converged: bool = False
+    retry_after: float | None = None  # seconds; None: the normal resync
+
+
+def restart_delay(restart_count: int, last_restart: datetime | None, now: datetime) -> float:
+    """Seconds to wait before the next automatic restart (0 for the first one)."""
+    if last_restart is None or now - last_restart > BACKOFF_RESET or restart_count == 0:
+        return 0.0
+    return float(min(BACKOFF_CAP, 2 ** min(restart_count, 12)))
+
+
+def _ts(t: datetime | None) -> str | None:
+    return t.isoformat().replace("+00:00", "Z") if t else None
 
 
 class VmDriver:
@@ -36,6 +56,8 @@ class VmDriver:
         self.node_name = node_name
         self.socket_wait = socket_wait
         self._clients: dict[str, ChClient] = {}
+        self._failures: dict[str, int] = {}
+        self._seen: dict[str, tuple[int | None, int]] = {}
 
     def _client(self, ns: str, name: str) -> ChClient:
         key = f"{ns}/{name}"
@@ -45,106 +67,193 @@ class VmDriver:
             self._clients[key] = c
         return c
 
-    def observe(self, ns: str, name: str) -> tuple[Observed, dict[str, Any] | None, int | None]:
+    def observe(self, ns: str, name: str) -> tuple[Observed, int | None]:
+        paths = self.pm.paths(ns, name)
+        snapshot = (paths.snapshots / "state.json").exists()
         pid = self.pm.pid(ns, name)
         if pid is None:
-            return Observed(process=False), None, None
-        socket = self.pm.paths(ns, name).socket.exists()
-        if not socket:
-            return Observed(process=True, socket=False), None, pid
+            return Observed(process=False, snapshot=snapshot), None
+        if not paths.socket.exists():
+            return Observed(process=True, socket=False, snapshot=snapshot), pid
         info = self._client(ns, name).info()
-        return Observed(True, True, info["state"] if info else None), info, pid
+        if info is None:
+            return Observed(True, True, None, None, snapshot), pid
+        return Observed(True, True, info["state"], info.get("config"), snapshot), pid
+
+    def changed(self, ns: str, name: str) -> bool:
+        """Cheap check for the watcher: did the VMM die or emit an event since last time?"""
+        key = f"{ns}/{name}"
+        try:
+            paths = self.pm.paths(ns, name)
+            pid = self.pm.pid(ns, name)
+            size = paths.events.stat().st_size if paths.events.exists() else 0
+        except (UnsafeNameError, OSError):
+            return False
+        now = (pid, size)
+        before = self._seen.get(key)
+        self._seen[key] = now
+        return before is not None and before != now
 
     def converge(self, vm: VirtualMachine) -> Outcome:
         ns, name = vm.metadata.namespace or "default", vm.metadata.name
+        key = vm.key
         st = vm.status
+        gen = vm.metadata.generation
+        now = now_utc()
         events: list[tuple[str, str, str]] = []
         conditions = list(st.conditions)
-        gen = vm.metadata.generation
-        boot_time: datetime | None = st.boot_time
-        restarts = st.restart_count
+        boot_time, restarts, last_restart = st.boot_time, st.restart_count, st.last_restart_time
+        halted_gen = st.halted_generation if st.halted_generation == gen else None
+        snapshot = st.snapshot.wire() if st.snapshot else None
+        retry_after: float | None = None
+        observed, pid = Observed(process=False), None
         try:
-            observed, _, pid = self.observe(ns, name)
-            plan = reconcile(vm.spec, observed)
-            if (
-                Action.SPAWN in plan
-                and st.hypervisor is not None
-                and st.hypervisor.pid is not None
-                and st.phase in (Phase.RUNNING, Phase.PAUSED)
-            ):
-                restarts += 1
-                events.append(("Warning", "Restarted", "VMM process was gone; started a new one"))
-            for action in plan:
-                self._execute(vm, action)
-                if action == Action.BOOT:
+            paths = self.pm.paths(ns, name)
+            observed, pid = self.observe(ns, name)
+            desired = self._desired(vm, halted_gen)
+            exited = self._guest_exited(vm, observed)
+            if exited and vm.spec.run_strategy == RunStrategy.MANUAL:
+                halted_gen = gen
+                events.append(("Normal", "GuestStopped",
+                               "guest stopped on its own; runStrategy Manual keeps it off"))
+                desired = self._desired(vm, halted_gen)
+            plan = reconcile(desired, observed)
+            if exited and plan and desired.state in ("Running", "Paused"):
+                delay = restart_delay(restarts, last_restart, now)
+                wait = (last_restart + timedelta(seconds=delay) - now).total_seconds() \
+                    if last_restart and delay else 0.0
+                if wait > 0:
+                    conditions = set_condition(
+                        conditions, "Ready", False, "RestartBackoff",
+                        f"restart {restarts + 1} in {wait:.0f}s", gen)
+                    plan, retry_after = [], wait
+                else:
+                    restarts += 1
+                    last_restart = now
+                    how = "process died" if not observed.process else "guest shut down"
+                    events.append(("Warning", "Restarted",
+                                   f"VM exited ({how}); restart {restarts} (runStrategy Always)"))
+            if any(s.action == Action.WAIT for s in plan):
+                self._check_socket_timeout(ns, name)
+            recreate = next((s.why for s in plan if s.action == Action.DELETE and s.why), None)
+            if recreate:
+                conditions = set_condition(conditions, "Recreated", True, "ColdChange", recreate,
+                                           gen)
+                events.append(("Normal", "Recreating", recreate))
+            for step in plan:
+                self._execute(ns, name, step)
+                if step.action == Action.BOOT or (step.action == Action.RESUME
+                                                   and observed.state is None):
                     boot_time = now_utc()
-                    events.append(("Normal", "Booted", f"VM booted on node {self.node_name}"))
-                elif action in (Action.PAUSE, Action.RESUME, Action.SHUTDOWN):
-                    events.append(("Normal", _past(action), f"{action.value} succeeded"))
+                if step.action == Action.SNAPSHOT:
+                    snapshot = {"path": str(paths.snapshots), "takenAt": _ts(now_utc()),
+                                "sizeBytes": _dir_size(paths.snapshots)}
+                if step.action == Action.RESTORE and snapshot:
+                    snapshot = {**snapshot, "restoredAt": _ts(now_utc())}
+                reason, text = _event_for(step, self.node_name)
+                if reason:
+                    events.append(("Normal", reason, text))
             if plan:
-                observed, _, pid = self.observe(ns, name)
-            phase = phase_of(vm.spec, observed)
-            converged = not reconcile(vm.spec, observed)
-            conditions = set_condition(
-                conditions,
-                "Ready",
-                converged,
-                "Converged" if converged else "Converging",
-                f"hypervisor state {observed.state or 'none'}, desired {desired_state(vm.spec)}",
-                gen,
-            )
-            conditions = _clear_error(conditions, gen)
-            message = None
+                observed, pid = self.observe(ns, name)
+            converged = retry_after is None and not reconcile(desired, observed)
+            phase = phase_of(desired, observed)
+            if retry_after is None:
+                conditions = set_condition(
+                    conditions, "Ready", converged,
+                    "Converged" if converged else "Converging",
+                    f"hypervisor state {observed.state or 'none'}, desired {desired.state}", gen)
+            if any(c.type == "Failure" and c.status == "True" for c in conditions):
+                conditions = set_condition(conditions, "Failure", False, "Recovered", "", gen)
+            self._failures.pop(key, None)
+            message: str | None = None
         except (ChError, UnsafeNameError, OSError, ValueError) as exc:
             reason = "InvalidName" if isinstance(exc, UnsafeNameError) else "HypervisorError"
-            log.warning("converge failed", extra={"vm": vm.key, "error": str(exc)})
-            conditions = set_condition(
-                conditions, "Ready", False, reason, str(exc), gen
-            )
+            n = self._failures[key] = self._failures.get(key, 0) + 1
+            retry_after = min(60.0, 0.5 * 2 ** min(n, 7))
+            log.warning("converge failed", extra={"vm": key, "error": str(exc), "attempt": n})
+            was = next((c for c in conditions if c.type == "Failure"), None)
+            conditions = set_condition(conditions, "Ready", False, reason, str(exc), gen)
             conditions = set_condition(conditions, "Failure", True, reason, str(exc), gen)
-            events.append(("Warning", reason, str(exc)))
-            phase = Phase.FAILED
-            message = str(exc)
-            converged = False
-            observed, pid = Observed(process=False), None
+            if was is None or was.status != "True" or was.message != str(exc):
+                events.append(("Warning", reason, str(exc)))  # once per distinct failure
+            phase, message, converged = Phase.FAILED, str(exc), False
             with contextlib.suppress(ChError, UnsafeNameError, OSError):
-                observed, _, pid = self.observe(ns, name)
-        paths_socket: str | None
+                observed, pid = self.observe(ns, name)
         try:
-            paths_socket = str(self.pm.paths(ns, name).socket)
+            sock: str | None = str(self.pm.paths(ns, name).socket) if pid else None
         except UnsafeNameError:
-            paths_socket = None
+            sock = None
         status: dict[str, Any] = {
             "phase": phase.value,
             "nodeName": self.node_name,
             "message": message,
             "observedGeneration": gen,
             "hypervisor": {"state": observed.state, "pid": pid},
-            "apiSocket": paths_socket if pid else None,
-            "bootTime": boot_time.isoformat().replace("+00:00", "Z") if boot_time else None,
+            "apiSocket": sock,
+            "bootTime": _ts(boot_time),
             "restartCount": restarts,
+            "lastRestartTime": _ts(last_restart),
+            "haltedGeneration": halted_gen,
+            "snapshot": snapshot,
             "conditions": [c.wire() for c in conditions],
         }
-        return Outcome(status=status, events=events, converged=converged)
+        return Outcome(status=status, events=events, converged=converged, retry_after=retry_after)
 
-    def _execute(self, vm: VirtualMachine, action: Action) -> None:
-        ns, name = vm.metadata.namespace or "default", vm.metadata.name
-        log.info("action", extra={"vm": vm.key, "action": action.value})
-        if action == Action.SPAWN:
+    def _desired(self, vm: VirtualMachine, halted_gen: int | None) -> Desired:
+        paths = self.pm.paths(vm.metadata.namespace or "default", vm.metadata.name)
+        return Desired(
+            spec=vm.spec,
+            halted=halted_gen is not None,
+            snapshot_url=f"file://{paths.snapshots}",
+            vsock_socket=str(paths.socket.with_suffix(".vsock")),
+        )
+
+    @staticmethod
+    def _guest_exited(vm: VirtualMachine, observed: Observed) -> bool:
+        """The VM was up when last reported and is now down without being asked to."""
+        st = vm.status
+        was_up = st.phase in (Phase.RUNNING, Phase.PAUSED) and st.hypervisor is not None \
+            and st.hypervisor.state in BOOTED
+        return was_up and observed.state not in BOOTED
+
+    def _check_socket_timeout(self, ns: str, name: str) -> None:
+        started = self.pm.started_at(ns, name)
+        if started is not None and time.monotonic() - started > SOCKET_TIMEOUT:
+            self.pm.stop(ns, name, grace=1)
+            raise ChError("spawn", None, [
+                f"API socket {self.pm.paths(ns, name).socket} did not appear within "
+                f"{SOCKET_TIMEOUT:.0f}s; check the agent's --ch-binary and the VMM log "
+                f"{self.pm.paths(ns, name).log}"
+            ])
+
+    def _execute(self, ns: str, name: str, step: Step) -> None:
+        log.info("step", extra={"vm": f"{ns}/{name}", "action": step.action.value,
+                                "why": step.why})
+        if step.action == Action.SPAWN:
             self._drop_client(ns, name)
             self.pm.spawn(ns, name)
+        elif step.action == Action.KILL:
+            self._drop_client(ns, name)
+            self.pm.stop(ns, name)
+        elif step.action == Action.WAIT:
             return
-        if action == Action.WAIT:
-            return
-        client = self._client(ns, name)
-        if action == Action.CREATE:
-            client.create(vm_config(vm.spec))
+        elif step.action == Action.DISCARD_SNAPSHOT:
+            shutil.rmtree(self.pm.paths(ns, name).snapshots, ignore_errors=True)
+        elif step.action == Action.SNAPSHOT:
+            d = self.pm.paths(ns, name).snapshots
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            self._client(ns, name).put(step.action.value, step.body)
         else:
-            client.put(action.value)
+            self._client(ns, name).put(step.action.value, step.body)
 
     def destroy(self, ns: str, name: str) -> None:
         self._drop_client(ns, name)
+        self._failures.pop(f"{ns}/{name}", None)
+        self._seen.pop(f"{ns}/{name}", None)
         self.pm.stop(ns, name)
+        with contextlib.suppress(UnsafeNameError):
+            shutil.rmtree(self.pm.paths(ns, name).snapshots, ignore_errors=True)
 
     def _drop_client(self, ns: str, name: str) -> None:
         c = self._clients.pop(f"{ns}/{name}", None)
@@ -152,15 +261,27 @@ class VmDriver:
             c.close()
 
 
-def _past(action: Action) -> str:
-    return {
-        Action.PAUSE: "Paused",
-        Action.RESUME: "Resumed",
-        Action.SHUTDOWN: "Stopped",
-    }.get(action, action.value)
+_EVENTS = {
+    Action.BOOT: "Booted",
+    Action.PAUSE: "Paused",
+    Action.RESUME: "Resumed",
+    Action.SHUTDOWN: "Stopped",
+    Action.RESIZE: "Resized",
+    Action.ADD_DISK: "DeviceAdded",
+    Action.ADD_NET: "DeviceAdded",
+    Action.REMOVE_DEVICE: "DeviceRemoved",
+    Action.SNAPSHOT: "Snapshotted",
+    Action.RESTORE: "Restored",
+}
 
 
-def _clear_error(conditions: list[Condition], gen: int | None) -> list[Condition]:
-    if any(c.type == "Failure" and c.status == "True" for c in conditions):
-        return set_condition(conditions, "Failure", False, "Recovered", "", gen)
-    return conditions
+def _event_for(step: Step, node: str) -> tuple[str | None, str]:
+    reason = _EVENTS.get(step.action)
+    if reason is None:
+        return None, ""
+    detail = f" {step.body}" if step.body and step.action != Action.RESTORE else ""
+    return reason, f"{step.action.value}{detail} on {node}" + (f" ({step.why})" if step.why else "")
+
+
+def _dir_size(path: Any) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

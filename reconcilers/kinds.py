@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .crdgen import CrdKind
+from .jobs.engine import JobStatus
+from .jobs.protocol import JobDocument
 from .models.node import WorkerNodeSpec, WorkerNodeStatus
 from .models.vm import VirtualMachineSpec, VirtualMachineStatus
 
@@ -45,4 +47,23 @@ WORKER_NODE = CrdKind(
     ],
 )
 
-ALL_KINDS = [VIRTUAL_MACHINE, WORKER_NODE]
+VM_JOB = CrdKind(
+    kind="VmJob",
+    plural="vmjobs",
+    singular="vmjob",
+    short_names=["vmjob"],
+    scope="Namespaced",
+    spec_model=JobDocument,
+    status_model=JobStatus,
+    columns=[
+        {"name": "Operation", "type": "string", "jsonPath": ".spec.operation"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Target", "type": "string", "jsonPath": ".spec.routing.targetVm.name"},
+        {"name": "Node", "type": "string", "jsonPath": ".status.assignedNode"},
+        {"name": "Priority", "type": "integer", "jsonPath": ".spec.execution.priority",
+         "priority": 1},
+        {"name": "Attempts", "type": "integer", "jsonPath": ".status.attempts", "priority": 1},
+    ],
+)
+
+ALL_KINDS = [VIRTUAL_MACHINE, WORKER_NODE, VM_JOB]

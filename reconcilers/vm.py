@@ -1,81 +1,251 @@
-"""Pure VM reconcile: desired spec + observed VMM state -> the actions that converge them.
+"""Pure VM reconcile: desired spec + observed VMM state -> the steps that converge them.
 
-No I/O here: the node agent observes, calls :func:`reconcile`, executes the actions in
-order (stopping at the first failure), and observes again.
+No I/O here: the node agent observes, calls :func:`reconcile`, executes the steps in
+order (stopping at the first failure), and observes again. Each step is legal in the
+state the previous steps leave behind (see the state machine in the CH NOTES).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from .models.vm import ConsoleMode, Phase, PowerState, RunStrategy, VirtualMachineSpec
 
+BOOTED = ("Running", "Paused")
+
 
 class Action(StrEnum):
     SPAWN = "spawn"  # start the VMM process
+    KILL = "kill"  # stop the VMM process (vmm.shutdown, then signals)
     CREATE = "vm.create"
     BOOT = "vm.boot"
     PAUSE = "vm.pause"
     RESUME = "vm.resume"
     SHUTDOWN = "vm.shutdown"
+    DELETE = "vm.delete"
+    RESIZE = "vm.resize"
+    ADD_DISK = "vm.add-disk"
+    ADD_NET = "vm.add-net"
+    REMOVE_DEVICE = "vm.remove-device"
+    SNAPSHOT = "vm.snapshot"
+    RESTORE = "vm.restore"
+    DISCARD_SNAPSHOT = "discard-snapshot"  # the snapshot was consumed by a wake-up
     WAIT = "wait"  # process up, socket not yet: nothing to do but look again
 
 
 @dataclass(frozen=True)
+class Step:
+    action: Action
+    body: dict[str, Any] | None = None
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class Observed:
-    """What the agent saw: is there a VMM process, and what does vm.info say."""
+    """What the agent saw: the VMM process, vm.info, and a sleeping VM's snapshot."""
 
     process: bool
     socket: bool = False
     state: str | None = None  # vm.info state; None while no VM is created
+    config: dict[str, Any] | None = None  # vm.info config
+    snapshot: bool = False  # a complete snapshot waits to be restored
 
 
-def desired_state(spec: VirtualMachineSpec) -> str:
-    """The VMM state the spec asks for: Running, Paused or Off."""
-    if spec.run_strategy == RunStrategy.HALTED or spec.power_state == PowerState.STOPPED:
-        return "Off"
-    return "Paused" if spec.power_state == PowerState.PAUSED else "Running"
+@dataclass(frozen=True)
+class Desired:
+    """The spec, plus what the agent remembers that the spec cannot say."""
+
+    spec: VirtualMachineSpec
+    halted: bool = False  # runStrategy Manual and the guest stopped on its own
+    snapshot_url: str = ""
+    vsock_socket: str | None = None
+
+    @property
+    def state(self) -> str:
+        """Running, Paused, Sleeping or Off."""
+        spec = self.spec
+        if spec.run_strategy == RunStrategy.HALTED or spec.power_state == PowerState.STOPPED:
+            return "Off"
+        if spec.power_state == PowerState.SLEEPING:
+            return "Sleeping"
+        if self.halted and spec.run_strategy == RunStrategy.MANUAL:
+            return "Off"
+        return "Paused" if spec.power_state == PowerState.PAUSED else "Running"
 
 
-def reconcile(spec: VirtualMachineSpec, observed: Observed) -> list[Action]:
-    """Every action, in order, that takes ``observed`` to the spec's desired state."""
-    want = desired_state(spec)
-    if want == "Off":
-        if observed.process and observed.state in ("Running", "Paused"):
-            return [Action.SHUTDOWN]
-        return []
-    plan: list[Action] = []
-    state = observed.state
+@dataclass
+class _Sim:
+    """The state the plan so far leaves behind."""
+
+    state: str | None
+    config: dict[str, Any] | None
+    steps: list[Step] = field(default_factory=list)
+
+    def add(self, action: Action, body: dict[str, Any] | None = None, why: str = "",
+            state: str | bool | None = False) -> None:
+        self.steps.append(Step(action, body, why))
+        if state is not False:
+            self.state = state  # type: ignore[assignment]
+
+
+def reconcile(desired: Desired, observed: Observed) -> list[Step]:
+    """Every step, in order, that takes ``observed`` to ``desired``."""
+    want = desired.state
+    if want in ("Off", "Sleeping"):
+        return _wind_down(desired, observed, want)
+    sim = _Sim(observed.state if observed.process else None, observed.config)
     if not observed.process:
-        plan.append(Action.SPAWN)
-        state = None
+        sim.add(Action.SPAWN)
     elif not observed.socket:
-        return [Action.WAIT]
-    if state is None:
-        plan.append(Action.CREATE)
-        state = "Created"
-    if state in ("Created", "Shutdown"):
-        plan.append(Action.BOOT)
-        state = "Running"
-    if state == "BreakPoint":
-        plan.append(Action.RESUME)
-        state = "Running"
-    if want == "Running" and state == "Paused":
-        plan.append(Action.RESUME)
-    elif want == "Paused" and state == "Running":
-        plan.append(Action.PAUSE)
-    return plan
+        return [Step(Action.WAIT)]
+    target = vm_config(desired.spec, desired.vsock_socket)
+    if sim.state is None:
+        if observed.snapshot:
+            sim.add(Action.RESTORE, {"source_url": desired.snapshot_url}, "wake from sleep",
+                    state="Paused")
+            sim.add(Action.RESUME, state="Running")
+            sim.add(Action.DISCARD_SNAPSHOT)
+            sim.config = None  # restored config: compared on the next pass
+        else:
+            sim.add(Action.CREATE, target, state="Created")
+            sim.config = target
+    elif sim.config is not None:
+        _apply_spec_changes(sim, target)
+    if sim.state in ("Created", "Shutdown"):
+        sim.add(Action.BOOT, state="Running")
+    if sim.state == "BreakPoint":
+        sim.add(Action.RESUME, state="Running")
+    if want == "Running" and sim.state == "Paused":
+        sim.add(Action.RESUME, state="Running")
+    elif want == "Paused" and sim.state == "Running":
+        sim.add(Action.PAUSE, state="Paused")
+    return sim.steps
 
 
-def phase_of(spec: VirtualMachineSpec, observed: Observed) -> Phase:
+def _wind_down(desired: Desired, observed: Observed, want: str) -> list[Step]:
+    if not observed.process:
+        return []
+    if not observed.socket:
+        return [Step(Action.WAIT)]
+    if want == "Off":
+        return [Step(Action.SHUTDOWN)] if observed.state in BOOTED else []
+    # Sleeping: keep the guest's memory on disk and free the host.
+    steps = []
+    if observed.state in BOOTED:
+        if observed.state == "Running":
+            steps.append(Step(Action.PAUSE, why="quiesce before snapshot"))
+        steps.append(Step(Action.SNAPSHOT, {"destination_url": desired.snapshot_url}))
+    steps.append(Step(Action.KILL, why="asleep: the snapshot holds the VM"))
+    return steps
+
+
+# Fields whose change cloud-hypervisor cannot apply to a live VM.
+_COLD_FIELDS = ("payload", "vsock", "serial", "console")
+
+
+def recreate_reasons(current: dict[str, Any], target: dict[str, Any]) -> list[str]:
+    """Why the VM must be recreated to reach ``target`` (empty: it can change live)."""
+    why = [f"{k} changed" for k in _COLD_FIELDS if not _covers(current.get(k), target.get(k))]
+    cur_cpus, tgt_cpus = current.get("cpus") or {}, target["cpus"]
+    if cur_cpus.get("max_vcpus") != tgt_cpus["max_vcpus"]:
+        why.append("maxCpus changed")
+    # vm.info keeps the boot size and reports hot-plugged memory separately, so compare
+    # ceilings (size + hotplug_size) and whether the new size fits between boot and ceiling.
+    cur_mem, tgt_mem = current.get("memory") or {}, target["memory"]
+    cur_size = int(cur_mem.get("size", 0))
+    cur_ceiling = cur_size + int(cur_mem.get("hotplug_size") or 0)
+    tgt_ceiling = tgt_mem["size"] + int(tgt_mem.get("hotplug_size") or 0)
+    if cur_ceiling != tgt_ceiling:
+        why.append("maxMemory changed")
+    elif tgt_mem["size"] < cur_size:
+        why.append("memory below the boot size")
+    if bool(cur_mem.get("shared")) != bool(tgt_mem.get("shared")):
+        why.append("liveMigration changed")
+    cur_disks, tgt_disks = current.get("disks") or [], target.get("disks") or []
+    if not _covers(cur_disks[:1], tgt_disks[:1]):
+        why.append("root disk changed")
+    return why
+
+
+def _apply_spec_changes(sim: _Sim, target: dict[str, Any]) -> None:
+    current = sim.config or {}
+    reasons = recreate_reasons(current, target)
+    if reasons:
+        why = "; ".join(reasons) + ": cloud-hypervisor cannot apply this live"
+        if sim.state in BOOTED:
+            sim.add(Action.SHUTDOWN, why=why, state="Shutdown")
+        sim.add(Action.DELETE, why=why, state=None)
+        sim.add(Action.CREATE, target, why=why, state="Created")
+        sim.config = target
+        return
+    booted = sim.state in BOOTED
+    if not booted:
+        if not _covers(current, target):
+            # Not running yet: recreating is the cheapest way to a config change.
+            sim.add(Action.DELETE, why="config changed before boot", state=None)
+            sim.add(Action.CREATE, target, state="Created")
+            sim.config = target
+        return
+    resize: dict[str, Any] = {}
+    if (current.get("cpus") or {}).get("boot_vcpus") != target["cpus"]["boot_vcpus"]:
+        resize["desired_vcpus"] = target["cpus"]["boot_vcpus"]
+    cur_mem = current.get("memory") or {}
+    cur_ram = int(cur_mem.get("size", 0)) + int(cur_mem.get("hotplugged_size") or 0)
+    if cur_ram != target["memory"]["size"]:
+        resize["desired_ram"] = target["memory"]["size"]
+    if resize:
+        sim.add(Action.RESIZE, resize, "cpus/memory changed")
+    _hotplug(sim, current.get("disks") or [], target.get("disks") or [], Action.ADD_DISK)
+    _hotplug(sim, current.get("net") or [], target.get("net") or [], Action.ADD_NET)
+
+
+def _hotplug(sim: _Sim, current: list[dict[str, Any]], target: list[dict[str, Any]],
+             add: Action) -> None:
+    cur = {d.get("id"): d for d in current}
+    tgt = {d.get("id"): d for d in target}
+    for dev_id in sorted(k for k in cur if k is not None and k not in tgt):
+        sim.add(Action.REMOVE_DEVICE, {"id": dev_id}, "removed from spec")
+    for dev_id, dev in sorted(tgt.items(), key=lambda kv: str(kv[0])):
+        if dev_id in cur and _same_device(cur[dev_id], dev):
+            continue
+        if dev_id in cur:
+            sim.add(Action.REMOVE_DEVICE, {"id": dev_id}, "changed in spec")
+        sim.add(add, dev, "added to spec")
+
+
+def _same_device(current: dict[str, Any], target: dict[str, Any]) -> bool:
+    return bool(_covers(current, target))
+
+
+def _covers(current: Any, target: Any) -> bool:
+    """Whether ``current`` (from vm.info) says everything ``target`` says.
+
+    The VMM fills in defaults of its own (queue sizes, flags), so only what the spec
+    sets is compared; an absent or empty target value matches an absent or falsy one.
+    """
+    if isinstance(target, dict):
+        cur = current if isinstance(current, dict) else {}
+        return all(_covers(cur.get(k), v) for k, v in target.items())
+    if isinstance(target, list):
+        cur_list = current if isinstance(current, list) else []
+        return len(cur_list) == len(target) and all(
+            _covers(c, t) for c, t in zip(cur_list, target, strict=True))
+    if target in (None, False) and current in (None, False):
+        return True
+    return bool(current == target)
+
+
+def phase_of(desired: Desired, observed: Observed) -> Phase:
     """The user-facing phase for what was observed."""
     if observed.state == "Running":
         return Phase.RUNNING
-    if observed.state == "Paused":
+    if observed.state == "Paused" and desired.state != "Sleeping":
         return Phase.PAUSED
-    if desired_state(spec) == "Off":
+    if desired.state == "Sleeping" and not observed.process:
+        return Phase.SLEEPING
+    if desired.state == "Off":
         return Phase.STOPPED
     return Phase.STARTING
 
@@ -92,9 +262,14 @@ def vm_config(spec: VirtualMachineSpec, vsock_socket: str | None = None) -> dict
         }.items()
         if v
     }
+    memory: dict[str, Any] = {"size": spec.memory_bytes}
+    if spec.max_memory_bytes > spec.memory_bytes:
+        memory["hotplug_size"] = spec.max_memory_bytes - spec.memory_bytes
+    if spec.live_migration:
+        memory["shared"] = True
     config: dict[str, Any] = {
         "cpus": {"boot_vcpus": spec.cpus, "max_vcpus": spec.max_cpus or spec.cpus},
-        "memory": {"size": spec.memory_bytes},
+        "memory": memory,
         "payload": payload,
         "serial": {"mode": _mode(spec.serial)},
         "console": {"mode": _mode(spec.console)},

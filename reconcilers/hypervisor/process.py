@@ -45,6 +45,7 @@ class ProcessManager:
         self.extra_args = extra_args or []
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._started: dict[str, float] = {}
 
     def paths(self, namespace: str, name: str) -> VmPaths:
         for part, what in ((namespace, "metadata.namespace"), (name, "metadata.name")):
@@ -92,6 +93,7 @@ class ProcessManager:
                 close_fds=True,
             )
         self._children[str(p.socket)] = proc
+        self._started[str(p.socket)] = time.monotonic()
         p.pidfile.write_text(f"{proc.pid}\n")
         log.info("spawned vmm", extra={"vm": f"{namespace}/{name}", "pid": proc.pid})
         return proc.pid
@@ -108,6 +110,10 @@ class ProcessManager:
         except (FileNotFoundError, ValueError):
             return None
         return pid if _is_our_vmm(pid, p.socket) else None
+
+    def started_at(self, namespace: str, name: str) -> float | None:
+        """Monotonic spawn time of a VMM this process started (None if adopted)."""
+        return self._started.get(str(self.paths(namespace, name).socket))
 
     def client(self, namespace: str, name: str, wait_socket: float = 5.0) -> ChClient:
         return ChClient(str(self.paths(namespace, name).socket), wait_socket=wait_socket)
@@ -130,6 +136,7 @@ class ProcessManager:
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
         self._children.pop(str(p.socket), None)
+        self._started.pop(str(p.socket), None)
 
     def _wait_exit(self, p: VmPaths, pid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

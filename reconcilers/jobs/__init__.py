@@ -1,1 +1,57 @@
 """VmJob protocol: envelope, typed versioned payloads, validation, builder, engine."""
+
+from .engine import (
+    IdempotencyIndex,
+    IllegalTransitionError,
+    JobError,
+    JobPhase,
+    JobStatus,
+    RoutingDecision,
+    WorkerView,
+    decide_after_failure,
+    next_backoff,
+    order_queue,
+    route,
+    transition,
+)
+from .payloads import PayloadData
+from .protocol import (
+    PROTOCOL_VERSION,
+    REGISTRY,
+    JobBuilder,
+    JobDocument,
+    JobValidationError,
+    effective_capabilities,
+    from_manifest,
+    parse_job,
+    register_payload,
+    submit,
+    to_manifest,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "REGISTRY",
+    "IdempotencyIndex",
+    "IllegalTransitionError",
+    "JobBuilder",
+    "JobDocument",
+    "JobError",
+    "JobPhase",
+    "JobStatus",
+    "JobValidationError",
+    "PayloadData",
+    "RoutingDecision",
+    "WorkerView",
+    "decide_after_failure",
+    "effective_capabilities",
+    "from_manifest",
+    "next_backoff",
+    "order_queue",
+    "parse_job",
+    "register_payload",
+    "route",
+    "submit",
+    "to_manifest",
+    "transition",
+]

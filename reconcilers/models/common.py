@@ -13,11 +13,11 @@ GROUP = "hyperfleet.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-QUANTITY_PATTERN = r"^[0-9]+(Ki|Mi|Gi|Ti|K|M|G|T)?$"
+QUANTITY_PATTERN = r"^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$"
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 _UNITS = {
     "": 1,
-    "K": 1000,
+    "k": 1000,
     "M": 1000**2,
     "G": 1000**3,
     "T": 1000**4,
@@ -32,7 +32,7 @@ Quantity = Annotated[
     str,
     Field(
         pattern=QUANTITY_PATTERN,
-        description="Memory quantity: digits with an optional Ki/Mi/Gi/Ti (or K/M/G/T) "
+        description="Memory quantity: digits with an optional Ki/Mi/Gi/Ti (or k/M/G/T) "
         "suffix, e.g. 512Mi or 2Gi",
         json_schema_extra={"example": "1Gi"},
     ),

@@ -23,6 +23,7 @@ class PowerState(StrEnum):
     RUNNING = "Running"
     STOPPED = "Stopped"
     PAUSED = "Paused"
+    SLEEPING = "Sleeping"
 
 
 class Phase(StrEnum):
@@ -33,6 +34,7 @@ class Phase(StrEnum):
     RUNNING = "Running"
     PAUSED = "Paused"
     STOPPED = "Stopped"
+    SLEEPING = "Sleeping"
     FAILED = "Failed"
     TERMINATING = "Terminating"
 
@@ -116,7 +118,12 @@ class VirtualMachineSpec(CamelModel):
                 {
                     "rule": "!has(self.maxCpus) || self.maxCpus >= self.cpus",
                     "message": "maxCpus must be >= cpus: raise maxCpus or lower cpus",
-                }
+                },
+                {
+                    "rule": "!has(self.maxMemory) || "
+                    "quantity(self.maxMemory).compareTo(quantity(self.memory)) >= 0",
+                    "message": "maxMemory must be >= memory: raise maxMemory or lower memory",
+                },
             ]
         }
     }
@@ -126,6 +133,13 @@ class VirtualMachineSpec(CamelModel):
         default=None, ge=1, le=512, description="vCPU ceiling for hot-resize; defaults to cpus"
     )
     memory: Quantity
+    max_memory: Quantity | None = Field(
+        default=None,
+        description="Memory ceiling for hot-resize (hotplug_size = maxMemory - memory)",
+    )
+    live_migration: bool = Field(
+        default=False, description="Shared guest memory, which vm.send-migration requires"
+    )
     boot: Boot
     disks: list[Disk] = Field(default_factory=list)
     interfaces: list[Interface] = Field(default_factory=list)
@@ -151,23 +165,32 @@ class VirtualMachineSpec(CamelModel):
     def _max_cpus(self) -> VirtualMachineSpec:
         if self.max_cpus is not None and self.max_cpus < self.cpus:
             raise ValueError("maxCpus must be >= cpus: raise maxCpus or lower cpus")
+        if self.max_memory is not None and self.max_memory_bytes < self.memory_bytes:
+            raise ValueError("maxMemory must be >= memory: raise maxMemory or lower memory")
         return self
 
     @property
     def memory_bytes(self) -> int:
         return parse_quantity(self.memory)
 
-    def wants_running(self) -> bool:
-        """Whether the VM should have a live guest (running or paused) right now."""
-        if self.run_strategy == RunStrategy.HALTED:
-            return False
-        return self.power_state in (PowerState.RUNNING, PowerState.PAUSED)
+    @property
+    def max_memory_bytes(self) -> int:
+        return parse_quantity(self.max_memory) if self.max_memory else self.memory_bytes
 
 
 class HypervisorStatus(CamelModel):
     state: str | None = Field(default=None, description="vm.info state reported by the VMM")
     pid: int | None = None
     version: str | None = None
+
+
+class SnapshotStatus(CamelModel):
+    """The last sleep snapshot: where it is and what it holds."""
+
+    path: str
+    taken_at: datetime | None = None
+    size_bytes: int | None = None
+    restored_at: datetime | None = None
 
 
 class VirtualMachineStatus(CamelModel):
@@ -182,6 +205,13 @@ class VirtualMachineStatus(CamelModel):
     api_socket: str | None = None
     boot_time: datetime | None = None
     restart_count: int = 0
+    last_restart_time: datetime | None = None
+    halted_generation: int | None = Field(
+        default=None,
+        description="runStrategy Manual: the guest stopped on its own at this generation; "
+        "it stays off until the spec changes",
+    )
+    snapshot: SnapshotStatus | None = None
 
 
 class VirtualMachine(CamelModel):

@@ -10,7 +10,7 @@ from hyperfleet.reconcilers.models.vm import VirtualMachineSpec
 
 
 @pytest.mark.parametrize(
-    ("text", "n"), [("512Mi", 512 << 20), ("2Gi", 2 << 30), ("1000", 1000), ("1K", 1000)]
+    ("text", "n"), [("512Mi", 512 << 20), ("2Gi", 2 << 30), ("1000", 1000), ("1k", 1000)]
 )
 def test_parse_quantity(text: str, n: int) -> None:
     assert parse_quantity(text) == n

@@ -1,7 +1,8 @@
-"""Pure VM reconcile: every observed state converges to every desired state."""
+"""Pure VM reconcile: every observed state converges to every desired state, legally."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -9,17 +10,32 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hyperfleet.reconcilers.models.vm import Phase, VirtualMachineSpec
-from hyperfleet.reconcilers.vm import Action, Observed, phase_of, reconcile, vm_config
+from hyperfleet.reconcilers.vm import (
+    Action,
+    Desired,
+    Observed,
+    phase_of,
+    reconcile,
+    recreate_reasons,
+    vm_config,
+)
 
 BASE: dict[str, Any] = {"cpus": 2, "memory": "1Gi", "boot": {"kernel": "/k"}}
 
-# Where each VMM action leads, per the upstream state machine (NOTES.md).
-TRANSITIONS: dict[Action, dict[str | None, str]] = {
+# Where each VMM action may go, per the upstream state machine (NOTES.md).
+TRANSITIONS: dict[Action, dict[str | None, str | None]] = {
     Action.CREATE: {None: "Created"},
     Action.BOOT: {"Created": "Running", "Shutdown": "Running"},
     Action.PAUSE: {"Running": "Paused"},
     Action.RESUME: {"Paused": "Running", "BreakPoint": "Running"},
     Action.SHUTDOWN: {"Running": "Shutdown", "Paused": "Shutdown"},
+    Action.DELETE: {s: None for s in ("Created", "Running", "Paused", "Shutdown", "BreakPoint")},
+    Action.SNAPSHOT: {"Paused": "Paused"},
+    Action.RESTORE: {None: "Paused"},
+    Action.RESIZE: {"Running": "Running", "Paused": "Paused"},
+    Action.ADD_DISK: {s: s for s in ("Created", "Running", "Paused")},
+    Action.ADD_NET: {s: s for s in ("Created", "Running", "Paused")},
+    Action.REMOVE_DEVICE: {"Running": "Running", "Paused": "Paused"},
 }
 
 
@@ -27,25 +43,51 @@ def spec(**kw: Any) -> VirtualMachineSpec:
     return VirtualMachineSpec.model_validate({**BASE, **kw})
 
 
-def simulate(s: VirtualMachineSpec, obs: Observed) -> Observed:
-    """Apply a plan to a model of the VMM; illegal transitions fail the test."""
-    for action in reconcile(s, obs):
-        if action == Action.SPAWN:
-            obs = Observed(process=True, socket=True, state=None)
+def want(s: VirtualMachineSpec, **kw: Any) -> Desired:
+    return Desired(spec=s, snapshot_url="file:///snap", **kw)
+
+
+def simulate(d: Desired, obs: Observed) -> Observed:
+    """Run a plan against a model of the VMM; an illegal step fails the test."""
+    config = copy.deepcopy(obs.config)
+    state, process, snapshot = obs.state, obs.process, obs.snapshot
+    for step in reconcile(d, obs):
+        a = step.action
+        assert a != Action.WAIT
+        if a == Action.SPAWN:
+            assert not process
+            process, state, config = True, None, None
             continue
-        assert action != Action.WAIT
-        table = TRANSITIONS[action]
-        assert obs.state in table, f"{action} is illegal from {obs.state}"
-        obs = Observed(True, True, table[obs.state])
-    return obs
+        if a == Action.KILL:
+            process, state, config = False, None, None
+            continue
+        if a == Action.DISCARD_SNAPSHOT:
+            snapshot = False
+            continue
+        assert process, f"{a} without a process"
+        assert state in TRANSITIONS[a], f"{a} is illegal from {state}"
+        if a == Action.SNAPSHOT:
+            snapshot = True
+        if a == Action.RESTORE:
+            assert snapshot
+            config = vm_config(d.spec)
+        if a == Action.CREATE:
+            config = step.body
+        if a == Action.RESIZE and config is not None and step.body:
+            config["cpus"]["boot_vcpus"] = step.body.get("desired_vcpus",
+                                                         config["cpus"]["boot_vcpus"])
+        state = TRANSITIONS[a][state]
+    return Observed(process, process, state, config, snapshot)
 
 
 def test_fresh_vm_spawns_creates_boots() -> None:
-    assert reconcile(spec(), Observed(process=False)) == [Action.SPAWN, Action.CREATE, Action.BOOT]
+    plan = reconcile(want(spec()), Observed(process=False))
+    assert [s.action for s in plan] == [Action.SPAWN, Action.CREATE, Action.BOOT]
+    assert plan[1].body == vm_config(spec())
 
 
 def test_socket_not_up_yet_waits() -> None:
-    assert reconcile(spec(), Observed(process=True, socket=False)) == [Action.WAIT]
+    assert [s.action for s in reconcile(want(spec()), Observed(True, False))] == [Action.WAIT]
 
 
 @pytest.mark.parametrize(
@@ -54,54 +96,147 @@ def test_socket_not_up_yet_waits() -> None:
         ("Running", "Running", []),
         ("Running", "Paused", [Action.RESUME]),
         ("Running", "Shutdown", [Action.BOOT]),
+        ("Running", "BreakPoint", [Action.RESUME]),
         ("Paused", "Running", [Action.PAUSE]),
         ("Paused", "Created", [Action.BOOT, Action.PAUSE]),
         ("Stopped", "Running", [Action.SHUTDOWN]),
         ("Stopped", "Paused", [Action.SHUTDOWN]),
         ("Stopped", "Shutdown", []),
+        ("Sleeping", "Running", [Action.PAUSE, Action.SNAPSHOT, Action.KILL]),
+        ("Sleeping", "Paused", [Action.SNAPSHOT, Action.KILL]),
+        ("Sleeping", "Shutdown", [Action.KILL]),
     ],
 )
 def test_power_state_plans(power: str, state: str, plan: list[Action]) -> None:
-    assert reconcile(spec(powerState=power), Observed(True, True, state)) == plan
+    s = spec(powerState=power)
+    obs = Observed(True, True, state, vm_config(s))
+    assert [x.action for x in reconcile(want(s), obs)] == plan
+
+
+def test_sleep_snapshot_goes_to_the_vm_directory() -> None:
+    plan = reconcile(want(spec(powerState="Sleeping")), Observed(True, True, "Paused",
+                                                                 vm_config(spec())))
+    assert plan[0].body == {"destination_url": "file:///snap"}
+
+
+def test_wake_restores_resumes_and_discards_the_snapshot() -> None:
+    plan = reconcile(want(spec()), Observed(process=False, snapshot=True))
+    assert [s.action for s in plan] == [
+        Action.SPAWN, Action.RESTORE, Action.RESUME, Action.DISCARD_SNAPSHOT]
+    assert plan[1].body == {"source_url": "file:///snap"}
 
 
 def test_halted_keeps_it_off_whatever_power_state_says() -> None:
     s = spec(runStrategy="Halted", powerState="Running")
-    assert reconcile(s, Observed(True, True, "Running")) == [Action.SHUTDOWN]
-    assert reconcile(s, Observed(process=False)) == []
+    assert [x.action for x in reconcile(want(s), Observed(True, True, "Running"))] == [
+        Action.SHUTDOWN]
+    assert reconcile(want(s), Observed(process=False)) == []
+
+
+def test_manual_stays_off_after_the_guest_stopped_itself() -> None:
+    s = spec(runStrategy="Manual")
+    assert reconcile(want(s, halted=True), Observed(True, True, "Shutdown", vm_config(s))) == []
+    assert [x.action for x in reconcile(want(s), Observed(True, True, "Shutdown",
+                                                          vm_config(s)))] == [Action.BOOT]
+
+
+def test_cpu_change_within_max_is_a_live_resize() -> None:
+    old, new = spec(cpus=2, maxCpus=8), spec(cpus=4, maxCpus=8)
+    plan = reconcile(want(new), Observed(True, True, "Running", vm_config(old)))
+    assert [(s.action, s.body) for s in plan] == [(Action.RESIZE, {"desired_vcpus": 4})]
+
+
+def test_memory_change_within_max_memory_is_a_live_resize() -> None:
+    old = spec(memory="1Gi", maxMemory="4Gi")
+    new = spec(memory="2Gi", maxMemory="4Gi")
+    plan = reconcile(want(new), Observed(True, True, "Running", vm_config(old)))
+    assert [(s.action, s.body) for s in plan] == [(Action.RESIZE, {"desired_ram": 2 << 30})]
+    # ... but the same change without maxMemory headroom needs a new VM.
+    assert recreate_reasons(vm_config(spec(memory="1Gi")), vm_config(spec(memory="2Gi")))
+
+
+def test_disk_and_nic_hotplug_and_unplug() -> None:
+    root = {"name": "root", "path": "/r.raw"}
+    old = spec(disks=[root, {"name": "old", "path": "/o.raw"}])
+    new = spec(disks=[root, {"name": "data", "path": "/d.raw"}],
+               interfaces=[{"name": "eth0", "tap": "tap0"}])
+    plan = reconcile(want(new), Observed(True, True, "Running", vm_config(old)))
+    assert [(s.action, s.body) for s in plan] == [
+        (Action.REMOVE_DEVICE, {"id": "old"}),
+        (Action.ADD_DISK, {"id": "data", "path": "/d.raw", "readonly": False, "direct": False}),
+        (Action.ADD_NET, {"id": "eth0", "tap": "tap0"}),
+    ]
+
+
+def test_vmm_defaults_in_vm_info_do_not_look_like_changes() -> None:
+    s = spec(disks=[{"name": "root", "path": "/r.raw"}])
+    info_config = vm_config(s)
+    info_config["disks"][0].update({"num_queues": 1, "queue_size": 128, "iommu": False})
+    info_config["cpus"]["kvm_hyperv"] = False
+    assert reconcile(want(s), Observed(True, True, "Running", info_config)) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"boot": {"kernel": "/k2"}}, "payload changed"),
+        ({"maxCpus": 4}, "maxCpus changed"),
+        ({"disks": [{"name": "root", "path": "/other.raw"}]}, "root disk changed"),
+        ({"vsock": {"cid": 7}}, "vsock changed"),
+    ],
+)
+def test_cold_changes_recreate_the_vm(change: dict[str, Any], reason: str) -> None:
+    old = spec(disks=[{"name": "root", "path": "/r.raw"}])
+    new = spec(**{"disks": [{"name": "root", "path": "/r.raw"}], **change})
+    d = Desired(spec=new, vsock_socket="/v.sock")
+    plan = reconcile(d, Observed(True, True, "Running", vm_config(old, "/v.sock")))
+    assert [s.action for s in plan] == [
+        Action.SHUTDOWN, Action.DELETE, Action.CREATE, Action.BOOT]
+    assert reason in plan[1].why and "cannot apply this live" in plan[1].why
 
 
 STATES = st.sampled_from([None, "Created", "Running", "Paused", "Shutdown", "BreakPoint"])
 
 
 @given(
-    power=st.sampled_from(["Running", "Paused", "Stopped"]),
+    power=st.sampled_from(["Running", "Paused", "Stopped", "Sleeping"]),
     strategy=st.sampled_from(["Always", "Halted", "Manual"]),
     process=st.booleans(),
     state=STATES,
+    snapshot=st.booleans(),
+    old_cpus=st.integers(1, 4),
+    cpus=st.integers(1, 4),
 )
 def test_any_state_converges_in_one_plan(power: str, strategy: str, process: bool,
-                                         state: str | None) -> None:
-    s = spec(powerState=power, runStrategy=strategy)
-    obs = Observed(process=process, socket=process, state=state if process else None)
-    final = simulate(s, obs)
-    assert reconcile(s, final) == []
-    want = "Off" if strategy == "Halted" or power == "Stopped" else power
-    if want == "Off":
+                                         state: str | None, snapshot: bool, old_cpus: int,
+                                         cpus: int) -> None:
+    s = spec(powerState=power, runStrategy=strategy, cpus=cpus, maxCpus=4)
+    d = want(s)
+    config = vm_config(spec(cpus=old_cpus, maxCpus=4)) if process and state else None
+    obs = Observed(process, process, state if process else None, config, snapshot)
+    final = simulate(d, obs)
+    assert reconcile(d, final) == [], f"not converged after one plan: {final}"
+    goal = d.state
+    if goal == "Off":
         assert final.state not in ("Running", "Paused")
-        assert phase_of(s, final) == Phase.STOPPED
+        assert phase_of(d, final) == Phase.STOPPED
+    elif goal == "Sleeping":
+        assert not final.process
+        assert phase_of(d, final) == Phase.SLEEPING
     else:
-        assert final.state == want
-        assert phase_of(s, final) == Phase(want)
+        assert final.state == goal
+        assert phase_of(d, final) == Phase(goal)
+        assert final.config is not None and final.config["cpus"]["boot_vcpus"] == cpus
 
 
 def test_vm_config_matches_the_contract_shape() -> None:
-    s = spec(maxCpus=4, disks=[{"name": "root", "path": "/d.raw"}],
+    s = spec(maxCpus=4, maxMemory="2Gi", liveMigration=True,
+             disks=[{"name": "root", "path": "/d.raw"}],
              interfaces=[{"name": "eth0", "tap": "tap0", "mac": "52:54:00:00:00:01"}],
              vsock={"cid": 3})
     cfg = vm_config(s, vsock_socket="/run/x.vsock")
     assert cfg["cpus"] == {"boot_vcpus": 2, "max_vcpus": 4}
-    assert cfg["memory"] == {"size": 1 << 30}
+    assert cfg["memory"] == {"size": 1 << 30, "hotplug_size": 1 << 30, "shared": True}
     assert cfg["payload"] == {"kernel": "/k"}
     assert cfg["disks"] == [{"id": "root", "path": "/d.raw", "readonly": False, "direct": False}]
     assert cfg["net"] == [{"id": "eth0", "tap": "tap0", "mac": "52:54:00:00:00:01"}]

@@ -1,0 +1,706 @@
+"""Tests of the cloud-hypervisor test double, run as the real executable.
+
+Each test starts ``python -m hyperfleet.reconcilers.hypervisor.double`` in a
+short temporary directory (unix socket paths are limited to 108 bytes) and
+talks to it over its API socket, the way the node agent will.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import requests
+import requests_unixsocket
+
+from hyperfleet.reconcilers.hypervisor import double
+
+DOUBLE = [sys.executable, "-m", "hyperfleet.reconcilers.hypervisor.double"]
+GiB = 1024**3
+KERNEL = {"kernel": "/boot/vmlinux", "cmdline": "console=ttyS0"}
+
+
+class Double:
+    """A running double plus an HTTP session on its socket."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: str, workdir: Path) -> None:
+        self.proc = proc
+        self.socket = sock
+        self.workdir = workdir
+        self.events_path = workdir / "events"
+        self.session = requests_unixsocket.Session()
+
+    def url(self, action: str) -> str:
+        return f"http+unix://{quote(self.socket, safe='')}/api/v1/{action}"
+
+    def get(self, action: str) -> requests.Response:
+        resp: requests.Response = self.session.get(self.url(action), timeout=10)
+        return resp
+
+    def put(self, action: str, body: Any = None) -> requests.Response:
+        kwargs: dict[str, Any] = {} if body is None else {"json": body}
+        resp: requests.Response = self.session.put(self.url(action), timeout=10, **kwargs)
+        return resp
+
+    def ok(self, action: str, body: Any = None, status: int = 204) -> requests.Response:
+        resp = self.put(action, body)
+        assert resp.status_code == status, (action, resp.status_code, resp.text)
+        return resp
+
+    def info(self) -> dict[str, Any]:
+        resp = self.get("vm.info")
+        assert resp.status_code == 200, resp.text
+        result: dict[str, Any] = resp.json()
+        return result
+
+    def state(self) -> str:
+        return str(self.info()["state"])
+
+    def events(self) -> list[dict[str, Any]]:
+        return parse_events(self.events_path.read_text())
+
+    def stderr(self) -> str:
+        return (self.workdir / "stderr").read_text()
+
+
+def parse_events(text: str) -> list[dict[str, Any]]:
+    """Split the monitor stream: pretty-printed JSON objects back to back."""
+    decoder = json.JSONDecoder()
+    events: list[dict[str, Any]] = []
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return events
+        event, pos = decoder.raw_decode(text, pos)
+        events.append(event)
+
+
+def names(events: list[dict[str, Any]]) -> list[str]:
+    return [f"{e['source']}/{e['event']}" for e in events]
+
+
+def error_chain(resp: requests.Response) -> list[str]:
+    """The upstream error body: a JSON array of strings, outermost first."""
+    assert resp.headers["Content-Type"] == "application/json"
+    body = resp.json()
+    assert isinstance(body, list) and body and all(isinstance(s, str) for s in body), body
+    assert body[0] == "Error from API"
+    return body
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="chd-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def spawn(workdir: Path) -> Iterator[Callable[..., Double]]:
+    """Start doubles on demand; every one is killed when the test ends."""
+    procs: list[subprocess.Popen[bytes]] = []
+    counter = iter(range(100))
+
+    def start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        bare_socket: str | None = None,
+        wait: bool = True,
+    ) -> Double:
+        sub = workdir / f"d{next(counter)}"
+        sub.mkdir()
+        sock = bare_socket or str(sub / "api.sock")
+        argv = [*DOUBLE, "--api-socket", bare_socket or f"path={sock}"]
+        argv += ["--event-monitor", f"path={sub / 'events'}", *args]
+        with open(sub / "stderr", "wb") as err:
+            proc = subprocess.Popen(argv, stderr=err, env={**os.environ, **(env or {})})
+        procs.append(proc)
+        handle = Double(proc, sock, sub)
+        if wait:
+            deadline = time.monotonic() + 10
+            while not Path(sock).is_socket():
+                assert proc.poll() is None, handle.stderr()
+                assert time.monotonic() < deadline, "socket did not appear"
+                time.sleep(0.005)
+        return handle
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=5)
+
+
+def base_config(**extra: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 4},
+        "memory": {"size": GiB},
+        "payload": dict(KERNEL),
+    }
+    config.update(extra)
+    return config
+
+
+# -- CLI ---------------------------------------------------------------------
+
+
+def test_version_flag_prints_vmm_version() -> None:
+    out = subprocess.run([*DOUBLE, "--version"], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0
+    assert re.fullmatch(r"cloud-hypervisor v\d+\.\d+\.\d+\n", out.stdout)
+
+
+def test_unknown_flag_exits_1_like_clap() -> None:
+    out = subprocess.run(
+        [*DOUBLE, "--api-socket", "path=/tmp/x.sock", "--no-such-flag"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert out.returncode == 1
+    assert "--no-such-flag" in out.stderr
+
+
+def test_bare_socket_path_and_stale_socket_file(spawn: Callable[..., Double], workdir: Path) -> None:
+    sock = workdir / "old.sock"
+    sock.write_text("stale")  # left over by a crashed VMM
+    d = spawn("-v", "-v", "--log-file", str(workdir / "vmm.log"), bare_socket=str(sock))
+    assert sock.is_socket()
+    assert d.get("vmm.ping").status_code == 200
+    wait_for(lambda: '"msg": "request"' in (workdir / "vmm.log").read_text())  # JSON lines
+
+
+# -- basics ------------------------------------------------------------------
+
+
+def test_ping(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    resp = d.get("vmm.ping")
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["version"] == double.VERSION
+    assert body["build_version"] == f"v{double.VERSION}"
+    assert body["pid"] == d.proc.pid
+    assert body["features"] == ["kvm"]
+
+
+def test_everything_is_404_before_create(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    for method, action in [
+        ("GET", "vm.info"),
+        ("PUT", "vm.boot"),
+        ("PUT", "vm.pause"),
+        ("PUT", "vm.shutdown"),
+        ("GET", "vm.counters"),
+    ]:
+        resp = d.get(action) if method == "GET" else d.put(action)
+        assert resp.status_code == 404, action
+        assert error_chain(resp)[-1] == "VM is not created"
+    resp = d.put("vm.add-disk", {"path": "/img"})
+    assert resp.status_code == 404
+    assert error_chain(resp) == [
+        "Error from API",
+        "The disk could not be added to the VM",
+        "VM is not created",
+    ]
+    d.ok("vm.delete")  # always allowed
+
+
+def test_create_boot_info(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    d.ok("vm.create", base_config(disks=[{"path": "/img/root.raw"}], net=[{"tap": "tap0"}]))
+    info = d.info()
+    assert info["state"] == "Created"
+    assert info["config"]["disks"] == [{"path": "/img/root.raw", "id": "_disk0"}]
+    assert info["config"]["net"] == [{"tap": "tap0", "id": "_net1"}]
+    assert "device_tree" not in info
+    d.ok("vm.boot")
+    info = d.info()
+    assert info["state"] == "Running"
+    assert info["config"]["cpus"] == {"boot_vcpus": 2, "max_vcpus": 4}
+    assert info["config"]["payload"] == KERNEL
+    assert info["memory_actual_size"] == GiB
+    assert info["device_tree"]["_disk0"]["pci_bdf"] == "0000:00:01.0"
+    assert info["device_tree"]["_net1"]["pci_bdf"] == "0000:00:02.0"
+
+
+def test_create_fills_upstream_defaults(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    d.ok("vm.create", {"payload": KERNEL})
+    info = d.info()
+    assert info["config"]["cpus"] == {"boot_vcpus": 1, "max_vcpus": 1}
+    assert info["memory_actual_size"] == 512 * 1024**2
+
+
+# -- state machine -----------------------------------------------------------
+
+NOTES_TABLE = {  # shared/cloud-hypervisor/NOTES.md, "VM state machine"
+    "Created": {"Running", "Paused", "Shutdown", "BreakPoint"},
+    "Running": {"Paused", "Shutdown", "BreakPoint"},
+    "Paused": {"Running", "Shutdown"},
+    "Shutdown": {"Running"},
+    "BreakPoint": {"Created", "Running"},
+}
+
+
+@pytest.mark.parametrize("current", sorted(NOTES_TABLE))
+def test_transition_table_matches_notes(current: str) -> None:
+    for new in NOTES_TABLE:
+        if new in NOTES_TABLE[current]:
+            double.check_transition(double.VmState(current), double.VmState(new))
+        else:
+            with pytest.raises(ValueError, match=f"Invalid VM state transition: {current} to {new}"):
+                double.check_transition(double.VmState(current), double.VmState(new))
+
+
+def test_allowed_transitions_through_the_api(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    d.ok("vm.create", base_config())
+    steps = [
+        ("vm.boot", "Running"),  # Created -> Running
+        ("vm.pause", "Paused"),  # Running -> Paused
+        ("vm.resume", "Running"),  # Paused -> Running
+        ("vm.pause", "Paused"),
+        ("vm.shutdown", "Shutdown"),  # Paused -> Shutdown
+        ("vm.boot", "Running"),  # Shutdown -> Running
+        ("vm.reboot", "Running"),
+        ("vm.nmi", "Running"),
+        ("vm.shutdown", "Shutdown"),  # Running -> Shutdown
+        ("vm.boot", "Running"),
+        ("vm.power-button", "Shutdown"),  # the guest powers off
+        ("vm.boot", "Running"),
+        ("vm.pause", "Paused"),
+        ("vm.power-button", "Paused"),  # a paused guest reacts once resumed
+        ("vm.resume", "Shutdown"),
+    ]
+    for action, expected in steps:
+        d.ok(action)
+        assert d.state() == expected, action
+    d.ok("vm.delete")
+    assert d.get("vm.info").status_code == 404
+    d.ok("vm.create", base_config())  # the process stays usable
+    assert d.state() == "Created"
+
+
+def test_forbidden_transitions_are_500(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    d.ok("vm.create", base_config())
+
+    def refused(action: str, last: str, state: str) -> None:
+        resp = d.put(action)
+        assert resp.status_code == 500, (action, resp.text)
+        chain = error_chain(resp)
+        assert len(chain) >= 3 and chain[-1] == last, (action, chain)
+        assert d.state() == state
+
+    for action in ("vm.pause", "vm.resume", "vm.shutdown", "vm.reboot", "vm.power-button"):
+        refused(action, "VM is not running", "Created")
+    resp = d.put("vm.create", base_config())
+    assert resp.status_code == 500
+    assert error_chain(resp)[1:] == ["The VM could not be created", "VM is already created"]
+
+    d.ok("vm.boot")
+    refused("vm.boot", "Invalid VM state transition: Running to Running", "Running")
+    refused("vm.resume", "Invalid VM state transition: Running to Running", "Running")
+    resp = d.put("vm.snapshot", {"destination_url": f"file://{d.workdir}"})
+    assert resp.status_code == 500
+    assert error_chain(resp)[-1] == "Trying to snapshot while VM is running"
+
+    d.ok("vm.pause")
+    refused("vm.pause", "Invalid VM state transition: Paused to Paused", "Paused")
+    refused("vm.boot", "VM is already booted", "Paused")
+    assert error_chain(d.put("vm.pause"))[1] == "The VM could not be paused"
+
+    d.ok("vm.shutdown")
+    for action in ("vm.shutdown", "vm.pause", "vm.resume", "vm.reboot", "vm.nmi"):
+        refused(action, "VM is not running", "Shutdown")
+
+
+# -- request validation ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda c: c["cpus"].update(boot_vcpus=0), "cpus.boot_vcpus"),
+        (lambda c: c["memory"].update(size="1G"), "memory.size"),
+        (lambda c: c.pop("payload"), "'payload' is a required property"),
+        (lambda c: c.update(disks=[{"path": "/a", "pci_device_id": 300}]), "disks.0.pci_device_id"),
+        (lambda c: c.update(vsock={"cid": 2, "socket": "/v"}), "vsock.cid"),
+        (lambda c: c["cpus"].update(boot_vcpus=True), "cpus.boot_vcpus"),
+    ],
+)
+def test_invalid_create_body_is_400_naming_the_field(
+    spawn: Callable[..., Double], mutate: Callable[[dict[str, Any]], Any], field: str
+) -> None:
+    d = spawn()
+    config = base_config()
+    mutate(config)
+    resp = d.put("vm.create", config)
+    assert resp.status_code == 400
+    chain = error_chain(resp)
+    assert chain[1] == "Invalid request body"
+    assert field in chain[-1]
+    assert d.get("vm.info").status_code == 404  # nothing was created
+
+
+def test_malformed_missing_and_oversized_bodies(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    url = d.url("vm.create")
+    resp = d.session.put(url, data=b"{not json", timeout=10)
+    assert resp.status_code == 400
+    assert error_chain(resp)[-1].startswith("Malformed JSON")
+    resp = d.put("vm.create")
+    assert resp.status_code == 400
+    assert error_chain(resp)[-1] == "Request body is required"
+    resp = d.session.put(url, data=b" " * (4 * 1024 * 1024 + 1), timeout=10)
+    assert resp.status_code == 400
+    assert "exceeds the limit" in error_chain(resp)[-1]
+    assert d.put("vm.remove-device", {}).status_code == 400  # serde needs `id`
+    assert d.get("vmm.ping").status_code == 200  # the connection survived
+
+
+def test_semantic_config_errors(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    resp = d.put("vm.create", base_config(cpus={"boot_vcpus": 8, "max_vcpus": 4}))
+    assert resp.status_code == 400
+    assert error_chain(resp)[-1] == "Max vCPUs lower than boot vCPUs"
+    resp = d.put("vm.create", base_config(disks=[{"path": "/a", "id": "x"}, {"path": "/b", "id": "x"}]))
+    assert resp.status_code == 409
+    virtiofs = {"tag": "t", "socket": "/s", "num_queues": 1, "queue_size": 1024}
+    resp = d.put("vm.create", base_config(fs=[virtiofs]))
+    assert resp.status_code == 400
+    assert "shared memory" in error_chain(resp)[-1]
+
+
+def test_unknown_endpoint_404_and_wrong_method_400(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    resp = d.put("vm.frobnicate")
+    assert resp.status_code == 404
+    assert "vm.frobnicate" in error_chain(resp)[-1]
+    resp = d.session.get(d.url("vm.info").replace("/api/v1/vm.info", "/metrics"), timeout=10)
+    assert resp.status_code == 404
+    resp = d.get("vm.boot")
+    assert resp.status_code == 400
+    assert error_chain(resp)[1] == "Bad Request"
+    assert d.put("vm.info").status_code == 400
+    assert d.session.post(d.url("vmm.ping"), timeout=10).status_code == 400
+
+
+# -- devices -----------------------------------------------------------------
+
+
+def test_cold_add_204_hotplug_200_and_conflicts_409(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    d.ok("vm.create", base_config())
+    cold = d.ok("vm.add-disk", {"path": "/img/a.raw"})
+    assert cold.content == b""
+    d.ok("vm.add-net", {"tap": "tap0", "id": "mynet"})
+    d.ok("vm.boot")
+
+    resp = d.ok("vm.add-disk", {"path": "/img/b.raw"}, status=200)
+    assert resp.json() == {"id": "_disk1", "bdf": "0000:00:03.0"}
+    resp = d.ok("vm.add-vsock", {"cid": 3, "socket": "/tmp/v.vsock"}, status=200)
+    assert resp.json()["id"] == "_vsock2"
+    assert re.fullmatch(r"[0-9a-f]{4}:00:[0-9a-f]{2}\.0", resp.json()["bdf"])
+    d.ok("vm.add-pmem", {"file": "/img/p", "id": "pm"}, status=200)
+
+    resp = d.put("vm.add-net", {"tap": "tap1", "id": "mynet"})
+    assert resp.status_code == 409
+    assert "mynet" in error_chain(resp)[-1]
+    resp = d.put("vm.add-disk", {"path": "/img/a.raw"})
+    assert resp.status_code == 409
+    assert d.put("vm.add-vsock", {"cid": 4, "socket": "/tmp/w"}).status_code == 400
+
+    info = d.info()
+    assert [x["id"] for x in info["config"]["disks"]] == ["_disk0", "_disk1"]
+    assert info["config"]["net"] == [{"tap": "tap0", "id": "mynet"}]
+    assert info["config"]["vsock"]["id"] == "_vsock2"
+    assert set(info["device_tree"]) == {"_disk0", "mynet", "_disk1", "_vsock2", "pm"}
+
+
+def test_remove_device(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    d.ok("vm.create", base_config(disks=[{"path": "/a"}, {"path": "/b"}]))
+    resp = d.put("vm.remove-device", {"id": "_disk0"})
+    assert resp.status_code == 500  # needs a booted VM
+    d.ok("vm.boot")
+    resp = d.put("vm.remove-device", {"id": "nope"})
+    assert resp.status_code == 404
+    assert "nope" in error_chain(resp)[-1]
+    d.ok("vm.remove-device", {"id": "_disk0"})
+    info = d.info()
+    assert [x["id"] for x in info["config"]["disks"]] == ["_disk1"]
+    assert "_disk0" not in info["device_tree"]
+    # the freed slot is reused, like the guest's PCI bus would
+    assert d.ok("vm.add-disk", {"path": "/c"}, status=200).json()["bdf"] == "0000:00:01.0"
+
+
+def test_counters(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    d.ok("vm.create", base_config(disks=[{"path": "/a"}], net=[{"tap": "t"}]))
+    assert d.get("vm.counters").status_code == 500
+    d.ok("vm.boot")
+    resp = d.get("vm.counters")
+    assert resp.status_code == 200
+    counters = resp.json()
+    assert set(counters) == {"_disk0", "_net1"}
+    assert {"read_bytes", "write_bytes"} <= set(counters["_disk0"])
+    assert {"rx_bytes", "tx_bytes"} <= set(counters["_net1"])
+
+
+# -- sizing ------------------------------------------------------------------
+
+
+def test_resize(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    d.ok("vm.create", base_config(memory={"size": GiB, "hotplug_size": GiB}, disks=[{"path": "/a"}]))
+    assert d.put("vm.resize", {"desired_vcpus": 3}).status_code == 500  # not booted
+    d.ok("vm.resize-disk", {"id": "_disk0", "desired_size": 10 * GiB})  # created is enough
+    assert d.put("vm.resize-disk", {"id": "nope", "desired_size": GiB}).status_code == 404
+    d.ok("vm.boot")
+    d.ok("vm.resize", {"desired_vcpus": 4})
+    assert d.info()["config"]["cpus"]["boot_vcpus"] == 4
+    resp = d.put("vm.resize", {"desired_vcpus": 5})
+    assert resp.status_code == 500
+    assert "max_vcpus" in error_chain(resp)[-1]
+    resp = d.put("vm.resize", {"desired_vcpus": 0})
+    assert resp.status_code == 400
+    assert "desired_vcpus" in error_chain(resp)[-1]
+    d.ok("vm.resize", {"desired_ram": GiB + GiB // 2})
+    info = d.info()
+    assert info["memory_actual_size"] == GiB + GiB // 2
+    assert info["config"]["memory"]["hotplugged_size"] == GiB // 2
+    assert d.put("vm.resize", {"desired_ram": 3 * GiB}).status_code == 500
+    assert d.put("vm.resize", {"desired_ram": GiB}).status_code == 500  # ACPI cannot shrink
+    assert d.info()["config"]["cpus"]["boot_vcpus"] == 4
+
+
+# -- snapshot / restore / migration -----------------------------------------
+
+
+def test_snapshot_then_restore_into_fresh_double(
+    spawn: Callable[..., Double], workdir: Path
+) -> None:
+    src = spawn()
+    src.ok("vm.create", base_config(disks=[{"path": "/a"}]))
+    src.ok("vm.boot")
+    src.ok("vm.add-net", {"tap": "tap9"}, status=200)
+    src.ok("vm.pause")
+    resp = src.put("vm.snapshot", {"destination_url": f"file://{workdir}/missing"})
+    assert resp.status_code == 500
+    snap = workdir / "snap"
+    snap.mkdir()
+    src.ok("vm.snapshot", {"destination_url": f"file://{snap}"})
+    assert sorted(p.name for p in snap.iterdir()) == ["config.json", "memory-ranges", "state.json"]
+    source_config = src.info()["config"]
+    assert json.loads((snap / "config.json").read_text()) == source_config
+    src.ok("vm.coredump", {"destination_url": f"file://{workdir}/core"})
+    assert (workdir / "core").read_bytes().startswith(b"\x7fELF")
+
+    dst = spawn()
+    assert dst.put("vm.restore", {"source_url": f"file://{workdir}/missing"}).status_code == 500
+    dst.ok("vm.restore", {"source_url": f"file://{snap}", "prefault": True})
+    info = dst.info()
+    assert info["state"] == "Paused"
+    assert info["config"] == source_config
+    assert info["device_tree"]["_net1"]["pci_bdf"] == src.info()["device_tree"]["_net1"]["pci_bdf"]
+    dst.ok("vm.resume")
+    assert dst.state() == "Running"
+    resp = dst.put("vm.restore", {"source_url": f"file://{snap}"})
+    assert resp.status_code == 404
+    assert error_chain(resp)[-1] == "VM is already created"
+    assert names(dst.events())[-4:] == ["vm/restoring", "vm/restored", "vm/resuming", "vm/resumed"]
+
+
+def test_live_migration_between_two_doubles(spawn: Callable[..., Double]) -> None:
+    src = spawn()
+    src.ok("vm.create", base_config())
+    src.ok("vm.boot")
+    dst = spawn()
+    resp = src.put("vm.send-migration", {"destination_url": f"unix:{dst.workdir}/mig.sock"})
+    assert resp.status_code == 500
+    assert "shared memory" in error_chain(resp)[-1]
+    src.ok("vm.delete")
+    src.ok("vm.create", base_config(memory={"size": GiB, "shared": True}, disks=[{"path": "/a"}]))
+    src.ok("vm.boot")
+    src.ok("vm.add-net", {"tap": "tap1"}, status=200)
+    before = src.info()
+
+    mig = str(dst.workdir / "mig.sock")
+    received: dict[str, requests.Response] = {}
+
+    def receive() -> None:
+        session = requests_unixsocket.Session()
+        received["resp"] = session.put(
+            dst.url("vm.receive-migration"), json={"receiver_url": f"unix:{mig}"}, timeout=30
+        )
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    try:
+        wait_for(lambda: os.path.exists(mig))
+        assert dst.get("vm.info").status_code == 404  # still waiting, API still answers
+        src.ok("vm.send-migration", {"destination_url": f"unix:{mig}"})
+    finally:
+        thread.join(timeout=30)
+    assert received["resp"].status_code == 204, received["resp"].text
+    assert src.get("vm.info").status_code == 404
+    info = dst.info()
+    assert info["state"] == "Running"
+    assert info["config"] == before["config"]
+    assert info["config"]["disks"] == [{"path": "/a", "id": "_disk0"}]
+    assert info["device_tree"] == before["device_tree"]  # same guest PCI addresses
+    assert not os.path.exists(mig)
+    assert "vm/migration-finished" in names(src.events())
+    assert "vm/migration-receive-finished" in names(dst.events())
+
+
+# -- events, hooks, process --------------------------------------------------
+
+
+def test_event_monitor_stream(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    d.ok("vm.create", base_config(memory={"size": GiB, "hotplug_size": GiB}))
+    for action in ("vm.boot", "vm.pause", "vm.resume", "vm.reboot"):
+        d.ok(action)
+    d.ok("vm.resize", {"desired_vcpus": 3})
+    d.ok("vm.add-disk", {"path": "/x", "id": "hot"}, status=200)
+    d.ok("vm.shutdown")
+    d.ok("vmm.shutdown")
+    assert d.proc.wait(timeout=5) == 0
+    events = d.events()
+    assert names(events) == [
+        "vmm/starting",
+        "vm/booting",
+        "vm/booted",
+        "vm/pausing",
+        "vm/paused",
+        "vm/resuming",
+        "vm/resumed",
+        "vm/rebooting",
+        "vm/rebooted",
+        "vm/resizing",
+        "vm/resized",
+        "vm/device-added",
+        "vm/shutdown",
+        "vm/deleted",
+        "vmm/shutdown",
+    ]
+    for event in events:
+        assert set(event) == {"timestamp", "source", "event", "properties"}
+        assert set(event["timestamp"]) == {"secs", "nanos"}
+    assert events[11]["properties"] == {"id": "hot"}
+    assert events[1]["properties"] is None
+    stamps = [e["timestamp"]["secs"] * 10**9 + e["timestamp"]["nanos"] for e in events]
+    assert stamps == sorted(stamps)
+    assert d.events_path.read_text().startswith('{\n  "timestamp": {\n    "secs": 0,')
+
+
+def test_sigusr1_guest_powers_off_and_sigusr2_reboots(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    d.ok("vm.create", base_config())
+    d.ok("vm.boot")
+    d.proc.send_signal(signal.SIGUSR2)
+    wait_for(lambda: names(d.events())[-1] == "vm/rebooted")
+    assert d.state() == "Running"
+    d.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: d.state() == "Shutdown")
+    assert names(d.events())[-1] == "vm/shutdown"
+    d.ok("vm.boot")  # the VM can be started again
+    assert d.state() == "Running"
+
+
+def test_exit_on_guest_shutdown_option(spawn: Callable[..., Double]) -> None:
+    d = spawn(env={double.EXIT_ON_GUEST_SHUTDOWN_ENV: "1"})
+    d.ok("vm.create", base_config())
+    d.ok("vm.boot")
+    d.proc.send_signal(signal.SIGUSR1)
+    assert d.proc.wait(timeout=5) == 0
+    assert names(d.events())[-2:] == ["vm/shutdown", "vmm/shutdown"]
+
+
+def test_vmm_shutdown_answers_then_exits_and_removes_socket(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    d.ok("vmm.shutdown")
+    assert d.proc.wait(timeout=5) == 0
+    assert not os.path.exists(d.socket)
+
+
+def test_sigterm_exits_cleanly(spawn: Callable[..., Double]) -> None:
+    d = spawn()
+    d.ok("vm.create", base_config())
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=5) == 0
+    assert not os.path.exists(d.socket)
+    assert names(d.events())[-1] == "vmm/shutdown"
+
+
+def test_socket_delay_env(spawn: Callable[..., Double]) -> None:
+    started = time.monotonic()
+    d = spawn(env={double.SOCKET_DELAY_ENV: "0.6"}, wait=False)
+    time.sleep(0.3)
+    assert not os.path.exists(d.socket)
+    assert d.proc.poll() is None
+    wait_for(lambda: os.path.exists(d.socket))
+    assert time.monotonic() - started >= 0.6
+    assert d.get("vmm.ping").status_code == 200
+
+
+# -- the contract checks themselves (in process) -----------------------------
+
+
+@pytest.fixture(scope="module")
+def contract() -> double.Contract:
+    return double.Contract.load()
+
+
+def test_every_spec_operation_has_an_emulation(contract: double.Contract) -> None:
+    vmm = double.Vmm(contract, double.EventMonitor(None))
+    assert set(contract.operations) == set(vmm.actions)
+
+
+def test_response_checker_catches_drift(contract: double.Contract) -> None:
+    info = contract.operations["vm.info"]["GET"]
+    good = {"config": {"payload": {}}, "state": "Running"}
+    assert contract.check_response(info, 200, good) is None
+    assert "config" in (contract.check_response(info, 200, {"state": "Running"}) or "")
+    assert "state" in (contract.check_response(info, 200, {**good, "state": "Up"}) or "")
+    assert contract.check_response(info, 204, None) is not None  # undeclared success
+    assert contract.check_response(info, 404, ["Error from API", "x"]) is None
+    assert contract.check_response(info, 500, {"error": "x"}) is not None
+    boot = contract.operations["vm.boot"]["PUT"]
+    assert contract.check_response(boot, 204, {"unexpected": 1}) is not None
+
+
+def test_drifting_reply_becomes_500(contract: double.Contract) -> None:
+    vmm = double.Vmm(contract, double.EventMonitor(None))
+    api = double.Api(contract, vmm)
+    vmm.actions["vmm.ping"] = lambda _: double.Reply(200, {"build_version": "x"})  # no version
+    reply = api.handle("GET", "/api/v1/vmm.ping", b"")
+    assert reply.status == 500
+    assert reply.body[0] == "Error from API"
+    assert "version" in reply.body[-1]
