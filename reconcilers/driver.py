@@ -251,9 +251,12 @@ class VmDriver:
         self._drop_client(ns, name)
         self._failures.pop(f"{ns}/{name}", None)
         self._seen.pop(f"{ns}/{name}", None)
+        try:
+            paths = self.pm.paths(ns, name)
+        except UnsafeNameError:
+            return  # no VMM can have been started under a name that has no socket path
         self.pm.stop(ns, name)
-        with contextlib.suppress(UnsafeNameError):
-            shutil.rmtree(self.pm.paths(ns, name).snapshots, ignore_errors=True)
+        shutil.rmtree(paths.snapshots, ignore_errors=True)
 
     def _drop_client(self, ns: str, name: str) -> None:
         c = self._clients.pop(f"{ns}/{name}", None)
