@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 from typing import Any
@@ -92,6 +93,10 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_kopf(settings, "agent")
+        # Each VM's converge pass runs in a worker thread (blocking socket I/O); the default
+        # pool (cores + 4) would serialise a node's VMs behind a few slow VMM starts.
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="vm"))
         await asyncio.to_thread(agent.register_node)
         adopted = await asyncio.to_thread(agent.pm.discover)
         if adopted:

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import logging
 from collections import Counter
+from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any
 
@@ -33,6 +34,14 @@ class Controller:
         self.nodes: dict[str, dict[str, Any]] = {}
         self.dirty = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    def record(self, body: dict[str, Any], reason: str, message: str, type_: str) -> None:
+        """Post an Event in the background: it must not slow down binding."""
+        task = asyncio.create_task(asyncio.to_thread(
+            self.kube.event, body, reason, message, type_, "hyperfleet-controller"))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def observe(self, store: dict[str, dict[str, Any]], key: str, event: kopf.RawEvent,
                 body: kopf.Body) -> None:
@@ -70,10 +79,17 @@ class Controller:
             return
         with metrics.RECONCILE_SECONDS.labels("schedule").time():
             result = schedule([vm_view(b) for b in pending_bodies.values()], nodes, placed)
-        for key, node in result.placements.items():
-            await self._bind(pending_bodies[key], node)
-        for key, reason in result.unschedulable.items():
-            await self._unschedulable(pending_bodies[key], reason)
+        sem = asyncio.Semaphore(16)  # bind in parallel, but do not flood the API server
+
+        async def limited(coro: Coroutine[Any, Any, None]) -> None:
+            async with sem:
+                await coro
+
+        await asyncio.gather(
+            *(limited(self._bind(pending_bodies[k], n)) for k, n in result.placements.items()),
+            *(limited(self._unschedulable(pending_bodies[k], r))
+              for k, r in result.unschedulable.items()),
+        )
 
     async def _bind(self, body: dict[str, Any], node: str) -> None:
         meta = body["metadata"]
@@ -106,8 +122,7 @@ class Controller:
         key = f"{meta.get('namespace') or 'default'}/{meta['name']}"
         self.vms[key] = out  # count the allocation before the watch event arrives
         log.info("bound VM", extra={"vm": key, "node": node})
-        await asyncio.to_thread(self.kube.event, body, "Scheduled",
-                                f"placed on WorkerNode {node}", "Normal", "hyperfleet-controller")
+        self.record(body, "Scheduled", f"placed on WorkerNode {node}", "Normal")
 
     async def _unschedulable(self, body: dict[str, Any], reason: str) -> None:
         meta = body["metadata"]
@@ -130,8 +145,7 @@ class Controller:
             await asyncio.to_thread(
                 self.kube.patch, VMS, meta["name"], patch, meta.get("namespace"), True
             )
-            await asyncio.to_thread(self.kube.event, body, "FailedScheduling", reason,
-                                    "Warning", "hyperfleet-controller")
+            self.record(body, "FailedScheduling", reason, "Warning")
 
     async def _mark_node_health(self, now: Any, grace: timedelta) -> None:
         """Like the node lifecycle controller: a lapsed heartbeat turns Ready False."""

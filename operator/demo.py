@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ from .devstack import (
     ch_double_cmd,
     hyperfleet_cmd,
     install_crds,
+    kill_pidfiles,
     kubectl,
     stop_process,
 )
@@ -64,7 +64,7 @@ def run_demo(workdir: Path, n_nodes: int, keep: bool) -> int:
         for p in procs:
             stop_process(p)
         api.stop()
-        _stop_vmms(workdir)
+        kill_pidfiles(workdir, "node-*/*.pid", signal.SIGTERM)
 
 
 def _wait_running(kc: Path, timeout: float) -> bool:
@@ -76,10 +76,3 @@ def _wait_running(kc: Path, timeout: float) -> bool:
             return True
         time.sleep(1)
     return False
-
-
-def _stop_vmms(workdir: Path) -> None:
-    """The demo's VMMs outlive their agents by design; the demo cleans them up."""
-    for pidfile in workdir.glob("node-*/*.pid"):
-        with contextlib.suppress(ValueError, ProcessLookupError):
-            os.kill(int(pidfile.read_text()), signal.SIGTERM)

@@ -178,6 +178,14 @@ def stop_process(p: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         p.wait(5)
 
 
+def kill_pidfiles(root: Path, pattern: str, sig: int = signal.SIGKILL) -> None:
+    """Signal every VMM recorded in a pid file under ``root`` (VMMs outlive their agent
+    by design, so whoever ran a throw-away stack cleans them up)."""
+    for pidfile in root.glob(pattern):
+        with contextlib.suppress(ValueError, ProcessLookupError):
+            os.kill(int(pidfile.read_text()), sig)
+
+
 def kubectl(kubeconfig: Path, *args: str, check: bool = True,
             input_: str | None = None) -> subprocess.CompletedProcess[str]:
     """The real kubectl client against the local API server."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -20,6 +19,7 @@ from hyperfleet.operator.devstack import (
     ch_double_cmd,
     hyperfleet_cmd,
     install_crds,
+    kill_pidfiles,
     kubectl,
     stop_process,
 )
@@ -134,9 +134,7 @@ def cluster(apiserver: ApiServer, tmp_path: Path) -> Iterator[Cluster]:
                 "--timeout=30s", check=False)
         for name in list(c.procs):
             c.stop(name)
-        for pidfile in work.glob("*/*.pid"):
-            with contextlib.suppress(ValueError, ProcessLookupError):
-                os.kill(int(pidfile.read_text()), 9)
+        kill_pidfiles(work, "*/*.pid")
         left = kubectl(apiserver.kubeconfig, "-n", ns, "get", "virtualmachines", "-o", "name",
                        check=False).stdout.split()
         for obj in left:

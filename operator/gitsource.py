@@ -1,0 +1,313 @@
+"""GitOps in the operator: a worker per GitSource (poll at spec.interval, or sooner when
+triggered) and the push-webhook receiver that triggers them.
+
+Triggers: a spec change (generation), a new ``hyperfleet.dev/reconcile-now`` value, a changed
+``hyperfleet.dev/confirm-deletion`` value, and an authenticated push webhook for a tracked
+repository. Reconciles run in threads (git, YAML and API calls are blocking) so kopf's event
+loop keeps serving watch events and webhooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kopf
+from aiohttp import web
+from pydantic import ValidationError
+
+from hyperfleet.reconcilers.gitops.apply import Applier
+from hyperfleet.reconcilers.gitops.fetch import GitFetcher
+from hyperfleet.reconcilers.gitops.reconcile import GitSourceReconciler, Result
+from hyperfleet.reconcilers.gitops.types import (
+    CONFIRM_DELETION_ANNOTATION,
+    RECONCILE_NOW_ANNOTATION,
+)
+from hyperfleet.reconcilers.gitops.webhook import (
+    Push,
+    WebhookAuthError,
+    event_kind,
+    matches,
+    parse_push,
+    verify,
+)
+from hyperfleet.reconcilers.kube import Kube
+from hyperfleet.reconcilers.models.common import GROUP, VERSION
+from hyperfleet.reconcilers.models.gitsource import GitRef
+
+log = logging.getLogger("hyperfleet.gitops")
+
+WEBHOOK_SECRET_ENV = "HYPERFLEET_WEBHOOK_SECRET"
+MAX_WEBHOOK_BODY = 25 * 1024 * 1024  # GitHub's payload cap
+
+
+@dataclass(frozen=True)
+class GitOpsConfig:
+    cache_dir: str = "/var/cache/hyperfleet/git"
+    webhook_port: int = 0  # 0: no receiver, polling only
+    webhook_host: str = "0.0.0.0"
+    webhook_secret: str | None = field(default=None, repr=False)
+    apply_workers: int = 8  # concurrent API calls while applying/pruning one GitSource
+    max_concurrent: int = 4  # GitSources reconciled at the same time
+    server_dry_run: bool = True
+    nix: str | None = None  # path of `nix`; None: look it up on PATH
+
+    def check(self) -> None:
+        """Refuse a receiver that anyone could trigger."""
+        if self.webhook_port and not self.webhook_secret:
+            raise ValueError(f"the webhook receiver (port {self.webhook_port}) needs a secret: set "
+                             f"{WEBHOOK_SECRET_ENV} or --webhook-secret-file, or use port 0 to "
+                             "disable it")
+
+
+def _key(body: Any) -> str:
+    meta = body.get("metadata") or {}
+    return f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+
+
+def _annotation(body: dict[str, Any] | None, name: str) -> str | None:
+    if body is None:
+        return None
+    value = ((body.get("metadata") or {}).get("annotations") or {}).get(name)
+    return str(value) if value is not None else None
+
+
+def why_run(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
+    """The trigger a watch event carries, or None when it is our own status write."""
+    meta = new.get("metadata") or {}
+    status = new.get("status") or {}
+    if meta.get("generation") != status.get("observedGeneration"):
+        return "spec-changed"
+    now = _annotation(new, RECONCILE_NOW_ANNOTATION)
+    if now is not None and now != status.get("lastHandledReconcileAt"):
+        return "reconcile-now"
+    confirm = _annotation(new, CONFIRM_DELETION_ANNOTATION)
+    if confirm is not None and confirm != _annotation(old, CONFIRM_DELETION_ANNOTATION):
+        return "confirm-deletion"
+    return None
+
+
+class GitOps:
+    """The set of known GitSources (from watch events), their workers and the receiver."""
+
+    def __init__(self, cfg: GitOpsConfig, kube: Kube,
+                 reconciler: GitSourceReconciler | None = None) -> None:
+        cfg.check()
+        self.cfg = cfg
+        self.applier = Applier(kube, workers=cfg.apply_workers)
+        self.reconciler = reconciler or GitSourceReconciler(
+            kube, GitFetcher(Path(cfg.cache_dir)), self.applier,
+            nix=cfg.nix or shutil.which("nix"), server_dry_run=cfg.server_dry_run)
+        self.sources: dict[str, dict[str, Any]] = {}
+        self.wakeups: dict[str, asyncio.Event] = {}
+        self.reasons: dict[str, str] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.executor = ThreadPoolExecutor(max_workers=max(1, cfg.max_concurrent),
+                                           thread_name_prefix="gitops")
+        self.runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    # ------------------------------------------------------------------ watch side
+
+    def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
+        key = _key(body)
+        if event_type == "DELETED":
+            self.sources.pop(key, None)
+            task = self.tasks.pop(key, None)
+            if task:
+                task.cancel()
+            self.wakeups.pop(key, None)
+            self.executor.submit(self.reconciler.fetcher.remove, key)
+            log.info("GitSource deleted; its objects are left in place (orphaned)",
+                     extra={"gitsource": key})
+            return
+        old = self.sources.get(key)
+        self.sources[key] = body
+        if key not in self.tasks:
+            self.wakeups[key] = asyncio.Event()
+            self.tasks[key] = asyncio.create_task(self._worker(key), name=f"gitsource {key}")
+            return
+        reason = why_run(old, body)
+        if reason:
+            self.trigger(key, reason)
+
+    def trigger(self, key: str, reason: str) -> None:
+        wake = self.wakeups.get(key)
+        if wake is not None:
+            self.reasons[key] = reason
+            wake.set()
+
+    async def _worker(self, key: str) -> None:
+        wake = self.wakeups[key]
+        reason = "startup"
+        loop = asyncio.get_running_loop()
+        while key in self.sources:
+            try:
+                result = await loop.run_in_executor(self.executor, self.reconciler.reconcile, key, reason)
+            except Exception:
+                log.exception("reconcile crashed", extra={"gitsource": key})
+                result = Result("failed", 30.0)
+            if result.state == "deleted":
+                return
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=max(result.requeue_after, 0.2))
+                reason = self.reasons.pop(key, "trigger")
+            except TimeoutError:
+                reason = "interval"
+            wake.clear()
+
+    # ------------------------------------------------------------------ webhook side
+
+    def match(self, push: Push) -> list[str]:
+        """GitSources (not suspended) that track the pushed repository and ref."""
+        out = []
+        for key, body in self.sources.items():
+            spec = body.get("spec") or {}
+            if spec.get("suspend"):
+                continue
+            try:
+                ref = GitRef.model_validate(spec["ref"]) if spec.get("ref") else None
+            except ValidationError:
+                ref = None
+            if isinstance(spec.get("url"), str) and matches(spec["url"], ref, push):
+                out.append(key)
+        return sorted(out)
+
+    async def handle_webhook(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        secret = (self.cfg.webhook_secret or "").encode()
+        try:
+            provider = verify(request.headers, body, secret)
+        except WebhookAuthError as exc:
+            log.warning("webhook rejected", extra={"remote": request.remote, "reason": str(exc)})
+            return web.json_response({"error": str(exc)}, status=401)
+        kind = event_kind(provider, request.headers)
+        if kind == "ping":
+            return web.json_response({"ok": True, "provider": provider.value})
+        if kind not in ("push", "tag_push"):
+            return web.json_response({"ignored": kind}, status=202)
+        try:
+            push = parse_push(body)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        keys = self.match(push)
+        for key in keys:
+            self.trigger(key, f"webhook:{provider.value}")
+        log.info("webhook push", extra={"provider": provider.value, "ref": push.ref,
+                                         "after": push.after, "triggered": keys})
+        return web.json_response({"triggered": keys}, status=202)
+
+    async def start(self) -> None:
+        if not self.cfg.webhook_port:
+            return
+        app = web.Application(client_max_size=MAX_WEBHOOK_BODY)
+        app.router.add_get("/healthz", _healthz)
+        app.router.add_post("/{tail:.*}", self.handle_webhook)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.cfg.webhook_host, self.cfg.webhook_port)
+        await site.start()
+        self.port = self.cfg.webhook_port
+        log.info("webhook receiver listening",
+                 extra={"host": self.cfg.webhook_host, "port": self.cfg.webhook_port})
+
+    async def stop(self) -> None:
+        for task in list(self.tasks.values()):
+            task.cancel()
+        for task in list(self.tasks.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.tasks.clear()
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.applier.close()
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+def register(registry: kopf.OperatorRegistry, cfg: GitOpsConfig, kube: Kube) -> GitOps:
+    """Add the GitSource handlers and the webhook receiver to a kopf registry."""
+    ops = GitOps(cfg, kube)
+
+    @kopf.on.startup(registry=registry, id="gitops-startup")
+    async def gitops_startup(**_: Any) -> None:
+        await ops.start()
+
+    @kopf.on.cleanup(registry=registry, id="gitops-cleanup")
+    async def gitops_cleanup(**_: Any) -> None:
+        await ops.stop()
+
+    @kopf.on.event(GROUP, VERSION, "gitsources", registry=registry, id="gitops-gitsource-event")
+    async def gitsource_event(*, event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        ops.observe(event.get("type"), copy.deepcopy(dict(body)))
+
+    return ops
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run only the GitOps reconciler (tests, benchmarks, or a separate deployment)."""
+    p = argparse.ArgumentParser(prog="python -m hyperfleet.operator.gitsource",
+                                description="Hyperfleet GitSource reconciler")
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    p.add_argument("--namespace", action="append", default=[],
+                   help="watch only this namespace (repeatable; default: all)")
+    p.add_argument("--cache-dir", default=GitOpsConfig.cache_dir, help="git cache directory")
+    p.add_argument("--webhook-port", type=int, default=0, help="push webhook port (0: off)")
+    p.add_argument("--webhook-host", default="0.0.0.0", help="address to bind the receiver to")
+    p.add_argument("--webhook-secret-file", type=Path,
+                   help=f"file holding the webhook secret (or set {WEBHOOK_SECRET_ENV})")
+    p.add_argument("--apply-workers", type=int, default=GitOpsConfig.apply_workers)
+    p.add_argument("--log-format", default="json", choices=["json", "text"])
+    args = p.parse_args(argv)
+
+    from hyperfleet.reconcilers.kube import load_config
+
+    from . import logs
+    from .settings import configure_kopf
+
+    logs.setup(fmt=args.log_format)
+    secret = os.environ.get(WEBHOOK_SECRET_ENV)
+    if args.webhook_secret_file:
+        secret = args.webhook_secret_file.read_text().strip()
+    cfg = GitOpsConfig(cache_dir=args.cache_dir, webhook_port=args.webhook_port,
+                       webhook_host=args.webhook_host, webhook_secret=secret,
+                       apply_workers=args.apply_workers)
+    try:
+        cfg.check()
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    load_config(args.kubeconfig)
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry, id="gitops-settings")
+    def settings(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_kopf(settings, "gitops")
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    register(registry, cfg, Kube())
+    asyncio.run(kopf.operator(registry=registry, standalone=True,
+                              clusterwide=not args.namespace, namespaces=list[str](args.namespace)))
+
+
+if __name__ == "__main__":
+    main()
