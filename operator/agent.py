@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import logging
+import threading
+from collections.abc import Coroutine
 from typing import Any
 
 import kopf
@@ -13,6 +16,7 @@ import kopf
 from hyperfleet.reconcilers import providers
 from hyperfleet.reconcilers.driver import VmDriver
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
+from hyperfleet.reconcilers.jobs.runner import JobRunner
 from hyperfleet.reconcilers.kube import NODES, VMS, Kube
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, parse_quantity
 from hyperfleet.reconcilers.models.vm import VirtualMachine
@@ -33,9 +37,17 @@ class Agent:
         self.kube = kube
         self.pm = ProcessManager(cfg.ch_binary, cfg.socket_dir)
         self.driver = VmDriver(self.pm, cfg.node_name)
+        self.jobs = JobRunner(cfg.node_name, kube, self.driver)
         self.wakeups: dict[str, asyncio.Event] = {}
         self.tasks: list[asyncio.Task[None]] = []
+        self.background: set[asyncio.Future[None]] = set()
         self.node_status: dict[str, Any] = {}
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a job-related coroutine in the background, keeping a reference to it."""
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     def wakeup(self, key: str) -> asyncio.Event:
         return self.wakeups.setdefault(key, asyncio.Event())
@@ -106,6 +118,7 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
+        await asyncio.to_thread(agent.jobs.hand_back)
         for task in agent.tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -116,6 +129,20 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
         ev = agent.wakeups.get(f"{namespace}/{name}")
         if ev is not None:
             ev.set()
+
+    @kopf.on.event(GROUP, VERSION, "vmjobs", registry=registry)
+    async def job_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
+                        namespace: str | None, **_: Any) -> None:
+        key = f"{namespace}/{name}"
+        if event.get("type") == "DELETED" or agent.jobs.cancelled_by_user(body):
+            agent.jobs.cancel(key)
+            return
+        snapshot = copy.deepcopy(dict(body))
+        if agent.jobs.wants(snapshot) and key not in agent.jobs.running:
+            agent.jobs.running[key] = threading.Event()  # claimed here; the runner takes over
+            agent.spawn(asyncio.to_thread(agent.jobs.run, snapshot))
+        elif agent.jobs.peers.wants_to_receive(snapshot):
+            agent.spawn(asyncio.to_thread(agent.jobs.peers.receive, snapshot))
 
     @kopf.daemon(GROUP, VERSION, "virtualmachines", registry=registry, when=bound_here,
                  cancellation_timeout=30.0)
@@ -132,6 +159,8 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
                 vm = VirtualMachine.from_body(body)
                 with metrics.RECONCILE_SECONDS.labels("vm").time():
                     outcome = await asyncio.to_thread(agent.driver.converge, vm)
+                if outcome is None:
+                    return
                 current = dict(body.get("status") or {})
                 if any(current.get(k) != v for k, v in outcome.status.items()):
                     await asyncio.to_thread(

@@ -8,12 +8,14 @@ import copy
 import logging
 from collections import Counter
 from collections.abc import Coroutine
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import kopf
 
-from hyperfleet.reconcilers.kube import NODES, VMS, Conflict, Kube
+from hyperfleet.reconcilers.jobs.dispatch import dispatch
+from hyperfleet.reconcilers.jobs.engine import WorkerView
+from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Kube
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, format_quantity, now_utc
 from hyperfleet.reconcilers.nodes import allocatable, is_ready, node_view
 from hyperfleet.reconcilers.scheduler import schedule, vm_view
@@ -32,6 +34,7 @@ class Controller:
         self.kube = kube
         self.vms: dict[str, dict[str, Any]] = {}
         self.nodes: dict[str, dict[str, Any]] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
         self.dirty = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -75,6 +78,7 @@ class Controller:
         for phase, n in phases.items():
             metrics.VMS_BY_PHASE.labels(phase).set(n)
         await self._publish_allocations(placed)
+        await self._dispatch_jobs(now, grace)
         if not pending_bodies:
             return
         with metrics.RECONCILE_SECONDS.labels("schedule").time():
@@ -90,6 +94,33 @@ class Controller:
             *(limited(self._unschedulable(pending_bodies[k], r))
               for k, r in result.unschedulable.items()),
         )
+
+    async def _dispatch_jobs(self, now: datetime, grace: timedelta) -> None:
+        """Validate, time out, de-duplicate and route VmJobs (the agents run them)."""
+        active = [b for b in self.jobs.values() if not b["metadata"].get("deletionTimestamp")]
+        if not active:
+            return
+        workers = [
+            WorkerView(n.name, n.pool, n.capabilities, n.ready and not n.unschedulable)
+            for n in (node_view(b, now, grace) for b in self.nodes.values())
+        ]
+        hosts = {
+            k: b["status"]["nodeName"] for k, b in self.vms.items()
+            if (b.get("status") or {}).get("nodeName")
+            and ((b["status"].get("hypervisor") or {}).get("state") in ("Running", "Paused"))
+        }
+        for d in dispatch(active, workers, hosts, now):
+            patch = {"metadata": {"resourceVersion": d.resource_version}, "status": d.status}
+            try:
+                out = await asyncio.to_thread(self.kube.patch, JOBS, d.name, patch,
+                                              d.namespace, True)
+            except Conflict:
+                self.dirty.set()
+                continue
+            self.jobs[f"{d.namespace}/{d.name}"] = out
+            metrics.JOB_TRANSITIONS.labels(d.status.get("phase", "")).inc()
+            if d.event:
+                self.record(out, d.event[1], d.event[2], d.event[0])
 
     async def _bind(self, body: dict[str, Any], node: str) -> None:
         meta = body["metadata"]
@@ -147,7 +178,7 @@ class Controller:
             )
             self.record(body, "FailedScheduling", reason, "Warning")
 
-    async def _mark_node_health(self, now: Any, grace: timedelta) -> None:
+    async def _mark_node_health(self, now: datetime, grace: timedelta) -> None:
         """Like the node lifecycle controller: a lapsed heartbeat turns Ready False."""
         for name, body in list(self.nodes.items()):
             status = body.get("status") or {}
@@ -209,6 +240,11 @@ def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: Kube)
     async def vm_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
                        namespace: str | None, **_: Any) -> None:
         ctl.observe(ctl.vms, f"{namespace}/{name}", event, body)
+
+    @kopf.on.event(GROUP, VERSION, "vmjobs", registry=registry)
+    async def job_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
+                        namespace: str | None, **_: Any) -> None:
+        ctl.observe(ctl.jobs, f"{namespace}/{name}", event, body)
 
     @kopf.on.event(GROUP, VERSION, "workernodes", registry=registry)
     async def node_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,

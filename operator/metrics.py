@@ -18,3 +18,10 @@ BINDINGS = Counter("hyperfleet_bindings_total", "VM to node bindings by result",
 def serve(port: int | None) -> None:
     if port:
         start_http_server(port, addr="127.0.0.1")
+JOB_TRANSITIONS = Counter(
+    "hyperfleet_job_transitions_total", "VmJob phase changes written, by new phase", ["phase"]
+)
+JOB_OUTCOMES = Counter(
+    "hyperfleet_job_outcomes_total", "VmJobs finished on a node, by phase and operation",
+    ["phase", "operation"],
+)

@@ -25,7 +25,7 @@ class AgentConfig:
 @dataclass(frozen=True)
 class ControllerConfig:
     node_grace_seconds: float = 20.0
-    resync_seconds: float = 5.0
+    resync_seconds: float = 2.0
 
 
 def configure_kopf(settings: kopf.OperatorSettings, role: str) -> None:

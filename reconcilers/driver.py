@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -58,6 +59,14 @@ class VmDriver:
         self._clients: dict[str, ChClient] = {}
         self._failures: dict[str, int] = {}
         self._seen: dict[str, tuple[int | None, int]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self.departed: set[str] = set()  # migrated away: no longer ours to converge
+
+    def lock(self, ns: str, name: str) -> threading.Lock:
+        """One VM's VMM is driven by one thread at a time (converge loop or a VmJob)."""
+        with self._guard:
+            return self._locks.setdefault(f"{ns}/{name}", threading.Lock())
 
     def _client(self, ns: str, name: str) -> ChClient:
         key = f"{ns}/{name}"
@@ -94,7 +103,15 @@ class VmDriver:
         self._seen[key] = now
         return before is not None and before != now
 
-    def converge(self, vm: VirtualMachine) -> Outcome:
+    def converge(self, vm: VirtualMachine) -> Outcome | None:
+        """One pass; None when the VM is no longer this node's to drive."""
+        ns, name = vm.metadata.namespace or "default", vm.metadata.name
+        with self.lock(ns, name):
+            if vm.key in self.departed:
+                return None
+            return self._converge(vm)
+
+    def _converge(self, vm: VirtualMachine) -> Outcome:
         ns, name = vm.metadata.namespace or "default", vm.metadata.name
         key = vm.key
         st = vm.status
@@ -248,6 +265,9 @@ class VmDriver:
             self._client(ns, name).put(step.action.value, step.body)
 
     def destroy(self, ns: str, name: str) -> None:
+        if f"{ns}/{name}" in self.departed:
+            self.departed.discard(f"{ns}/{name}")
+            return  # the VM lives on another node now
         self._drop_client(ns, name)
         self._failures.pop(f"{ns}/{name}", None)
         self._seen.pop(f"{ns}/{name}", None)

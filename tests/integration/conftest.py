@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -115,8 +116,8 @@ def wait_for(pred: Callable[[], Any], timeout: float = 60, what: str = "conditio
     pytest.fail(f"timed out after {timeout}s waiting for {what}{extra}")
 
 
-@pytest.fixture
-def cluster(apiserver: ApiServer, tmp_path: Path) -> Iterator[Cluster]:
+@contextlib.contextmanager
+def new_cluster(apiserver: ApiServer) -> Iterator[Cluster]:
     """A fresh namespace; every process started through it is stopped afterwards, and the
     cluster-scoped WorkerNodes it registered are deleted."""
     ns = f"t-{uuid.uuid4().hex[:8]}"
@@ -130,8 +131,9 @@ def cluster(apiserver: ApiServer, tmp_path: Path) -> Iterator[Cluster]:
     finally:
         # Delete VMs while their agents still run, so finalizers are honoured; then make
         # sure nothing of this test is left for the next one's controller to schedule.
-        kubectl(apiserver.kubeconfig, "-n", ns, "delete", "virtualmachines", "--all",
-                "--timeout=30s", check=False)
+        for kind in ("vmjobs", "virtualmachines"):
+            kubectl(apiserver.kubeconfig, "-n", ns, "delete", kind, "--all", "--timeout=30s",
+                    check=False)
         for name in list(c.procs):
             c.stop(name)
         kill_pidfiles(work, "*/*.pid")
@@ -146,3 +148,9 @@ def cluster(apiserver: ApiServer, tmp_path: Path) -> Iterator[Cluster]:
             if obj.split("/")[-1].startswith(ns):
                 kubectl(apiserver.kubeconfig, "delete", obj, "--wait=false", check=False)
         subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+@pytest.fixture
+def cluster(apiserver: ApiServer) -> Iterator[Cluster]:
+    with new_cluster(apiserver) as c:
+        yield c

@@ -1,0 +1,205 @@
+"""Controller side of VmJobs: validate, de-duplicate, time out and route to a node.
+
+Pure: takes the VmJob objects, the WorkerNodes and where each VM runs, and returns the
+status patches to write (each conditional on the object's resourceVersion). The node
+agent owns the Running phase and what happens inside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ulid import ULID
+
+from .engine import (
+    IdempotencyIndex,
+    JobPhase,
+    JobStatus,
+    Reason,
+    WorkerView,
+    advance,
+    apply_resolution,
+    check_deadline,
+    check_timeout,
+    order_queue,
+    ready_to_start,
+    route,
+    set_condition,
+)
+from .protocol import JobDocument, JobValidationError, from_manifest
+
+CANCEL_ANNOTATION = "hyperfleet.dev/cancel"
+
+
+@dataclass(frozen=True)
+class Decision:
+    namespace: str
+    name: str
+    resource_version: str
+    status: dict[str, Any]
+    event: tuple[str, str, str] | None = None  # (type, reason, message)
+
+
+def job_key(body: Mapping[str, Any]) -> str:
+    meta = body["metadata"]
+    return f"{meta.get('namespace') or 'default'}/{meta['name']}"
+
+
+def parse(body: Mapping[str, Any]) -> JobDocument:
+    """The job document, with a stable jobId derived from the object when none was set."""
+    job = from_manifest(body)
+    if job.job_id is None:
+        meta = body["metadata"]
+        created = datetime.fromisoformat(str(meta["creationTimestamp"]).replace("Z", "+00:00"))
+        digest = hashlib.sha256(str(meta.get("uid", meta["name"])).encode()).digest()[:10]
+        ms = int(created.timestamp() * 1000).to_bytes(6, "big")
+        job = job.model_copy(update={"job_id": str(ULID.from_bytes(ms + digest))})
+    return job
+
+
+def current_status(body: Mapping[str, Any]) -> JobStatus | None:
+    raw = body.get("status")
+    if not raw or "phase" not in raw:
+        return None
+    return JobStatus.model_validate(raw)
+
+
+def dispatch(
+    bodies: Sequence[Mapping[str, Any]],
+    nodes: Sequence[WorkerView],
+    vm_hosts: Mapping[str, str],
+    now: datetime,
+) -> list[Decision]:
+    """One pass over every VmJob; returns only the jobs whose status must change."""
+    decisions: list[Decision] = []
+    parsed: list[tuple[Mapping[str, Any], JobDocument, JobStatus]] = []
+    history: list[tuple[JobDocument, JobStatus | None]] = []  # all valid jobs, for idempotency
+    scopes: dict[str, str] = {}
+    for body in bodies:
+        status = current_status(body)
+        try:
+            job = parse(body)
+        except JobValidationError as exc:
+            if status is None or not status.terminal:
+                decisions.append(_invalid(body, status, exc, now))
+            continue
+        scopes[job.job_id or ""] = job_key(body).split("/")[0]
+        history.append((job, status))
+        if status is None or not status.terminal:
+            parsed.append((body, job, status or JobStatus()))
+    index = IdempotencyIndex.rebuild(history, scope=lambda j: scopes.get(j.job_id or "", ""))
+    active = {n.name: 0 for n in nodes}
+    for _, _, st in parsed:
+        if st.phase in (JobPhase.SCHEDULED, JobPhase.RUNNING) and st.assigned_node in active:
+            active[st.assigned_node] += 1
+    ready = {n.name for n in nodes if n.ready}
+    created = {job.job_id or "": _created(body) for body, job, _ in parsed}
+    by_id = {job.job_id: (body, job, st) for body, job, st in parsed}
+    queue = order_queue([j for _, j, s in parsed if s.phase == JobPhase.PENDING],
+                        created_at=lambda j: created.get(j.job_id or ""))
+    for body, job, st in parsed:
+        if st.phase == JobPhase.PENDING:
+            continue  # routed below, in priority order
+        new = _advance_active(body, job, st, ready, now)
+        if new is not None:
+            decisions.append(_decide(body, new[0], new[1]))
+    for job in queue:
+        body, job, st = by_id[job.job_id]
+        scope = job_key(body).split("/")[0]
+        new_st, event = _pending(body, job, st, index, scope, nodes, active, vm_hosts, now)
+        if new_st is not None and new_st.to_status() != (body.get("status") or {}):
+            decisions.append(_decide(body, new_st, event))
+            if new_st.phase == JobPhase.SCHEDULED and new_st.assigned_node:
+                active[new_st.assigned_node] = active.get(new_st.assigned_node, 0) + 1
+    return decisions
+
+
+def _created(body: Mapping[str, Any]) -> datetime | None:
+    ts = body.get("metadata", {}).get("creationTimestamp")
+    return datetime.fromisoformat(str(ts).replace("Z", "+00:00")) if ts else None
+
+
+def _decide(body: Mapping[str, Any], status: JobStatus,
+            event: tuple[str, str, str] | None) -> Decision:
+    meta = body["metadata"]
+    out = status.to_status()
+    out["observedGeneration"] = meta.get("generation")
+    return Decision(meta.get("namespace") or "default", meta["name"], meta["resourceVersion"],
+                    out, event)
+
+
+def _invalid(body: Mapping[str, Any], status: JobStatus | None, exc: JobValidationError,
+             now: datetime) -> Decision:
+    """A job that fails validation fails at once, naming every bad field."""
+    st = status or JobStatus()
+    message = str(exc)
+    failed = advance(st, JobPhase.FAILED, now=now, reason="ValidationFailed", message=message,
+                     error=message) if st.phase != JobPhase.RUNNING else st
+    return _decide(body, failed, ("Warning", "ValidationFailed", message))
+
+
+def _advance_active(body: Mapping[str, Any], job: JobDocument, st: JobStatus, ready: set[str],
+                    now: datetime) -> tuple[JobStatus, tuple[str, str, str] | None] | None:
+    """Scheduled or Running: cancel, time out, or hand back from a lost node."""
+    cancel = (body["metadata"].get("annotations") or {}).get(CANCEL_ANNOTATION)
+    if st.phase == JobPhase.SCHEDULED:
+        if cancel:
+            return (advance(st, JobPhase.CANCELLED, now=now, message="cancelled by annotation"),
+                    ("Normal", "Cancelled", "cancelled before it started"))
+        passed = check_deadline(job, st, now)
+        if passed.phase != st.phase:
+            return passed, ("Warning", "DeadlineExceeded", passed.last_error or "")
+        if st.assigned_node not in ready:
+            why = f"node {st.assigned_node} is not Ready; routing again"
+            back = advance(st, JobPhase.PENDING, now=now, reason=Reason.HANDED_BACK, message=why)
+            return back, ("Warning", "HandedBack", why)
+        return None
+    if st.phase == JobPhase.RUNNING:
+        timed = check_timeout(job, st, now)
+        if timed.phase != st.phase:
+            return timed, ("Warning", "TimedOut",
+                           f"no result within {job.execution.timeout_seconds}s")
+        if st.assigned_node not in ready:
+            back = advance(st, JobPhase.PENDING, now=now, reason=Reason.HANDED_BACK,
+                           message=f"node {st.assigned_node} was lost while running; retrying")
+            return back, ("Warning", "HandedBack", f"node {st.assigned_node} lost")
+    return None
+
+
+def _pending(
+    body: Mapping[str, Any], job: JobDocument, st: JobStatus, index: IdempotencyIndex,
+    scope: str, nodes: Sequence[WorkerView], active: Mapping[str, int],
+    vm_hosts: Mapping[str, str], now: datetime,
+) -> tuple[JobStatus | None, tuple[str, str, str] | None]:
+    meta = body["metadata"]
+    if (meta.get("annotations") or {}).get(CANCEL_ANNOTATION):
+        return (advance(st, JobPhase.CANCELLED, now=now, message="cancelled by annotation"),
+                ("Normal", "Cancelled", "cancelled before it started"))
+    passed = check_deadline(job, st, now)
+    if passed.phase != st.phase:
+        return passed, ("Warning", "DeadlineExceeded", passed.last_error or "deadline passed")
+    resolution = index.resolve(job, scope)
+    if not resolution.should_execute:
+        out = apply_resolution(st, resolution, now)
+        return out, ("Normal", str(out.reason or "Duplicate"), resolution.message)
+    if not ready_to_start(job, st, now):
+        return None, None
+    views = [WorkerView(n.name, n.pool, n.capabilities, n.ready, active.get(n.name, 0))
+             for n in nodes]
+    decision = route(job, views, vm_hosts, default_namespace=scope)
+    if decision.node is None:
+        conds = set_condition(st.conditions, "Scheduled", False, now=now,
+                              reason="Unroutable", message=decision.reason)
+        waiting = st.model_copy(update={"conditions": conds, "reason": "Unroutable"})
+        event = None
+        old = next((c for c in st.conditions if c.type == "Scheduled"), None)
+        if old is None or old.message != decision.reason:
+            event = ("Warning", "Unroutable", decision.reason)
+        return waiting, event
+    scheduled = advance(st, JobPhase.SCHEDULED, now=now, node=decision.node,
+                        message=decision.reason)
+    return scheduled, ("Normal", "Scheduled", f"routed to {decision.node}: {decision.reason}")
