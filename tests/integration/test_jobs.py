@@ -39,9 +39,11 @@ def stack(apiserver: ApiServer) -> Iterator[Cluster]:
         c.start_controller()
         for n in ("a", "b"):
             c.start_agent(c.node(n))
-        for n in ("a", "b"):
-            wait_for(lambda n=n: _get(c, "wn", c.node(n), False).get("status", {})
-                     .get("phase") == "Ready", 60, "nodes Ready", c)
+        def ready() -> bool:
+            return all(_get(c, "wn", c.node(n), False).get("status", {}).get("phase") == "Ready"
+                       for n in ("a", "b"))
+
+        wait_for(ready, 60, "nodes Ready", c)
         assert c.apply(VM.format(name="web", node=c.node("a"))).returncode == 0
         wait_for(lambda: _vm(c, "web").get("phase") == "Running", 60, "web Running", c)
         yield c
@@ -187,7 +189,7 @@ def test_duplicate_idempotency_key_runs_once(stack: Cluster) -> None:
 
 def test_invalid_job_fails_with_field_and_fix(stack: Cluster) -> None:
     c = stack
-    doc = {
+    doc: dict[str, Any] = {
         "apiVersion": "hyperfleet.dev/v1alpha1", "kind": "VmJob",
         "metadata": {"name": "bad", "namespace": c.namespace},
         "spec": {"version": "1.0", "operation": "vm.reboot",
