@@ -14,6 +14,14 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Hyperfleet: GitOps for cloud-hypervisor VMs on Kubernetes.")
 
+def _add_job_commands() -> None:
+    from .jobcli import app as job_app
+
+    app.add_typer(job_app, name="job")
+
+
+_add_job_commands()
+
 KubeconfigOpt = Annotated[
     str | None, typer.Option(envvar="KUBECONFIG", help="kubeconfig (in-cluster config if unset)")
 ]
