@@ -8,6 +8,7 @@ import contextlib
 import copy
 import logging
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -15,10 +16,11 @@ import kopf
 
 from hyperfleet.reconcilers import providers
 from hyperfleet.reconcilers.driver import VmDriver
+from hyperfleet.reconcilers.eviction import unbound_status
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
 from hyperfleet.reconcilers.jobs.runner import JobRunner
 from hyperfleet.reconcilers.kube import NODES, VMS, Kube
-from hyperfleet.reconcilers.models.common import GROUP, VERSION, parse_quantity
+from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_quantity
 from hyperfleet.reconcilers.models.vm import VirtualMachine
 from hyperfleet.reconcilers.nodes import heartbeat_status, host_capacity
 
@@ -88,12 +90,57 @@ class Agent:
                     ev.set()
 
     async def heartbeat_loop(self) -> None:
+        last_ok = time.monotonic()
+        fenced = False
         while True:
             await asyncio.sleep(self.cfg.heartbeat_seconds)
             try:
                 await asyncio.to_thread(self.heartbeat)
+                last_ok, fenced = time.monotonic(), False
             except Exception:
                 log.exception("heartbeat failed", extra={"node": self.cfg.node_name})
+                lapse = time.monotonic() - last_ok
+                if self.cfg.fence_after_seconds and lapse > self.cfg.fence_after_seconds \
+                        and not fenced:
+                    log.error("API server unreachable; fencing: stopping every VM on this node",
+                              extra={"node": self.cfg.node_name, "seconds": round(lapse)})
+                    await asyncio.to_thread(self.stop_all)
+                    fenced = True
+
+    def evict(self, ns: str, name: str, body: dict[str, Any]) -> None:
+        """Drain: stop the VMM here first, then hand the VM back to the scheduler."""
+        self.driver.destroy(ns, name)
+        message = f"stopped on {self.cfg.node_name} (drain); placing it again"
+        self.kube.patch(VMS, name, {"status": unbound_status("Evicted", message, now_utc())},
+                        ns, status=True)
+        self.kube.event(body, "Evicted", message, "Normal", "hyperfleet-agent")
+
+    def stop_all(self) -> None:
+        for ns, name in self.pm.discover():
+            self.driver.destroy(ns, name)
+
+    def fence_orphans(self) -> list[str]:
+        """Stop VMMs whose VM is gone or bound elsewhere (moved while we were away)."""
+        stopped = []
+        for ns, name in self.pm.discover():
+            key = f"{ns}/{name}"
+            if key in self.wakeups or self.driver.expecting(key):
+                continue
+            vm = self.kube.get(VMS, name, ns)
+            if vm is None or (vm.get("status") or {}).get("nodeName") != self.cfg.node_name:
+                self.driver.destroy(ns, name)
+                stopped.append(key)
+        if stopped:
+            log.warning("stopped VMMs of VMs not bound here", extra={"vms": stopped})
+        return stopped
+
+    async def fence_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.fence_orphans)
+            except Exception:
+                log.exception("orphan check failed")
+            await asyncio.sleep(max(5.0, self.cfg.heartbeat_seconds))
 
 
 def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> Agent:
@@ -110,11 +157,14 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
         asyncio.get_running_loop().set_default_executor(
             concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="vm"))
         await asyncio.to_thread(agent.register_node)
+        # Before adopting anything: a VM that moved while we were away must not run twice.
+        await asyncio.to_thread(agent.fence_orphans)
         adopted = await asyncio.to_thread(agent.pm.discover)
         if adopted:
             log.info("adopting running VMMs", extra={"vms": [f"{n}/{m}" for n, m in adopted]})
         agent.tasks = [asyncio.create_task(agent.heartbeat_loop()),
-                       asyncio.create_task(agent.watch_vmms())]
+                       asyncio.create_task(agent.watch_vmms()),
+                       asyncio.create_task(agent.fence_loop())]
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
@@ -153,9 +203,13 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
         namespace = namespace or "default"
         key = f"{namespace}/{name}"
         wake = agent.wakeup(key)
+        agent.driver.arrived(key)
         try:
             while not stopped:
                 wake.clear()
+                if (body.get("status") or {}).get("evictFrom") == cfg.node_name:
+                    await asyncio.to_thread(agent.evict, namespace, name, dict(body))
+                    return
                 vm = VirtualMachine.from_body(body)
                 with metrics.RECONCILE_SECONDS.labels("vm").time():
                     outcome = await asyncio.to_thread(agent.driver.converge, vm)

@@ -51,6 +51,8 @@ def _run_kopf(registry: kopf.OperatorRegistry) -> None:
 def controller(
     kubeconfig: KubeconfigOpt = None,
     node_grace: Annotated[float, typer.Option(help="Seconds without heartbeat -> NotReady")] = 20.0,
+    eviction_timeout: Annotated[float, typer.Option(
+        help="Seconds without heartbeat -> node lost, its VMs are placed again")] = 300.0,
     log_format: LogFormatOpt = "json",
     metrics_port: MetricsOpt = 0,
 ) -> None:
@@ -65,7 +67,8 @@ def controller(
     metrics.serve(metrics_port)
     _connect(kubeconfig)
     registry = kopf.OperatorRegistry()
-    ctl.register(registry, ControllerConfig(node_grace_seconds=node_grace), Kube())
+    cfg = ControllerConfig(node_grace_seconds=node_grace, eviction_seconds=eviction_timeout)
+    ctl.register(registry, cfg, Kube())
     _run_kopf(registry)
 
 
@@ -80,6 +83,9 @@ def agent(
     cpus: Annotated[int | None, typer.Option(help="Advertise this many CPUs")] = None,
     memory: Annotated[str | None, typer.Option(help="Advertise this much memory (e.g. 64Gi)")] = None,
     heartbeat: Annotated[float, typer.Option(help="Heartbeat interval, seconds")] = 5.0,
+    fence_after: Annotated[float, typer.Option(
+        help="Stop every VM after this many seconds without reaching the API server, so a "
+        "partitioned node cannot run a VM that moved elsewhere (0: off)")] = 0.0,
     log_format: LogFormatOpt = "json",
     metrics_port: MetricsOpt = 0,
 ) -> None:
@@ -93,7 +99,8 @@ def agent(
     logs.setup(fmt=log_format)
     metrics.serve(metrics_port)
     cfg = AgentConfig(node_name=node_name, ch_binary=ch_binary, socket_dir=socket_dir, pool=pool,
-                      cpus=cpus, memory=memory, heartbeat_seconds=heartbeat)
+                      cpus=cpus, memory=memory, heartbeat_seconds=heartbeat,
+                      fence_after_seconds=fence_after)
     _connect(kubeconfig)
     registry = kopf.OperatorRegistry()
     agent_mod.register(registry, cfg, Kube())

@@ -13,6 +13,7 @@ from typing import Any
 
 import kopf
 
+from hyperfleet.reconcilers.eviction import Eviction, evictions, unbound_status
 from hyperfleet.reconcilers.jobs.dispatch import dispatch
 from hyperfleet.reconcilers.jobs.engine import WorkerView
 from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Kube
@@ -78,6 +79,7 @@ class Controller:
         for phase, n in phases.items():
             metrics.VMS_BY_PHASE.labels(phase).set(n)
         await self._publish_allocations(placed)
+        await self._evict(vms, now)
         await self._dispatch_jobs(now, grace)
         if not pending_bodies:
             return
@@ -94,6 +96,28 @@ class Controller:
             *(limited(self._unschedulable(pending_bodies[k], r))
               for k, r in result.unschedulable.items()),
         )
+
+    async def _evict(self, vms: list[dict[str, Any]], now: datetime) -> None:
+        timeout = timedelta(seconds=self.cfg.eviction_seconds)
+        for d in evictions(vms, self.nodes, now, timeout):
+            meta = d.vm["metadata"]
+            if d.action == Eviction.ASK_AGENT:
+                status: dict[str, Any] = {"phase": "Evicting", "evictFrom": d.node,
+                                          "message": d.reason}
+            else:
+                status = unbound_status("NodeLost", f"{d.reason}; placing it again", now)
+            patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
+            try:
+                out = await asyncio.to_thread(self.kube.patch, VMS, meta["name"], patch,
+                                              meta.get("namespace"), True)
+            except Conflict:
+                self.dirty.set()
+                continue
+            self.vms[f"{meta.get('namespace') or 'default'}/{meta['name']}"] = out
+            log.warning("evicting VM", extra={"vm": meta["name"], "node": d.node,
+                                              "action": d.action.value, "reason": d.reason})
+            self.record(out, "Evicting" if d.action == Eviction.ASK_AGENT else "NodeLost",
+                        d.reason, "Warning")
 
     async def _dispatch_jobs(self, now: datetime, grace: timedelta) -> None:
         """Validate, time out, de-duplicate and route VmJobs (the agents run them)."""

@@ -281,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from .settings import configure_kopf
 
     logs.setup(fmt=args.log_format)
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event otherwise
     secret = os.environ.get(WEBHOOK_SECRET_ENV)
     if args.webhook_secret_file:
         secret = args.webhook_secret_file.read_text().strip()

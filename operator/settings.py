@@ -20,11 +20,13 @@ class AgentConfig:
     memory: str | None = None
     heartbeat_seconds: float = 5.0
     resync_seconds: float = 10.0
+    fence_after_seconds: float = 0.0  # 0: never stop VMs because the API is unreachable
 
 
 @dataclass(frozen=True)
 class ControllerConfig:
     node_grace_seconds: float = 20.0
+    eviction_seconds: float = 300.0  # NotReady this long: the node is lost, VMs move
     resync_seconds: float = 2.0
 
 

@@ -62,6 +62,18 @@ class VmDriver:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self.departed: set[str] = set()  # migrated away: no longer ours to converge
+        self._incoming: dict[str, float] = {}  # being received by migration: not orphans
+
+    def expect(self, key: str) -> None:
+        self._incoming[key] = time.monotonic()
+
+    def arrived(self, key: str) -> None:
+        self._incoming.pop(key, None)
+        self.departed.discard(key)
+
+    def expecting(self, key: str, window: float = 120.0) -> bool:
+        since = self._incoming.get(key)
+        return since is not None and time.monotonic() - since < window
 
     def lock(self, ns: str, name: str) -> threading.Lock:
         """One VM's VMM is driven by one thread at a time (converge loop or a VmJob)."""

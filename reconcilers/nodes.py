@@ -32,10 +32,16 @@ def _parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+def heartbeat_age(body: Mapping[str, Any], now: datetime) -> timedelta | None:
+    """Time since the agent's last heartbeat (None: it never reported)."""
+    beat = _parse_time((body.get("status") or {}).get("heartbeatTime"))
+    return None if beat is None else now - beat
+
+
 def is_ready(body: Mapping[str, Any], now: datetime, grace: timedelta = DEFAULT_GRACE) -> bool:
     status = body.get("status") or {}
-    beat = _parse_time(status.get("heartbeatTime"))
-    if beat is None or now - beat > grace:
+    age = heartbeat_age(body, now)
+    if age is None or age > grace:
         return False
     return any(
         c.get("type") == "Ready" and c.get("status") == "True"

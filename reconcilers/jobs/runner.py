@@ -213,6 +213,7 @@ class MigrationPeers:
         target = ((body.get("spec") or {}).get("routing") or {}).get("targetVm") or {}
         vm_ns, vm_name = target.get("namespace") or ns, target["name"]
         pm = self.runner.driver.pm
+        self.runner.driver.expect(f"{vm_ns}/{vm_name}")
         try:
             with self.runner.driver.lock(vm_ns, vm_name):
                 if pm.pid(vm_ns, vm_name) is not None:

@@ -35,8 +35,14 @@ class Phase(StrEnum):
     PAUSED = "Paused"
     STOPPED = "Stopped"
     SLEEPING = "Sleeping"
+    EVICTING = "Evicting"
     FAILED = "Failed"
     TERMINATING = "Terminating"
+
+
+class EvictionPolicy(StrEnum):
+    RESCHEDULE = "Reschedule"
+    NONE = "None"
 
 
 class Boot(CamelModel):
@@ -160,6 +166,11 @@ class VirtualMachineSpec(CamelModel):
         default_factory=list, description="Capabilities the node must advertise"
     )
     affinity: Affinity | None = None
+    eviction_policy: EvictionPolicy = Field(
+        default=EvictionPolicy.RESCHEDULE,
+        description="Reschedule: when its node drains or is lost, start the VM elsewhere; "
+        "None: stay bound to the node and wait for it",
+    )
 
     @model_validator(mode="after")
     def _max_cpus(self) -> VirtualMachineSpec:
@@ -212,6 +223,9 @@ class VirtualMachineStatus(CamelModel):
         "it stays off until the spec changes",
     )
     snapshot: SnapshotStatus | None = None
+    evict_from: str | None = Field(
+        default=None, description="The node asked to stop this VM so it can move elsewhere"
+    )
 
 
 class VirtualMachine(CamelModel):

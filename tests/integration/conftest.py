@@ -70,8 +70,9 @@ class Cluster:
         self.procs[name] = p
         return p
 
-    def start_controller(self) -> subprocess.Popen[bytes]:
-        return self.start("controller", "controller", "--node-grace", "6")
+    def start_controller(self, eviction_timeout: float = 300) -> subprocess.Popen[bytes]:
+        return self.start("controller", "controller", "--node-grace", "6",
+                          "--eviction-timeout", str(eviction_timeout))
 
     def start_agent(self, node: str, cpus: int = 8, memory: str = "16Gi",
                     pool: str = "default") -> subprocess.Popen[bytes]:

@@ -1,0 +1,77 @@
+"""Moving VMs off drained or lost nodes without ever running one VM twice.
+
+Drain: the controller asks the VM's agent to stop it (``status.evictFrom``); only once
+the agent reports the VMM stopped is the VM unbound and placed again. Lost node (no
+heartbeat for ``eviction_timeout``): the controller unbinds the VM itself; the lost
+agent, if it ever returns, stops any VMM whose VM is no longer bound to it before doing
+anything else (and may fence itself earlier, see the agent's ``--fence-after``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from .nodes import heartbeat_age
+
+
+class Eviction(StrEnum):
+    ASK_AGENT = "ask-agent"  # drain: the agent stops the VMM, then unbinds
+    UNBIND = "unbind"  # node lost: unbind now, the node is presumed dead
+
+
+@dataclass(frozen=True)
+class EvictionDecision:
+    vm: Mapping[str, Any]
+    action: Eviction
+    node: str
+    reason: str
+
+
+def evictions(
+    vms: Sequence[Mapping[str, Any]],
+    nodes: Mapping[str, Mapping[str, Any]],
+    now: datetime,
+    eviction_timeout: timedelta,
+) -> list[EvictionDecision]:
+    out: list[EvictionDecision] = []
+    for vm in vms:
+        status = vm.get("status") or {}
+        node_name = status.get("nodeName")
+        if not node_name or vm["metadata"].get("deletionTimestamp"):
+            continue
+        if (vm.get("spec") or {}).get("evictionPolicy", "Reschedule") != "Reschedule":
+            continue
+        node = nodes.get(node_name)
+        age = heartbeat_age(node, now) if node is not None else None
+        if node is None or age is None or age > eviction_timeout:
+            why = (f"WorkerNode {node_name} is gone" if node is None else
+                   f"WorkerNode {node_name} has not heartbeated for "
+                   f"{(age or eviction_timeout).total_seconds():.0f}s")
+            out.append(EvictionDecision(vm, Eviction.UNBIND, node_name, why))
+        elif (node.get("spec") or {}).get("drain") and status.get("evictFrom") != node_name:
+            out.append(EvictionDecision(vm, Eviction.ASK_AGENT, node_name,
+                                        f"WorkerNode {node_name} is draining"))
+    return out
+
+
+def unbound_status(reason: str, message: str, now: datetime) -> dict[str, Any]:
+    """Status patch that returns a VM to the scheduler (nulls delete the fields)."""
+    ts = now.isoformat().replace("+00:00", "Z")
+    return {
+        "nodeName": None,
+        "evictFrom": None,
+        "phase": "Pending",
+        "message": message,
+        "hypervisor": None,
+        "apiSocket": None,
+        "conditions": [
+            {"type": "Scheduled", "status": "False", "reason": reason, "message": message,
+             "lastTransitionTime": ts},
+            {"type": "Ready", "status": "False", "reason": reason, "message": message,
+             "lastTransitionTime": ts},
+        ],
+    }

@@ -1,0 +1,135 @@
+"""Issue 5: cordon, drain and lost nodes with several agents; a VM never runs twice."""
+
+from __future__ import annotations
+
+import json
+import signal
+from typing import Any
+
+from hyperfleet.operator.devstack import kill_pidfiles
+
+from .conftest import Cluster, wait_for
+
+VM = """
+apiVersion: hyperfleet.dev/v1alpha1
+kind: VirtualMachine
+metadata: {{name: {name}}}
+spec: {{cpus: 2, memory: 256Mi, boot: {{kernel: /k}}}}
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def vmm_pids(c: Cluster, name: str) -> list[tuple[str, int]]:
+    """Every live VMM process of VM `name`, on any simulated node."""
+    found = []
+    for pidfile in c.workdir.glob(f"*/{c.namespace}_{name}.pid"):
+        pid = int(pidfile.read_text())
+        if _alive(pid):
+            found.append((pidfile.parent.name, pid))
+    return found
+
+
+def status(c: Cluster, name: str) -> dict[str, Any]:
+    return (c.get("hvm", name) or {}).get("status") or {}
+
+
+def start(c: Cluster, nodes: list[str], eviction: float = 300) -> None:
+    c.start_controller(eviction_timeout=eviction)
+    for n in nodes:
+        c.start_agent(c.node(n))
+    wait_for(lambda: all((c.get("wn", c.node(n), namespaced=False) or {})
+                         .get("status", {}).get("phase") == "Ready" for n in nodes),
+             60, "nodes Ready", c)
+
+
+def running_on(c: Cluster, name: str, node: str, timeout: float = 60) -> dict[str, Any]:
+    st: dict[str, Any] = wait_for(
+        lambda: (s := status(c, name)).get("phase") == "Running"
+        and s.get("nodeName") == c.node(node) and s, timeout, f"{name} Running on {node}", c)
+    return st
+
+
+def patch_node(c: Cluster, node: str, spec: dict[str, Any]) -> None:
+    c.kubectl("patch", "wn", c.node(node), "--type=merge", "-p", json.dumps({"spec": spec}),
+              namespaced=False)
+
+
+def test_cordon_and_unschedulable_reason(cluster: Cluster) -> None:
+    c = cluster
+    start(c, ["a", "b"])
+    patch_node(c, "a", {"unschedulable": True})
+    wait_for(lambda: (c.get("wn", c.node("a"), namespaced=False) or {})["spec"]
+             .get("unschedulable"), 10, "cordon recorded")
+    assert c.apply(VM.format(name="v1")).returncode == 0
+    running_on(c, "v1", "b")
+
+    patch_node(c, "b", {"unschedulable": True})
+    assert c.apply(VM.format(name="v2")).returncode == 0
+    st = wait_for(lambda: (s := status(c, "v2")).get("phase") == "Unschedulable" and s,
+                  30, "v2 Unschedulable", c)
+    assert "0/" in st["message"] and "cordoned" in st["message"]
+    cond = {x["type"]: x for x in st["conditions"]}["Scheduled"]
+    assert cond["status"] == "False" and cond["reason"] == "Unschedulable"
+    patch_node(c, "a", {"unschedulable": False})  # capacity appears: retried
+    running_on(c, "v2", "a")
+
+
+def test_drain_moves_vms_one_copy_at_a_time(cluster: Cluster) -> None:
+    c = cluster
+    start(c, ["a", "b"])
+    patch_node(c, "b", {"unschedulable": True})
+    assert c.apply(VM.format(name="d1")).returncode == 0
+    running_on(c, "d1", "a")
+    patch_node(c, "b", {"unschedulable": False})
+    copies: set[int] = set()
+
+    def moved() -> bool:
+        procs = vmm_pids(c, "d1")
+        copies.add(len(procs))
+        s = status(c, "d1")
+        return s.get("phase") == "Running" and s.get("nodeName") == c.node("b")
+
+    patch_node(c, "a", {"drain": True})
+    wait_for(moved, 60, "d1 moved to b", c)
+    assert max(copies) <= 1  # never two VMMs for one VM
+    assert [n for n, _ in vmm_pids(c, "d1")] == [c.node("b")]
+    events = json.loads(c.kubectl("get", "events", "-o", "json").stdout)["items"]
+    assert "Evicted" in [e["reason"] for e in events if e["involvedObject"]["name"] == "d1"]
+
+
+def test_lost_node_and_returning_agent_is_fenced(cluster: Cluster) -> None:
+    c = cluster
+    start(c, ["a", "b"], eviction=8)
+    patch_node(c, "b", {"unschedulable": True})
+    assert c.apply(VM.format(name="l1")).returncode == 0
+    assert c.apply(VM.format(name="l2")).returncode == 0
+    running_on(c, "l1", "a")
+    running_on(c, "l2", "a")
+    patch_node(c, "b", {"unschedulable": False})
+    old = dict(vmm_pids(c, "l1"))[c.node("a")]
+
+    # Node a's agent dies; l2's VMM dies with the "node", l1's VMM keeps running
+    # (a partition rather than a crash).
+    agent = c.procs.pop(f"agent-{c.node('a')}")
+    agent.send_signal(signal.SIGKILL)
+    agent.wait(10)
+    kill_pidfiles(c.socket_dir(c.node("a")), f"{c.namespace}_l2.pid")
+    wait_for(lambda: (c.get("wn", c.node("a"), namespaced=False) or {})
+             .get("status", {}).get("phase") == "NotReady", 30, "a NotReady", c)
+    running_on(c, "l1", "b", timeout=60)
+    running_on(c, "l2", "b", timeout=60)
+    events = json.loads(c.kubectl("get", "events", "-o", "json").stdout)["items"]
+    assert "NodeLost" in [e["reason"] for e in events if e["involvedObject"]["name"] == "l1"]
+
+    # The partitioned agent returns: before anything else it stops the stale copy.
+    c.start_agent(c.node("a"))
+    wait_for(lambda: not _alive(old), 30, "stale VMM on a stopped", c)
+    assert [n for n, _ in vmm_pids(c, "l1")] == [c.node("b")]
+    assert [n for n, _ in vmm_pids(c, "l2")] == [c.node("b")]
