@@ -53,6 +53,8 @@ def controller(
     node_grace: Annotated[float, typer.Option(help="Seconds without heartbeat -> NotReady")] = 20.0,
     eviction_timeout: Annotated[float, typer.Option(
         help="Seconds without heartbeat -> node lost, its VMs are placed again")] = 300.0,
+    scheduling_policy: Annotated[str, typer.Option(
+        help="spread (most free capacity first) or binpack (fill nodes up)")] = "spread",
     log_format: LogFormatOpt = "json",
     metrics_port: MetricsOpt = 0,
 ) -> None:
@@ -67,7 +69,11 @@ def controller(
     metrics.serve(metrics_port)
     _connect(kubeconfig)
     registry = kopf.OperatorRegistry()
-    cfg = ControllerConfig(node_grace_seconds=node_grace, eviction_seconds=eviction_timeout)
+    if scheduling_policy not in ("spread", "binpack"):
+        typer.echo(f"--scheduling-policy {scheduling_policy!r}: use spread or binpack", err=True)
+        raise typer.Exit(2)
+    cfg = ControllerConfig(node_grace_seconds=node_grace, eviction_seconds=eviction_timeout,
+                           scheduling_policy=scheduling_policy)
     ctl.register(registry, cfg, Kube())
     _run_kopf(registry)
 

@@ -84,7 +84,8 @@ class Controller:
         if not pending_bodies:
             return
         with metrics.RECONCILE_SECONDS.labels("schedule").time():
-            result = schedule([vm_view(b) for b in pending_bodies.values()], nodes, placed)
+            result = schedule([vm_view(b) for b in pending_bodies.values()], nodes, placed,
+                              policy=self.cfg.scheduling_policy)
         sem = asyncio.Semaphore(16)  # bind in parallel, but do not flood the API server
 
         async def limited(coro: Coroutine[Any, Any, None]) -> None:

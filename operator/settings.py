@@ -27,6 +27,7 @@ class AgentConfig:
 class ControllerConfig:
     node_grace_seconds: float = 20.0
     eviction_seconds: float = 300.0  # NotReady this long: the node is lost, VMs move
+    scheduling_policy: str = "spread"  # or "binpack"
     resync_seconds: float = 2.0
 
 

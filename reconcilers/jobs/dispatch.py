@@ -49,8 +49,29 @@ def job_key(body: Mapping[str, Any]) -> str:
     return f"{meta.get('namespace') or 'default'}/{meta['name']}"
 
 
+_PARSED: dict[tuple[str, int], JobDocument] = {}
+_PARSED_LIMIT = 20000
+
+
 def parse(body: Mapping[str, Any]) -> JobDocument:
-    """The job document, with a stable jobId derived from the object when none was set."""
+    """The job document, with a stable jobId derived from the object when none was set.
+
+    Cached per (uid, generation): the spec only changes with the generation, and the
+    controller looks at every job on every pass.
+    """
+    meta = body.get("metadata") or {}
+    cache_key = (str(meta.get("uid")), int(meta.get("generation") or 0))
+    if meta.get("uid") and cache_key in _PARSED:
+        return _PARSED[cache_key]
+    job = _parse(body)
+    if meta.get("uid"):
+        if len(_PARSED) >= _PARSED_LIMIT:
+            _PARSED.clear()
+        _PARSED[cache_key] = job
+    return job
+
+
+def _parse(body: Mapping[str, Any]) -> JobDocument:
     job = from_manifest(body)
     if job.job_id is None:
         meta = body["metadata"]
@@ -81,6 +102,9 @@ def dispatch(
     scopes: dict[str, str] = {}
     for body in bodies:
         status = current_status(body)
+        has_key = bool(((body.get("spec") or {}).get("execution") or {}).get("idempotencyKey"))
+        if status is not None and status.terminal and not has_key:
+            continue  # finished, and no later job can be its duplicate
         try:
             job = parse(body)
         except JobValidationError as exc:

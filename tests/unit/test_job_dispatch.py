@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +19,7 @@ def obj(builder: JobBuilder, name: str, status: dict[str, Any] | None = None,
         rv: str = "1", created: datetime = NOW) -> dict[str, Any]:
     m = to_manifest(builder.build(now=created), name=name, namespace="ns")
     m["metadata"].update(resourceVersion=rv, creationTimestamp=created.isoformat(),
-                         uid=f"uid-{name}", generation=1)
+                         uid=str(uuid.uuid4()), generation=1)
     if status:
         m["status"] = status
     return m
