@@ -26,6 +26,7 @@ lint: $(VENV)/.installed
 	  | sed -e 's|/__init__\.py$$||' -e 's|\.py$$||' -e 's|/|.|g' -e 's|^|-m hyperfleet.|')
 	MYPYPATH=build/typecheck $(BIN)/mypy tests $(wildcard bench/*.py)
 	$(BIN)/hyperfleet crds --check
+	$(BIN)/python docs/gen_crd_reference.py --check
 
 unit: $(VENV)/.installed
 	$(BIN)/pytest -ra tests/unit $(PYTEST_ARGS)
@@ -35,12 +36,15 @@ bench: system-deps $(VENV)/.installed apiserver
 
 crds: $(VENV)/.installed
 	$(BIN)/hyperfleet crds
+	$(BIN)/python -m tests.chartutil sync-crds
+	$(BIN)/python docs/gen_crd_reference.py
 
 # OS packages the stack needs: kubectl (the real client), openssl (test certificates),
-# git, debootstrap (builds the API server once).
+# git, debootstrap (builds the API server once), nix (evaluates Nix cluster repos).
 system-deps:
 	@missing=""; \
-	for c in kubectl:kubectl openssl:openssl git:git debootstrap:debootstrap curl:curl; do \
+	for c in kubectl:kubectl openssl:openssl git:git debootstrap:debootstrap curl:curl \
+	         nix-instantiate:nix-bin; do \
 	  command -v $${c%%:*} >/dev/null || missing="$$missing $${c#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \

@@ -40,6 +40,8 @@ class Agent:
         self.pm = ProcessManager(cfg.ch_binary, cfg.socket_dir)
         self.driver = VmDriver(self.pm, cfg.node_name)
         self.jobs = JobRunner(cfg.node_name, kube, self.driver)
+        self.jobs.on_finish = lambda job, st: metrics.JOB_OUTCOMES.labels(
+            st.phase.value, job.operation).inc()
         self.wakeups: dict[str, asyncio.Event] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.background: set[asyncio.Future[None]] = set()

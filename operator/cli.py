@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,7 +27,9 @@ KubeconfigOpt = Annotated[
     str | None, typer.Option(envvar="KUBECONFIG", help="kubeconfig (in-cluster config if unset)")
 ]
 LogFormatOpt = Annotated[str, typer.Option(help="json or text")]
-MetricsOpt = Annotated[int, typer.Option(help="Prometheus metrics port on 127.0.0.1 (0: off)")]
+MetricsOpt = Annotated[int, typer.Option(help="Prometheus metrics port (0: off)")]
+MetricsAddrOpt = Annotated[str, typer.Option(envvar="HYPERFLEET_METRICS_ADDRESS",
+                                             help="Address the metrics port binds")]
 
 
 def _connect(kubeconfig: str | None) -> None:
@@ -38,13 +41,20 @@ def _connect(kubeconfig: str | None) -> None:
     load_config(kubeconfig)
 
 
-def _run_kopf(registry: kopf.OperatorRegistry) -> None:
+def _run_kopf(registry: kopf.OperatorRegistry, peering: str | None = None) -> None:
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # In a pod: the service account; elsewhere: $KUBECONFIG.
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
-    asyncio.run(kopf.operator(registry=registry, clusterwide=True, standalone=True))
+    if peering:
+        # Several replicas: kopf's peering keeps exactly one active (the highest priority;
+        # random so that equal priorities do not pause them all).
+        coro = kopf.operator(registry=registry, clusterwide=True, standalone=False,
+                             peering_name=peering, priority=random.randint(1, 1_000_000))
+    else:
+        coro = kopf.operator(registry=registry, clusterwide=True, standalone=True)
+    asyncio.run(coro)
 
 
 @app.command()
@@ -55,10 +65,14 @@ def controller(
         help="Seconds without heartbeat -> node lost, its VMs are placed again")] = 300.0,
     scheduling_policy: Annotated[str, typer.Option(
         help="spread (most free capacity first) or binpack (fill nodes up)")] = "spread",
+    peering: Annotated[str | None, typer.Option(
+        help="kopf peering name: run several replicas, one active (needs the peering CRDs)")
+    ] = None,
     log_format: LogFormatOpt = "json",
     metrics_port: MetricsOpt = 0,
+    metrics_address: MetricsAddrOpt = "0.0.0.0",
 ) -> None:
-    """Run the controller (scheduling, node health)."""
+    """Run the controller (scheduling, node health, VmJob routing)."""
     from hyperfleet.reconcilers.kube import Kube
 
     from . import controller as ctl
@@ -66,7 +80,7 @@ def controller(
     from .settings import ControllerConfig
 
     logs.setup(fmt=log_format)
-    metrics.serve(metrics_port)
+    metrics.serve(metrics_port, metrics_address)
     _connect(kubeconfig)
     registry = kopf.OperatorRegistry()
     if scheduling_policy not in ("spread", "binpack"):
@@ -75,7 +89,7 @@ def controller(
     cfg = ControllerConfig(node_grace_seconds=node_grace, eviction_seconds=eviction_timeout,
                            scheduling_policy=scheduling_policy)
     ctl.register(registry, cfg, Kube())
-    _run_kopf(registry)
+    _run_kopf(registry, peering)
 
 
 @app.command()
@@ -94,6 +108,7 @@ def agent(
         "partitioned node cannot run a VM that moved elsewhere (0: off)")] = 0.0,
     log_format: LogFormatOpt = "json",
     metrics_port: MetricsOpt = 0,
+    metrics_address: MetricsAddrOpt = "0.0.0.0",
 ) -> None:
     """Run the node agent that drives cloud-hypervisor on this node."""
     from hyperfleet.reconcilers.kube import Kube
@@ -103,7 +118,7 @@ def agent(
     from .settings import AgentConfig
 
     logs.setup(fmt=log_format)
-    metrics.serve(metrics_port)
+    metrics.serve(metrics_port, metrics_address)
     cfg = AgentConfig(node_name=node_name, ch_binary=ch_binary, socket_dir=socket_dir, pool=pool,
                       cpus=cpus, memory=memory, heartbeat_seconds=heartbeat,
                       fence_after_seconds=fence_after)

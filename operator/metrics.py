@@ -15,9 +15,9 @@ PENDING_VMS = Gauge("hyperfleet_scheduler_queue_depth", "VMs waiting for a node"
 BINDINGS = Counter("hyperfleet_bindings_total", "VM to node bindings by result", ["result"])
 
 
-def serve(port: int | None) -> None:
+def serve(port: int | None, address: str = "0.0.0.0") -> None:
     if port:
-        start_http_server(port, addr="127.0.0.1")
+        start_http_server(port, addr=address)
 JOB_TRANSITIONS = Counter(
     "hyperfleet_job_transitions_total", "VmJob phase changes written, by new phase", ["phase"]
 )

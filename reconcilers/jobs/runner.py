@@ -10,7 +10,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +37,7 @@ class JobRunner:
         self.running: dict[str, threading.Event] = {}  # job key -> cancel flag
         self.peers = MigrationPeers(self)
         self.stopping = False
+        self.on_finish: Callable[[JobDocument, JobStatus], None] | None = None  # metrics hook
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=16,
                                                            thread_name_prefix="job")
 
@@ -90,6 +91,8 @@ class JobRunner:
             self._write(ns, name, final)
         except Exception:
             adapter.exception("could not record the job outcome")
+        if self.on_finish is not None:
+            self.on_finish(job, final)
 
     def _execute(self, job: JobDocument, st: JobStatus, ns: str, key: str,
                  cancel: threading.Event,

@@ -1,0 +1,430 @@
+"""The Helm chart, rendered and linted by the real Helm engine (helm-python-sdk binds Helm's Go
+SDK), every manifest validated against the Kubernetes JSON schemas (kubernetes-validate, strict:
+unknown fields fail) and, for custom resources, against the chart's CRDs and our models."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import jsonschema
+import pytest
+import typer.main
+import yaml
+
+from tests import chartutil as cu
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk (Helm's Go SDK) is not installed")
+kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+
+#: Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas shipped.
+KUBE_VERSIONS = ("1.27", str(kv.latest_version()))
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "ha-gitops": {
+        "controller": {"replicas": 2},
+        "gitSource": {"enabled": True, "url": "https://git.example.com/fleet.git",
+                      "ref": {"branch": "prod"}, "path": "clusters/prod", "secretRef": "fleet-git",
+                      "interval": "30s"},
+        "gitops": {"webhook": {"enabled": True, "secret": "s3cr3t"},
+                   "secretNamespaces": ["tenants"]},
+    },
+    "custom-ch-no-metrics": {
+        "agent": {"cloudHypervisor": {"path": "/opt/ch/bin/cloud-hypervisor"},
+                  "hostPaths": ["/srv/images", "/srv/disks"], "cpus": 32, "memory": "128Gi",
+                  "pool": "gpu", "tolerations": [{"key": "dedicated", "operator": "Exists"}]},
+        "metrics": {"enabled": False},
+        "image": {"repository": "registry.example.com/hyperfleet", "tag": "1.2.3"},
+        "logFormat": "text",
+    },
+    "privileged-no-device-plugin": {
+        "agent": {"privileged": True, "devices": {"kvm": "", "tun": ""},
+                  "cloudHypervisor": {"mountFromHost": False}},
+        "gitops": {"enabled": False},
+    },
+    "hostpath-devices": {"agent": {"devices": {"kvm": "", "tun": ""}}, "rbac": {"create": True}},
+}
+
+
+@pytest.fixture(params=sorted(SCENARIOS), scope="module")
+def scenario(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    name: str = request.param
+    values = SCENARIOS[name]
+    return name, values, cu.objects(values)
+
+
+def _walk_containers(obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    spec = obj.get("spec", {}).get("template", {}).get("spec", {})
+    yield from spec.get("containers", [])
+    yield from spec.get("initContainers", [])
+
+
+# ---------------------------------------------------------------------------- lint and schema
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_helm_lint_strict(name: str) -> None:
+    report = helm.lint(str(cu.CHART), copy.deepcopy(SCENARIOS[name]), strict=True)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], problems or report["errors"]
+
+
+def test_values_schema_rejects_typos_and_bad_types() -> None:
+    for bad in ({"agent": {"socketdir": "/run/x"}}, {"controller": {"replicas": "two"}},
+                {"gitSource": {"ref": {"branch": "a", "tag": "b"}}}, {"logFormat": "xml"}):
+        report = helm.lint(str(cu.CHART), bad, strict=True)
+        assert report["errors"], f"values.schema.json accepted {bad}"
+
+
+def test_every_manifest_validates_against_kubernetes_schemas(
+    scenario: tuple[str, dict[str, Any], list[dict[str, Any]]],
+) -> None:
+    _, _, objs = scenario
+    crds = {c["spec"]["names"]["kind"]: c for c in (yaml.safe_load(t) for t in cu.chart_crd_files().values())}
+    seen: set[tuple[str, str | None, str]] = set()
+    for obj in objs:
+        key = (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
+        assert key not in seen, f"{key} rendered twice"
+        seen.add(key)
+        group = obj["apiVersion"].rpartition("/")[0]
+        if obj["kind"] in crds:
+            crd = crds[obj["kind"]]
+            assert group == crd["spec"]["group"]
+            schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+            jsonschema.validate(obj, schema)
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kv.validate(obj, version, strict=True)
+            except kv.ValidationError as exc:
+                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} (k8s {version}): {exc.message} "
+                            f"at {'.'.join(str(p) for p in exc.absolute_path)}")
+
+
+def test_namespaced_objects_live_in_the_release_namespace(
+    scenario: tuple[str, dict[str, Any], list[dict[str, Any]]],
+) -> None:
+    _, values, objs = scenario
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
+    allowed = {cu.NAMESPACE, *values.get("gitops", {}).get("secretNamespaces", [])}
+    for obj in objs:
+        ns = obj["metadata"].get("namespace")
+        if obj["kind"] in cluster_scoped:
+            assert ns is None, f"{obj['kind']} is cluster-scoped"
+        else:
+            assert ns in allowed, f"{obj['kind']}/{obj['metadata']['name']} in {ns!r}"
+        labels = obj["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/part-of") == "hyperfleet", obj["metadata"]["name"]
+
+
+def test_notes_render_for_every_scenario() -> None:
+    for values in SCENARIOS.values():
+        text = cu.notes(values)
+        assert "kubectl get workernodes" in text
+
+
+# ---------------------------------------------------------------------------- CRDs
+
+
+def test_chart_crds_equal_generated_crds() -> None:
+    """charts/hyperfleet/crds/ == crds/ (byte for byte) + kopf's peering CRDs; fix drift with
+    `python -m tests.chartutil sync-crds`."""
+    chart = cu.chart_crd_files()
+    want = cu.expected_hyperfleet_crds()
+    for path in sorted(cu.CRDS.glob("*.yaml")):
+        assert chart.get(path.name) == path.read_text(), (
+            f"charts/hyperfleet/crds/{path.name} differs from crds/{path.name}: "
+            "run `python -m tests.chartutil sync-crds`")
+    for name, text in want.items():
+        assert chart.get(name) == text, f"{name} is stale: run `python -m tests.chartutil sync-crds`"
+    assert set(chart) == set(want) | set(cu.KOPF_PEERING_CRDS), "unexpected files in the chart's crds/"
+
+
+def test_chart_crds_are_valid_crds() -> None:
+    for name, text in cu.chart_crd_files().items():
+        crd = yaml.safe_load(text)
+        for version in KUBE_VERSIONS:
+            kv.validate(crd, version, strict=True)
+        spec = crd["spec"]
+        assert crd["metadata"]["name"] == f"{spec['names']['plural']}.{spec['group']}" == name[:-5]
+
+
+def test_kopf_peering_crds_match_what_kopf_looks_for() -> None:
+    # The selectors kopf resolves its peering resources by (kopf.dev/v1, by plural).
+    from kopf._cogs.structs.references import CLUSTER_PEERINGS_K, NAMESPACED_PEERINGS_K
+
+    files = cu.chart_crd_files()
+    crds = {c["spec"]["names"]["kind"]: c for c in (yaml.safe_load(files[n]) for n in cu.KOPF_PEERING_CRDS)}
+    assert set(crds) == {"ClusterKopfPeering", "KopfPeering"}
+    for kind, selector, scope in (("ClusterKopfPeering", CLUSTER_PEERINGS_K, "Cluster"),
+                                  ("KopfPeering", NAMESPACED_PEERINGS_K, "Namespaced")):
+        spec = crds[kind]["spec"]
+        assert spec["scope"] == scope
+        assert (spec["group"], spec["versions"][0]["name"], spec["names"]["plural"]) == (
+            selector.group, selector.version, selector.any_name)
+        status = spec["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        assert status.get("x-kubernetes-preserve-unknown-fields") is True  # keep-alives survive pruning
+
+
+# ---------------------------------------------------------------------------- RBAC
+
+
+def test_no_wildcards_or_escalation(scenario: tuple[str, dict[str, Any], list[dict[str, Any]]]) -> None:
+    _, _, objs = scenario
+    for role in (o for o in objs if o["kind"] in ("ClusterRole", "Role")):
+        for rule in role["rules"]:
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule.get(key, []), f"{role['metadata']['name']}: {key} has '*'"
+            assert not rule.get("nonResourceURLs"), "discovery is granted by system:discovery"
+            assert not set(rule["verbs"]) & {"escalate", "bind", "impersonate", "deletecollection"}
+            if "secrets" in rule["resources"]:
+                assert role["kind"] == "Role" and rule["verbs"] == ["get"], "Secrets: get, per namespace"
+    for binding in (o for o in objs if o["kind"].endswith("RoleBinding")):
+        assert binding["roleRef"]["name"] not in ("cluster-admin", "admin", "edit")
+
+
+def test_rbac_binds_the_workloads_service_accounts(
+    scenario: tuple[str, dict[str, Any], list[dict[str, Any]]],
+) -> None:
+    _, values, objs = scenario
+    grants = cu.grants_by_subject(objs)
+    ctl = cu.service_account_of(objs, "Deployment")
+    agent = cu.service_account_of(objs, "DaemonSet")
+    assert ctl != agent
+    assert set(grants) == {ctl, agent}
+    assert {o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"} == {
+        ctl.rpartition(":")[2], agent.rpartition(":")[2]}
+    # The agent never writes VM specs' placement, never reads Secrets, never deletes anything.
+    assert not cu.allowed(grants[agent], "hyperfleet.dev", "virtualmachines", "delete", "x")
+    assert not [g for g in grants[agent] if g.resource == "secrets" or g.verb == "delete"]
+    gitops = values.get("gitops", {}).get("enabled", True)
+    assert bool(cu.allowed(grants[ctl], "hyperfleet.dev", "gitsources", "watch", None)) == gitops
+    peering = values.get("controller", {}).get("replicas", 1) > 1
+    assert bool(cu.allowed(grants[ctl], "kopf.dev", "clusterkopfpeerings", "patch", None)) == peering
+    if gitops:
+        for ns in {cu.NAMESPACE, *values.get("gitops", {}).get("secretNamespaces", [])}:
+            assert cu.allowed(grants[ctl], "", "secrets", "get", ns)
+        assert not cu.allowed(grants[ctl], "", "secrets", "get", "kube-system")
+
+
+# ---------------------------------------------------------------------------- workloads
+
+
+def _agent(objs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    ds = cu.one(objs, "DaemonSet")
+    return ds, ds["spec"]["template"]["spec"]
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env") or []}
+
+
+def test_agent_is_least_privileged_by_default() -> None:
+    objs = cu.objects({})
+    ds, pod = _agent(objs)
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert not pod.get("hostPID") and not pod.get("hostIPC")
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    host_paths = {v["hostPath"]["path"]: v["hostPath"]["type"] for v in pod["volumes"] if "hostPath" in v}
+    assert host_paths == {"/run/hyperfleet": "DirectoryOrCreate", "/usr/bin/cloud-hypervisor": "File",
+                          "/var/lib/hyperfleet": "DirectoryOrCreate"}
+    ch_mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/usr/bin/cloud-hypervisor")
+    assert ch_mount["readOnly"] is True
+    for res in ("devices.kubevirt.io/kvm", "devices.kubevirt.io/tun"):
+        assert c["resources"]["limits"][res] == c["resources"]["requests"][res] == 1
+    assert pod["nodeSelector"] == {"hyperfleet.dev/worker": "true"}
+    assert _env(c)["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    assert "--ch-binary=/usr/bin/cloud-hypervisor" in c["args"]
+    assert "--socket-dir=/run/hyperfleet" in c["args"]
+
+
+def test_agent_privileged_only_when_asked() -> None:
+    objs = cu.objects(SCENARIOS["privileged-no-device-plugin"])
+    _, pod = _agent(objs)
+    (c,) = pod["containers"]
+    assert c["securityContext"] == {"privileged": True}
+    assert "devices.kubevirt.io/kvm" not in json.dumps(c.get("resources", {}))
+    host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert host_paths == {"/run/hyperfleet", "/var/lib/hyperfleet"}, "no CH mount when it is in the image"
+
+
+def test_agent_without_device_plugin_mounts_only_the_two_device_nodes() -> None:
+    _, pod = _agent(cu.objects(SCENARIOS["hostpath-devices"]))
+    (c,) = pod["containers"]
+    assert c["securityContext"]["privileged"] is False
+    devices = {v["hostPath"]["path"]: v["hostPath"]["type"] for v in pod["volumes"]
+               if v.get("hostPath", {}).get("path", "").startswith("/dev")}
+    assert devices == {"/dev/kvm": "CharDevice", "/dev/net/tun": "CharDevice"}
+    assert "devices.kubevirt.io" not in json.dumps(c["resources"])
+
+
+def test_custom_cloud_hypervisor_path_and_host_paths() -> None:
+    objs = cu.objects(SCENARIOS["custom-ch-no-metrics"])
+    _, pod = _agent(objs)
+    (c,) = pod["containers"]
+    assert "--ch-binary=/opt/ch/bin/cloud-hypervisor" in c["args"]
+    assert _env(c)["HYPERFLEET_CH_BINARY"] == "/opt/ch/bin/cloud-hypervisor"
+    assert {"--cpus=32", "--memory=128Gi", "--pool=gpu", "--log-format=text"} <= set(c["args"])
+    host_paths = {v["hostPath"]["path"]: v["hostPath"]["type"] for v in pod["volumes"] if "hostPath" in v}
+    assert host_paths["/opt/ch/bin/cloud-hypervisor"] == "File"
+    assert {"/srv/images", "/srv/disks"} <= set(host_paths) and "/var/lib/hyperfleet" not in host_paths
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
+    assert c["image"] == "registry.example.com/hyperfleet:1.2.3"
+
+
+def test_metrics_disabled_removes_ports_and_services() -> None:
+    objs = cu.objects(SCENARIOS["custom-ch-no-metrics"])
+    assert not [o for o in objs if o["kind"] == "Service"]
+    for w in (o for o in objs if o["kind"] in ("Deployment", "DaemonSet")):
+        for c in _walk_containers(w):
+            assert not any(a.startswith("--metrics-port") for a in c["args"])
+            assert "ports" not in c
+
+
+def test_metrics_services_select_their_pods() -> None:
+    objs = cu.objects({})
+    for component, port in (("controller", 9090), ("agent", 9091)):
+        svc = cu.one(objs, "Service", f"{component}-metrics")
+        workload = cu.one(objs, "Deployment" if component == "controller" else "DaemonSet")
+        pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
+        (c,) = workload["spec"]["template"]["spec"]["containers"]
+        assert f"--metrics-port={port}" in c["args"]
+        assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in c["ports"]
+
+
+def test_controller_runs_as_non_root_with_a_read_only_root() -> None:
+    dep = cu.one(cu.objects({}), "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    (c,) = pod["containers"]
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}}
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    assert not any(a.startswith("--peering") for a in c["args"])
+    assert not [o for o in cu.objects({}) if o["kind"] == "ClusterKopfPeering"]
+
+
+def test_replicas_turn_on_kopf_peering() -> None:
+    objs = cu.objects(SCENARIOS["ha-gitops"])
+    dep = cu.one(objs, "Deployment")
+    assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert "--peering=hyperfleet-controller" in c["args"]
+    peering = cu.one(objs, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "hyperfleet-controller"
+
+
+def test_gitsource_from_values_is_valid() -> None:
+    from hyperfleet.reconcilers.models.gitsource import GitSourceSpec
+
+    objs = cu.objects(SCENARIOS["ha-gitops"])
+    gs = cu.one(objs, "GitSource")
+    assert gs["metadata"] == {**gs["metadata"], "name": "fleet", "namespace": cu.NAMESPACE}
+    spec = GitSourceSpec.model_validate_json(json.dumps(gs["spec"]), strict=True)
+    assert spec.url == "https://git.example.com/fleet.git" and spec.path == "clusters/prod"
+    assert spec.ref is not None and spec.ref.branch == "prod"
+    assert spec.secret_ref is not None and spec.secret_ref.name == "fleet-git"
+    assert spec.interval_seconds == 30
+
+
+def test_webhook_receiver_service_and_secret() -> None:
+    objs = cu.objects(SCENARIOS["ha-gitops"])
+    svc = cu.one(objs, "Service", "-webhook")
+    assert svc["spec"]["ports"] == [
+        {"name": "webhook", "port": 80, "targetPort": "webhook", "protocol": "TCP"}]
+    secret = cu.one(objs, "Secret", "-webhook")
+    assert secret["stringData"] == {"secret": "s3cr3t"}
+    (c,) = cu.one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "--webhook-port=8080" in c["args"]
+    assert _env(c)["HYPERFLEET_WEBHOOK_SECRET"] == {
+        "secretKeyRef": {"name": secret["metadata"]["name"], "key": "secret"}}
+    assert {"name": "webhook", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
+    assert not [o for o in cu.objects({}) if o["metadata"]["name"].endswith("-webhook")]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"gitSource": {"enabled": True}}, "gitSource.url is required"),
+    ({"gitops": {"webhook": {"enabled": True}}}, "gitops.webhook.secret"),
+])
+def test_missing_required_values_fail_to_render(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmError, match=message):
+        cu.render(values)
+
+
+# ---------------------------------------------------------------------------- the CLI contract
+
+#: Flags the chart passes only with non-default values, which `hyperfleet controller` does not
+#: have yet: `--peering NAME` (kopf peering for replicas > 1), `--webhook-port` and the secret in
+#: $HYPERFLEET_WEBHOOK_SECRET (the GitSource receiver inside the controller; the name is the one
+#: hyperfleet.operator.gitsource reads). test_pending_cli_flags xfails until they exist.
+PENDING_FLAGS = {"controller": {"--peering", "--webhook-port", "$HYPERFLEET_WEBHOOK_SECRET"}}
+
+
+def _cli_options() -> dict[str, dict[str, Any]]:
+    """subcommand -> option spelling -> its parameter (typer vendors its own click)."""
+    from hyperfleet.operator.cli import app
+
+    commands: dict[str, Any] = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    return {name: {opt: p for p in cmd.params for opt in (*p.opts, *p.secondary_opts)}
+            for name, cmd in commands.items()}
+
+
+def _missing_flags(values: dict[str, Any]) -> dict[str, set[str]]:
+    options = _cli_options()
+    missing: dict[str, set[str]] = {}
+    for w in cu.objects(values):
+        if w["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        for c in _walk_containers(w):
+            command, *args = c["args"]
+            for arg in args:
+                flag = arg.split("=", 1)[0]
+                if flag not in options[command]:
+                    missing.setdefault(command, set()).add(flag)
+            envvars = {getattr(p, "envvar", None) for p in options[command].values()}
+            envvars.add("POD_ID")  # read by kopf itself (peering identity)
+            missing.setdefault(command, set()).update(f"${n}" for n in _env(c) if n not in envvars)
+    return {cmd: flags for cmd, flags in missing.items() if flags}
+
+
+@pytest.mark.parametrize("name", ["defaults", "custom-ch-no-metrics", "privileged-no-device-plugin"])
+def test_cli_flags_exist(name: str) -> None:
+    """Every flag and environment variable the chart passes is one `hyperfleet` accepts."""
+    assert _missing_flags(SCENARIOS[name]) == {}
+
+
+def test_pending_cli_flags() -> None:
+    missing = _missing_flags(SCENARIOS["ha-gitops"])
+    unexpected = {cmd: flags - PENDING_FLAGS.get(cmd, set()) for cmd, flags in missing.items()}
+    assert not any(unexpected.values()), unexpected
+    if missing:
+        pytest.xfail(f"the chart passes flags the CLI lacks so far: {missing}")
+
+
+def test_containerfile_matches_the_chart() -> None:
+    """The image the chart runs: python:3.11-slim, the package pip-installed, non-root by
+    default with the UID the controller's securityContext expects, `hyperfleet` as entrypoint."""
+    text = (cu.REPO / "Containerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert lines[0] == "FROM python:3.11-slim"
+    assert any(ln.startswith("RUN pip install") and " ." in ln for ln in lines)
+    for ln in lines:
+        if ln.startswith("COPY "):
+            for src in ln.split()[1:-1]:
+                assert (cu.REPO / src).exists(), f"Containerfile copies missing {src}"
+    user = [ln for ln in lines if ln.startswith("USER ")]
+    pod = cu.one(cu.objects({}), "Deployment")["spec"]["template"]["spec"]["securityContext"]
+    assert user and user[-1] == f"USER {pod['runAsUser']}:{pod['runAsGroup']}"
+    entry = json.loads(next(ln for ln in lines if ln.startswith("ENTRYPOINT "))[len("ENTRYPOINT "):])
+    assert entry[-1] == "hyperfleet"
+    pyproject = (cu.REPO / "pyproject.toml").read_text()
+    assert 'hyperfleet = "hyperfleet.operator.cli:main"' in pyproject
