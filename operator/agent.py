@@ -19,7 +19,7 @@ from hyperfleet.reconcilers.driver import VmDriver
 from hyperfleet.reconcilers.eviction import unbound_status
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
 from hyperfleet.reconcilers.jobs.runner import JobRunner
-from hyperfleet.reconcilers.kube import NODES, VMS, Kube
+from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Kube
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_quantity
 from hyperfleet.reconcilers.models.vm import VirtualMachine
 from hyperfleet.reconcilers.nodes import heartbeat_status, host_capacity
@@ -136,6 +136,21 @@ class Agent:
             log.warning("stopped VMMs of VMs not bound here", extra={"vms": stopped})
         return stopped
 
+    async def migration_loop(self) -> None:
+        """Incoming live migrations are assigned to the source node, so this agent's
+        watch does not see them: look for ones that name us as destination."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                jobs = await asyncio.to_thread(self.kube.list, JOBS, None,
+                                               "spec.operation=vm.migrate")
+            except Exception:
+                log.exception("listing migrations failed")
+                continue
+            for body in jobs:
+                if self.jobs.peers.wants_to_receive(body):
+                    self.spawn(asyncio.to_thread(self.jobs.peers.receive, body))
+
     async def fence_loop(self) -> None:
         while True:
             try:
@@ -154,6 +169,11 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_kopf(settings, "agent")
+        # Watch only this node's VMs and jobs (selectable fields in the CRDs): an agent's
+        # load then grows with its own VMs, not with the fleet.
+        node = cfg.node_name
+        settings.watching.field_selectors[GROUP, "virtualmachines"] = f"status.nodeName={node}"
+        settings.watching.field_selectors[GROUP, "vmjobs"] = f"status.assignedNode={node}"
         # Each VM's converge pass runs in a worker thread (blocking socket I/O); the default
         # pool (cores + 4) would serialise a node's VMs behind a few slow VMM starts.
         asyncio.get_running_loop().set_default_executor(
@@ -166,7 +186,8 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
             log.info("adopting running VMMs", extra={"vms": [f"{n}/{m}" for n, m in adopted]})
         agent.tasks = [asyncio.create_task(agent.heartbeat_loop()),
                        asyncio.create_task(agent.watch_vmms()),
-                       asyncio.create_task(agent.fence_loop())]
+                       asyncio.create_task(agent.fence_loop()),
+                       asyncio.create_task(agent.migration_loop())]
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
@@ -193,8 +214,6 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
         if agent.jobs.wants(snapshot) and key not in agent.jobs.running:
             agent.jobs.running[key] = threading.Event()  # claimed here; the runner takes over
             agent.spawn(asyncio.to_thread(agent.jobs.run, snapshot))
-        elif agent.jobs.peers.wants_to_receive(snapshot):
-            agent.spawn(asyncio.to_thread(agent.jobs.peers.receive, snapshot))
 
     @kopf.daemon(GROUP, VERSION, "virtualmachines", registry=registry, when=bound_here,
                  cancellation_timeout=30.0)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import time
 from collections import Counter
 from collections.abc import Coroutine
 from datetime import datetime, timedelta
@@ -14,7 +15,7 @@ from typing import Any
 import kopf
 
 from hyperfleet.reconcilers.eviction import Eviction, evictions, unbound_status
-from hyperfleet.reconcilers.jobs.dispatch import dispatch
+from hyperfleet.reconcilers.jobs.dispatch import Decision, dispatch
 from hyperfleet.reconcilers.jobs.engine import WorkerView
 from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Kube
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, format_quantity, now_utc
@@ -39,6 +40,16 @@ class Controller:
         self.dirty = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._writes = asyncio.Semaphore(16)
+        self._allocations_at = 0.0
+
+    async def parallel(self, coros: list[Coroutine[Any, Any, None]]) -> None:
+        """Run API writes concurrently, but never more than 16 at once."""
+        async def limited(coro: Coroutine[Any, Any, None]) -> None:
+            async with self._writes:
+                await coro
+
+        await asyncio.gather(*(limited(c) for c in coros))
 
     def record(self, body: dict[str, Any], reason: str, message: str, type_: str) -> None:
         """Post an Event in the background: it must not slow down binding."""
@@ -86,17 +97,10 @@ class Controller:
         with metrics.RECONCILE_SECONDS.labels("schedule").time():
             result = schedule([vm_view(b) for b in pending_bodies.values()], nodes, placed,
                               policy=self.cfg.scheduling_policy)
-        sem = asyncio.Semaphore(16)  # bind in parallel, but do not flood the API server
-
-        async def limited(coro: Coroutine[Any, Any, None]) -> None:
-            async with sem:
-                await coro
-
-        await asyncio.gather(
-            *(limited(self._bind(pending_bodies[k], n)) for k, n in result.placements.items()),
-            *(limited(self._unschedulable(pending_bodies[k], r))
-              for k, r in result.unschedulable.items()),
-        )
+        await self.parallel([
+            *(self._bind(pending_bodies[k], n) for k, n in result.placements.items()),
+            *(self._unschedulable(pending_bodies[k], r) for k, r in result.unschedulable.items()),
+        ])
 
     async def _evict(self, vms: list[dict[str, Any]], now: datetime) -> None:
         timeout = timedelta(seconds=self.cfg.eviction_seconds)
@@ -134,18 +138,19 @@ class Controller:
             if (b.get("status") or {}).get("nodeName")
             and ((b["status"].get("hypervisor") or {}).get("state") in ("Running", "Paused"))
         }
-        for d in dispatch(active, workers, hosts, now):
-            patch = {"metadata": {"resourceVersion": d.resource_version}, "status": d.status}
-            try:
-                out = await asyncio.to_thread(self.kube.patch, JOBS, d.name, patch,
-                                              d.namespace, True)
-            except Conflict:
-                self.dirty.set()
-                continue
-            self.jobs[f"{d.namespace}/{d.name}"] = out
-            metrics.JOB_TRANSITIONS.labels(d.status.get("phase", "")).inc()
-            if d.event:
-                self.record(out, d.event[1], d.event[2], d.event[0])
+        await self.parallel([self._write_job(d) for d in dispatch(active, workers, hosts, now)])
+
+    async def _write_job(self, d: Decision) -> None:
+        patch = {"metadata": {"resourceVersion": d.resource_version}, "status": d.status}
+        try:
+            out = await asyncio.to_thread(self.kube.patch, JOBS, d.name, patch, d.namespace, True)
+        except Conflict:
+            self.dirty.set()
+            return
+        self.jobs[f"{d.namespace}/{d.name}"] = out
+        metrics.JOB_TRANSITIONS.labels(d.status.get("phase", "")).inc()
+        if d.event:
+            self.record(out, d.event[1], d.event[2], d.event[0])
 
     async def _bind(self, body: dict[str, Any], node: str) -> None:
         meta = body["metadata"]
@@ -220,6 +225,10 @@ class Controller:
                 log.warning("node NotReady", extra={"node": name})
 
     async def _publish_allocations(self, placed: list[Any]) -> None:
+        """WorkerNode allocated/allocatable/vmCount: informational, so at most every 2 s."""
+        if time.monotonic() - self._allocations_at < 2:
+            return
+        self._allocations_at = time.monotonic()
         per_node: dict[str, list[int]] = {n: [0, 0, 0] for n in self.nodes}
         for vm in placed:
             if vm.node in per_node:
@@ -227,6 +236,7 @@ class Controller:
                 acc[0] += vm.cpus
                 acc[1] += vm.memory
                 acc[2] += 1
+        writes = []
         for name, (cpus, mem, count) in per_node.items():
             body = self.nodes[name]
             status = body.get("status") or {}
@@ -240,10 +250,12 @@ class Controller:
             }
             if all(status.get(k) == v for k, v in want.items()):
                 continue
-            out = await asyncio.to_thread(
-                self.kube.patch, NODES, name, {"status": want}, None, True
-            )
-            self.nodes[name] = out
+            writes.append(self._write_node(name, want))
+        await self.parallel(writes)
+
+    async def _write_node(self, name: str, status: dict[str, Any]) -> None:
+        self.nodes[name] = await asyncio.to_thread(
+            self.kube.patch, NODES, name, {"status": status}, None, True)
 
 
 def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: Kube) -> Controller:

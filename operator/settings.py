@@ -44,6 +44,8 @@ def configure_kopf(settings: kopf.OperatorSettings, role: str) -> None:
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 70
     settings.networking.request_timeout = 30
-    settings.batching.worker_limit = 200
+    # One cheap asyncio worker per object, leaving as soon as it is idle: a worker limit
+    # makes objects beyond it wait for idle workers to time out (a 60 s stall at scale).
+    settings.batching.worker_limit = None
     settings.batching.batch_window = 0.05
-    settings.batching.idle_timeout = 60
+    settings.batching.idle_timeout = 5

@@ -31,6 +31,8 @@ class CrdKind:
     columns: list[dict[str, Any]] = field(default_factory=list)
     categories: list[str] = field(default_factory=lambda: ["hyperfleet"])
     spec_preserve_unknown: bool = False
+    #: JSON paths usable in field selectors, so agents watch only their own objects.
+    selectable_fields: list[str] = field(default_factory=list)
 
 
 def _resolve(node: Any, defs: dict[str, Any]) -> Any:
@@ -122,6 +124,8 @@ def build_crd(k: CrdKind) -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": columns,
+                    **({"selectableFields": [{"jsonPath": p} for p in k.selectable_fields]}
+                       if k.selectable_fields else {}),
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",

@@ -16,6 +16,7 @@ VIRTUAL_MACHINE = CrdKind(
     scope="Namespaced",
     spec_model=VirtualMachineSpec,
     status_model=VirtualMachineStatus,
+    selectable_fields=[".status.nodeName"],
     columns=[
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Node", "type": "string", "jsonPath": ".status.nodeName"},
@@ -55,6 +56,7 @@ VM_JOB = CrdKind(
     scope="Namespaced",
     spec_model=JobDocument,
     status_model=JobStatus,
+    selectable_fields=[".spec.operation", ".status.assignedNode"],
     columns=[
         {"name": "Operation", "type": "string", "jsonPath": ".spec.operation"},
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},

@@ -72,11 +72,14 @@ class Kube:
         return dict(obj)
 
     @_retry
-    def list(self, res: Resource, namespace: str | None = None) -> list[dict[str, Any]]:
+    def list(self, res: Resource, namespace: str | None = None,
+             field_selector: str | None = None) -> list[dict[str, Any]]:
+        kw = {"field_selector": field_selector} if field_selector else {}
         if res.namespaced and namespace:
-            out = self.api.list_namespaced_custom_object(GROUP, VERSION, namespace, res.plural)
+            out = self.api.list_namespaced_custom_object(GROUP, VERSION, namespace, res.plural,
+                                                         **kw)
         else:
-            out = self.api.list_cluster_custom_object(GROUP, VERSION, res.plural)
+            out = self.api.list_cluster_custom_object(GROUP, VERSION, res.plural, **kw)
         return list(out.get("items", []))
 
     @_retry

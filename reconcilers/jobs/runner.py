@@ -205,7 +205,8 @@ class MigrationPeers:
         data = (spec.get("payload") or {}).get("data") or {}
         key = f"{body['metadata'].get('namespace')}/{body['metadata']['name']}"
         return data.get("destinationNode") == self.runner.node and key not in self.receiving \
-            and not (st.get("migration") or {}).get("receiverUrl")
+            and not (st.get("migration") or {}).get("receiverUrl") \
+            and not (st.get("migration") or {}).get("error")
 
     def receive(self, body: Mapping[str, Any]) -> None:
         """Destination side: a VMM listening for the incoming VM (blocking thread)."""

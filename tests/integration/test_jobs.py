@@ -230,3 +230,13 @@ def test_live_migration_between_agents(stack: Cluster) -> None:
     info = client.info()
     client.close()
     assert info is not None and info["state"] == "Running"
+    # Draining the node it arrived on moves it back, stopping it here first.
+    c.kubectl("patch", "wn", c.node("b"), "--type=merge", "-p", '{"spec": {"drain": true}}',
+              namespaced=False)
+    try:
+        back = wait_for(lambda: (s := _vm(c, "mover")).get("nodeName") == c.node("a")
+                        and s.get("phase") == "Running" and s, 60, "mover back on a", c)
+        assert back["apiSocket"].startswith(str(c.socket_dir(c.node("a"))))
+    finally:
+        c.kubectl("patch", "wn", c.node("b"), "--type=merge", "-p",
+                  '{"spec": {"drain": false}}', namespaced=False)

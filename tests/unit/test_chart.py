@@ -20,7 +20,7 @@ helm = pytest.importorskip("helm_python", reason="helm-python-sdk (Helm's Go SDK
 kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
 
 #: Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas shipped.
-KUBE_VERSIONS = ("1.27", str(kv.latest_version()))
+KUBE_VERSIONS = ("1.32", str(kv.latest_version()))  # selectableFields are GA in 1.32
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "defaults": {},
