@@ -7,10 +7,13 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import kopf
 import typer
+
+if TYPE_CHECKING:
+    from hyperfleet.reconcilers.kube import Kube
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Hyperfleet: GitOps for cloud-hypervisor VMs on Kubernetes.")
@@ -39,6 +42,19 @@ def _connect(kubeconfig: str | None) -> None:
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig
     load_config(kubeconfig)
+
+
+def _prepare(log_format: str, metrics_port: int, metrics_address: str,
+             kubeconfig: str | None) -> tuple[kopf.OperatorRegistry, Kube]:
+    """What every long-running process does first: logs, metrics, API connection."""
+    from hyperfleet.reconcilers.kube import Kube
+
+    from . import logs, metrics
+
+    logs.setup(fmt=log_format)
+    metrics.serve(metrics_port, metrics_address)
+    _connect(kubeconfig)
+    return kopf.OperatorRegistry(), Kube()
 
 
 def _run_kopf(registry: kopf.OperatorRegistry, peering: str | None = None) -> None:
@@ -73,22 +89,16 @@ def controller(
     metrics_address: MetricsAddrOpt = "0.0.0.0",
 ) -> None:
     """Run the controller (scheduling, node health, VmJob routing)."""
-    from hyperfleet.reconcilers.kube import Kube
-
     from . import controller as ctl
-    from . import logs, metrics
     from .settings import ControllerConfig
 
-    logs.setup(fmt=log_format)
-    metrics.serve(metrics_port, metrics_address)
-    _connect(kubeconfig)
-    registry = kopf.OperatorRegistry()
     if scheduling_policy not in ("spread", "binpack"):
         typer.echo(f"--scheduling-policy {scheduling_policy!r}: use spread or binpack", err=True)
         raise typer.Exit(2)
     cfg = ControllerConfig(node_grace_seconds=node_grace, eviction_seconds=eviction_timeout,
                            scheduling_policy=scheduling_policy)
-    ctl.register(registry, cfg, Kube())
+    registry, kube = _prepare(log_format, metrics_port, metrics_address, kubeconfig)
+    ctl.register(registry, cfg, kube)
     _run_kopf(registry, peering)
 
 
@@ -111,20 +121,14 @@ def agent(
     metrics_address: MetricsAddrOpt = "0.0.0.0",
 ) -> None:
     """Run the node agent that drives cloud-hypervisor on this node."""
-    from hyperfleet.reconcilers.kube import Kube
-
     from . import agent as agent_mod
-    from . import logs, metrics
     from .settings import AgentConfig
 
-    logs.setup(fmt=log_format)
-    metrics.serve(metrics_port, metrics_address)
     cfg = AgentConfig(node_name=node_name, ch_binary=ch_binary, socket_dir=socket_dir, pool=pool,
                       cpus=cpus, memory=memory, heartbeat_seconds=heartbeat,
                       fence_after_seconds=fence_after)
-    _connect(kubeconfig)
-    registry = kopf.OperatorRegistry()
-    agent_mod.register(registry, cfg, Kube())
+    registry, kube = _prepare(log_format, metrics_port, metrics_address, kubeconfig)
+    agent_mod.register(registry, cfg, kube)
     _run_kopf(registry)
 
 

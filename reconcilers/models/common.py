@@ -114,33 +114,16 @@ def set_condition(
     status_s: Literal["True", "False", "Unknown"] = (
         "Unknown" if status == "Unknown" else ("True" if status else "False")
     )
-    out: list[Condition] = []
-    found = False
-    for c in conditions:
-        if c.type != type_:
-            out.append(c)
-            continue
-        found = True
-        ltt = c.last_transition_time if c.status == status_s else (now or now_utc())
-        out.append(
-            Condition(
-                type=type_,
-                status=status_s,
-                reason=reason,
-                message=message,
-                last_transition_time=ltt,
-                observed_generation=generation,
-            )
-        )
-    if not found:
-        out.append(
-            Condition(
-                type=type_,
-                status=status_s,
-                reason=reason,
-                message=message,
-                last_transition_time=now or now_utc(),
-                observed_generation=generation,
-            )
-        )
-    return out
+    old = next((c for c in conditions if c.type == type_), None)
+    ltt = old.last_transition_time if old is not None and old.status == status_s else None
+    new = Condition(
+        type=type_,
+        status=status_s,
+        reason=reason,
+        message=message,
+        last_transition_time=ltt or now or now_utc(),
+        observed_generation=generation,
+    )
+    if old is None:
+        return [*conditions, new]
+    return [new if c.type == type_ else c for c in conditions]

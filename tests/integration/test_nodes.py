@@ -8,7 +8,7 @@ from typing import Any
 
 from hyperfleet.operator.devstack import kill_pidfiles
 
-from .conftest import Cluster, wait_for
+from .conftest import Cluster, alive, wait_for
 
 VM = """
 apiVersion: hyperfleet.dev/v1alpha1
@@ -18,20 +18,12 @@ spec: {{cpus: 2, memory: 256Mi, boot: {{kernel: /k}}}}
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 def vmm_pids(c: Cluster, name: str) -> list[tuple[str, int]]:
     """Every live VMM process of VM `name`, on any simulated node."""
     found = []
     for pidfile in c.workdir.glob(f"*/{c.namespace}_{name}.pid"):
         pid = int(pidfile.read_text())
-        if _alive(pid):
+        if alive(pid):
             found.append((pidfile.parent.name, pid))
     return found
 
@@ -130,6 +122,6 @@ def test_lost_node_and_returning_agent_is_fenced(cluster: Cluster) -> None:
 
     # The partitioned agent returns: before anything else it stops the stale copy.
     c.start_agent(c.node("a"))
-    wait_for(lambda: not _alive(old), 30, "stale VMM on a stopped", c)
+    wait_for(lambda: not alive(old), 30, "stale VMM on a stopped", c)
     assert [n for n, _ in vmm_pids(c, "l1")] == [c.node("b")]
     assert [n for n, _ in vmm_pids(c, "l2")] == [c.node("b")]

@@ -7,7 +7,7 @@ from typing import Any
 
 from hyperfleet.reconcilers.hypervisor.client import ChClient
 
-from .conftest import Cluster, wait_for
+from .conftest import Cluster, alive, wait_for
 
 VM = """
 apiVersion: hyperfleet.dev/v1alpha1
@@ -19,14 +19,6 @@ spec:
   boot: {{kernel: /images/vmlinux, cmdline: console=ttyS0}}
   disks: [{{name: root, path: /images/{name}.raw}}]
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 def test_apply_runs_vm_and_delete_cleans_up(cluster: Cluster) -> None:
@@ -61,7 +53,7 @@ def test_apply_runs_vm_and_delete_cleans_up(cluster: Cluster) -> None:
     assert info["config"]["cpus"]["boot_vcpus"] == 2
     assert info["config"]["memory"]["size"] == 512 * 1024 * 1024
     pid = status["hypervisor"]["pid"]
-    assert _alive(pid)
+    assert alive(pid)
 
     # The printer columns show phase and node.
     table = cluster.kubectl("get", "hvm").stdout
@@ -69,7 +61,7 @@ def test_apply_runs_vm_and_delete_cleans_up(cluster: Cluster) -> None:
 
     cluster.kubectl("delete", "hvm", "web-1", "--timeout=30s")
     assert cluster.get("hvm", "web-1") is None
-    wait_for(lambda: not _alive(pid), 10, "VMM process gone", cluster)
+    wait_for(lambda: not alive(pid), 10, "VMM process gone", cluster)
     assert not os.path.exists(sock)
 
 
