@@ -22,7 +22,7 @@ from hyperfleet.reconcilers.jobs.runner import JobRunner
 from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Kube
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_quantity
 from hyperfleet.reconcilers.models.vm import VirtualMachine
-from hyperfleet.reconcilers.nodes import heartbeat_status, host_capacity
+from hyperfleet.reconcilers.nodes import LEASE_LABEL, heartbeat_status, host_capacity, lease_name
 
 from . import metrics
 from .settings import AgentConfig, configure_kopf
@@ -46,6 +46,7 @@ class Agent:
         self.tasks: list[asyncio.Task[None]] = []
         self.background: set[asyncio.Future[None]] = set()
         self.node_status: dict[str, Any] = {}
+        self._status_at = 0.0
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a job-related coroutine in the background, keeping a reference to it."""
@@ -77,9 +78,20 @@ class Agent:
         self.heartbeat()
 
     def heartbeat(self) -> None:
+        """Renew the Lease every beat; rewrite the WorkerNode status only now and then,
+        since a status write costs far more (the whole object goes to etcd and to every
+        watcher)."""
+        node = self.cfg.node_name
+        self.kube.renew_lease(self.cfg.lease_namespace, lease_name(node), node,
+                              max(1, round(self.cfg.heartbeat_seconds * 3)),
+                              {LEASE_LABEL: node, "app.kubernetes.io/part-of": "hyperfleet"})
+        now = time.monotonic()
+        if now - self._status_at < max(30.0, 6 * self.cfg.heartbeat_seconds):
+            return
+        self._status_at = now
         fresh = heartbeat_status(0, 0, [], [], AGENT_VERSION)
         status = {**self.node_status, "heartbeatTime": fresh["heartbeatTime"]}
-        self.kube.patch(NODES, self.cfg.node_name, {"status": status}, status=True)
+        self.kube.patch(NODES, node, {"status": status}, status=True)
 
     async def watch_vmms(self) -> None:
         """Notice a dead VMM or a new VMM event within half a second and wake its VM's

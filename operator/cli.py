@@ -113,6 +113,9 @@ def agent(
     cpus: Annotated[int | None, typer.Option(help="Advertise this many CPUs")] = None,
     memory: Annotated[str | None, typer.Option(help="Advertise this much memory (e.g. 64Gi)")] = None,
     heartbeat: Annotated[float, typer.Option(help="Heartbeat interval, seconds")] = 5.0,
+    lease_namespace: Annotated[str, typer.Option(
+        envvar="POD_NAMESPACE", help="Namespace of this node's heartbeat Lease")
+    ] = "hyperfleet-system",
     fence_after: Annotated[float, typer.Option(
         help="Stop every VM after this many seconds without reaching the API server, so a "
         "partitioned node cannot run a VM that moved elsewhere (0: off)")] = 0.0,
@@ -126,7 +129,7 @@ def agent(
 
     cfg = AgentConfig(node_name=node_name, ch_binary=ch_binary, socket_dir=socket_dir, pool=pool,
                       cpus=cpus, memory=memory, heartbeat_seconds=heartbeat,
-                      fence_after_seconds=fence_after)
+                      lease_namespace=lease_namespace, fence_after_seconds=fence_after)
     registry, kube = _prepare(log_format, metrics_port, metrics_address, kubeconfig)
     agent_mod.register(registry, cfg, kube)
     _run_kopf(registry)

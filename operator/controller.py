@@ -19,7 +19,13 @@ from hyperfleet.reconcilers.jobs.dispatch import Decision, dispatch
 from hyperfleet.reconcilers.jobs.engine import WorkerView
 from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Kube
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, format_quantity, now_utc
-from hyperfleet.reconcilers.nodes import allocatable, is_ready, node_view
+from hyperfleet.reconcilers.nodes import (
+    LEASE_LABEL,
+    allocatable,
+    heartbeat_age,
+    is_ready,
+    node_view,
+)
 from hyperfleet.reconcilers.scheduler import schedule, vm_view
 
 from . import metrics
@@ -37,6 +43,7 @@ class Controller:
         self.vms: dict[str, dict[str, Any]] = {}
         self.nodes: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
+        self.leases: dict[str, datetime] = {}  # node -> last renewTime of its agent's Lease
         self.dirty = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -81,7 +88,7 @@ class Controller:
         now = now_utc()
         grace = timedelta(seconds=self.cfg.node_grace_seconds)
         await self._mark_node_health(now, grace)
-        nodes = [node_view(b, now, grace) for b in self.nodes.values()]
+        nodes = [node_view(b, now, grace, self.leases.get(n)) for n, b in self.nodes.items()]
         vms = [b for b in self.vms.values() if not b["metadata"].get("deletionTimestamp")]
         pending_bodies = {vm_view(b).key: b for b in vms if not (b.get("status") or {}).get("nodeName")}
         placed = [vm_view(b) for b in vms if (b.get("status") or {}).get("nodeName")]
@@ -104,7 +111,7 @@ class Controller:
 
     async def _evict(self, vms: list[dict[str, Any]], now: datetime) -> None:
         timeout = timedelta(seconds=self.cfg.eviction_seconds)
-        for d in evictions(vms, self.nodes, now, timeout):
+        for d in evictions(vms, self.nodes, now, timeout, self.leases):
             meta = d.vm["metadata"]
             if d.action == Eviction.ASK_AGENT:
                 status: dict[str, Any] = {"phase": "Evicting", "evictFrom": d.node,
@@ -131,7 +138,7 @@ class Controller:
             return
         workers = [
             WorkerView(n.name, n.pool, n.capabilities, n.ready and not n.unschedulable)
-            for n in (node_view(b, now, grace) for b in self.nodes.values())
+            for n in (node_view(b, now, grace, self.leases.get(k)) for k, b in self.nodes.items())
         ]
         hosts = {
             k: b["status"]["nodeName"] for k, b in self.vms.items()
@@ -209,20 +216,26 @@ class Controller:
             self.record(body, "FailedScheduling", reason, "Warning")
 
     async def _mark_node_health(self, now: datetime, grace: timedelta) -> None:
-        """Like the node lifecycle controller: a lapsed heartbeat turns Ready False."""
+        """Like the node lifecycle controller: Ready follows the agent's Lease."""
+        ts = now.isoformat().replace("+00:00", "Z")
         for name, body in list(self.nodes.items()):
             status = body.get("status") or {}
-            if status.get("phase") == "Ready" and not is_ready(body, now, grace):
-                ts = now.isoformat().replace("+00:00", "Z")
-                patch = {"status": {"phase": "NotReady", "conditions": [{
-                    "type": "Ready", "status": "False", "reason": "HeartbeatLapsed",
-                    "message": f"no heartbeat since {status.get('heartbeatTime')}",
-                    "lastTransitionTime": ts,
-                }]}}
-                self.nodes[name] = await asyncio.to_thread(
-                    self.kube.patch, NODES, name, patch, None, True
-                )
-                log.warning("node NotReady", extra={"node": name})
+            lease = self.leases.get(name)
+            ready = is_ready(body, now, grace, lease)
+            if (status.get("phase") == "Ready") == ready:
+                continue
+            age = heartbeat_age(body, now, lease)
+            cond = {"type": "Ready", "status": "True", "reason": "AgentHeartbeat",
+                    "message": "agent is heartbeating", "lastTransitionTime": ts} if ready else {
+                "type": "Ready", "status": "False", "reason": "HeartbeatLapsed",
+                "message": f"no heartbeat for {age.total_seconds():.0f}s" if age
+                else "the agent never reported", "lastTransitionTime": ts}
+            patch = {"status": {"phase": "Ready" if ready else "NotReady", "conditions": [cond]}}
+            self.nodes[name] = await asyncio.to_thread(
+                self.kube.patch, NODES, name, patch, None, True
+            )
+            (log.info if ready else log.warning)(
+                "node Ready" if ready else "node NotReady", extra={"node": name})
 
     async def _publish_allocations(self, placed: list[Any]) -> None:
         """WorkerNode allocated/allocatable/vmCount: informational, so at most every 2 s."""
@@ -264,6 +277,8 @@ def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: Kube)
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_kopf(settings, "controller")
+        # Only Hyperfleet agents' Leases, filtered by the API server, not every Lease.
+        settings.watching.label_selectors["coordination.k8s.io", "leases"] = LEASE_LABEL
         ctl.task = asyncio.create_task(ctl.run())
 
     @kopf.on.cleanup(registry=registry)
@@ -277,6 +292,16 @@ def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: Kube)
     async def vm_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
                        namespace: str | None, **_: Any) -> None:
         ctl.observe(ctl.vms, f"{namespace}/{name}", event, body)
+
+    @kopf.on.event("coordination.k8s.io", "v1", "leases", registry=registry,
+                   labels={LEASE_LABEL: kopf.PRESENT})
+    async def lease_event(*, event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        node = body["metadata"]["labels"][LEASE_LABEL]
+        renew = (body.get("spec") or {}).get("renewTime")
+        if event.get("type") == "DELETED" or not renew:
+            ctl.leases.pop(node, None)
+        else:
+            ctl.leases[node] = datetime.fromisoformat(str(renew).replace("Z", "+00:00"))
 
     @kopf.on.event(GROUP, VERSION, "vmjobs", registry=registry)
     async def job_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,

@@ -58,7 +58,7 @@ class GitOpsConfig:
     webhook_port: int = 0  # 0: no receiver, polling only
     webhook_host: str = "0.0.0.0"
     webhook_secret: str | None = field(default=None, repr=False)
-    apply_workers: int = 8  # concurrent API calls while applying/pruning one GitSource
+    apply_workers: int = 16  # concurrent API calls while applying/pruning (16: best on 2 cores)
     max_concurrent: int = 4  # GitSources reconciled at the same time
     server_dry_run: bool = True
     nix: str | None = None  # path of `nix`; None: look it up on PATH
@@ -128,13 +128,15 @@ class GitOps:
             if task:
                 task.cancel()
             self.wakeups.pop(key, None)
+            self.reconciler.rendered.pop(key, None)
             self.executor.submit(self.reconciler.fetcher.remove, key)
             log.info("GitSource deleted; its objects are left in place (orphaned)",
                      extra={"gitsource": key})
             return
         old = self.sources.get(key)
         self.sources[key] = body
-        if key not in self.tasks:
+        task = self.tasks.get(key)
+        if task is None or task.done():  # new, or its worker ended (deleted, then re-created)
             self.wakeups[key] = asyncio.Event()
             self.tasks[key] = asyncio.create_task(self._worker(key), name=f"gitsource {key}")
             return

@@ -20,6 +20,7 @@ class AgentConfig:
     memory: str | None = None
     heartbeat_seconds: float = 5.0
     resync_seconds: float = 10.0
+    lease_namespace: str = "hyperfleet-system"
     fence_after_seconds: float = 0.0  # 0: never stop VMs because the API is unreachable
 
 

@@ -36,6 +36,7 @@ def evictions(
     nodes: Mapping[str, Mapping[str, Any]],
     now: datetime,
     eviction_timeout: timedelta,
+    leases: Mapping[str, datetime] | None = None,
 ) -> list[EvictionDecision]:
     out: list[EvictionDecision] = []
     for vm in vms:
@@ -46,7 +47,8 @@ def evictions(
         if (vm.get("spec") or {}).get("evictionPolicy", "Reschedule") != "Reschedule":
             continue
         node = nodes.get(node_name)
-        age = heartbeat_age(node, now) if node is not None else None
+        lease = (leases or {}).get(node_name)
+        age = heartbeat_age(node, now, lease) if node is not None else None
         if node is None or age is None or age > eviction_timeout:
             why = (f"WorkerNode {node_name} is gone" if node is None else
                    f"WorkerNode {node_name} has not heartbeated for "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
@@ -132,6 +133,26 @@ class Kube:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+    @_retry
+    def renew_lease(self, namespace: str, name: str, holder: str, seconds: int,
+                    labels: dict[str, str]) -> None:
+        """Create or renew a coordination.k8s.io Lease: the cheap way to say "alive"."""
+        api = client.CoordinationV1Api(self.api.api_client)
+        now = datetime.now(UTC)
+        spec = client.V1LeaseSpec(holder_identity=holder, lease_duration_seconds=seconds,
+                                  renew_time=now)
+        try:
+            api.patch_namespaced_lease(name, namespace, {"spec": {
+                "holderIdentity": holder, "leaseDurationSeconds": seconds,
+                "renewTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            spec.acquire_time = now
+            api.create_namespaced_lease(namespace, client.V1Lease(
+                metadata=client.V1ObjectMeta(name=name, namespace=namespace, labels=labels),
+                spec=spec))
 
     def event(
         self,

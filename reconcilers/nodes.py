@@ -26,26 +26,37 @@ def host_capacity() -> tuple[int, int]:
     return os.cpu_count() or 1, mem
 
 
+LEASE_LABEL = "hyperfleet.dev/node"
+
+
+def lease_name(node: str) -> str:
+    return f"hyperfleet-node-{node}"
+
+
 def _parse_time(value: str | None) -> datetime | None:
     if not value:
         return None
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def heartbeat_age(body: Mapping[str, Any], now: datetime) -> timedelta | None:
-    """Time since the agent's last heartbeat (None: it never reported)."""
-    beat = _parse_time((body.get("status") or {}).get("heartbeatTime"))
-    return None if beat is None else now - beat
+def heartbeat_age(body: Mapping[str, Any], now: datetime,
+                  lease: datetime | None = None) -> timedelta | None:
+    """Time since the agent last said it is alive, by its Lease or its status (None: never)."""
+    beats = [b for b in (_parse_time((body.get("status") or {}).get("heartbeatTime")), lease)
+             if b is not None]
+    return now - max(beats) if beats else None
 
 
-def is_ready(body: Mapping[str, Any], now: datetime, grace: timedelta = DEFAULT_GRACE) -> bool:
+def is_ready(body: Mapping[str, Any], now: datetime, grace: timedelta = DEFAULT_GRACE,
+             lease: datetime | None = None) -> bool:
     status = body.get("status") or {}
-    age = heartbeat_age(body, now)
+    age = heartbeat_age(body, now, lease)
     if age is None or age > grace:
         return False
+    # The agent's own report (not the Ready condition, which the controller also writes).
     return any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in status.get("conditions") or []
+        p.get("name") == "cloud-hypervisor" and p.get("available") and p.get("healthy")
+        for p in status.get("providers") or []
     )
 
 
@@ -61,7 +72,8 @@ def allocatable(body: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def node_view(
-    body: Mapping[str, Any], now: datetime, grace: timedelta = DEFAULT_GRACE
+    body: Mapping[str, Any], now: datetime, grace: timedelta = DEFAULT_GRACE,
+    lease: datetime | None = None,
 ) -> NodeView:
     spec = body.get("spec") or {}
     status = body.get("status") or {}
@@ -73,7 +85,7 @@ def node_view(
         capabilities=frozenset(status.get("capabilities") or ()),
         cpus=cpus,
         memory=mem,
-        ready=is_ready(body, now, grace),
+        ready=is_ready(body, now, grace, lease),
         unschedulable=bool(spec.get("unschedulable") or spec.get("drain")),
     )
 

@@ -244,7 +244,8 @@ def _run_workload(s: Stack, ns: str) -> None:
     for node in nodes:
         s.start(f"agent-{node}", agent, hyperfleet_cmd(
             "agent", "--node-name", node, "--log-format", "text", "--ch-binary", ch_double_cmd(),
-            "--socket-dir", str(s.work / node[-1]), "--cpus", "8", "--memory", "16Gi", "--heartbeat", "1"))
+            "--socket-dir", str(s.work / node[-1]), "--cpus", "8", "--memory", "16Gi", "--heartbeat", "1",
+            "--lease-namespace", cu.NAMESPACE))  # as the chart's POD_NAMESPACE does
     # What the chart installs besides workloads and RBAC: the peering object, the GitSource.
     custom = [o for o in s.objs if o["apiVersion"].startswith(("kopf.dev/", "hyperfleet.dev/"))]
     assert {o["kind"] for o in custom} == {"ClusterKopfPeering", "GitSource"}

@@ -1,0 +1,76 @@
+"""WorkerNode readiness (Lease or status heartbeat), allocatable, and eviction decisions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hyperfleet.reconcilers.eviction import Eviction, evictions, unbound_status
+from hyperfleet.reconcilers.nodes import allocatable, heartbeat_age, is_ready, node_view
+
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+GRACE = timedelta(seconds=20)
+
+
+def node(name: str = "n1", beat: datetime | None = NOW, healthy: bool = True,
+         **spec: Any) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "capacity": {"cpus": 8, "memory": "16Gi"},
+        "providers": [{"name": "cloud-hypervisor", "available": True, "healthy": healthy}],
+        "capabilities": ["snapshot"],
+    }
+    if beat is not None:
+        status["heartbeatTime"] = beat.isoformat().replace("+00:00", "Z")
+    return {"metadata": {"name": name, "labels": {"zone": "a"}}, "spec": spec, "status": status}
+
+
+def vm(name: str, node_name: str | None, **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "ns"}, "spec": spec,
+            "status": {"nodeName": node_name} if node_name else {}}
+
+
+def test_readiness_follows_the_newest_of_lease_and_status() -> None:
+    stale = node(beat=NOW - timedelta(minutes=5))
+    assert not is_ready(stale, NOW, GRACE)
+    assert is_ready(stale, NOW, GRACE, lease=NOW - timedelta(seconds=3))
+    assert heartbeat_age(stale, NOW, NOW - timedelta(seconds=3)) == timedelta(seconds=3)
+    assert heartbeat_age(node(beat=None), NOW) is None
+    assert not is_ready(node(beat=None), NOW, GRACE)
+
+
+def test_unhealthy_hypervisor_is_not_ready_however_fresh() -> None:
+    assert not is_ready(node(healthy=False), NOW, GRACE, lease=NOW)
+
+
+def test_allocatable_applies_override_and_overcommit() -> None:
+    assert allocatable(node()) == (8, 16 << 30)
+    assert allocatable(node(overcommit={"cpu": 4.0, "memory": 1.5})) == (32, 24 << 30)
+    assert allocatable(node(capacityOverride={"cpus": 4, "memory": "8Gi"})) == (4, 8 << 30)
+    view = node_view(node(unschedulable=True, pool="gpu"), NOW, GRACE)
+    assert view.unschedulable and view.pool == "gpu" and view.capabilities == {"snapshot"}
+    assert node_view(node(drain=True), NOW, GRACE).unschedulable
+
+
+def test_evictions_drain_asks_the_agent_and_lost_node_unbinds() -> None:
+    nodes = {"n1": node("n1", drain=True), "n2": node("n2", beat=NOW - timedelta(minutes=10)),
+             "n3": node("n3")}
+    vms = [vm("a", "n1"), vm("b", "n2"), vm("c", "n3"), vm("d", None),
+           vm("e", "n2", evictionPolicy="None"), vm("f", "gone")]
+    out = {d.vm["metadata"]["name"]: d for d in evictions(vms, nodes, NOW, timedelta(minutes=5))}
+    assert set(out) == {"a", "b", "f"}
+    assert out["a"].action == Eviction.ASK_AGENT
+    assert out["b"].action == Eviction.UNBIND and "600s" in out["b"].reason
+    assert out["f"].action == Eviction.UNBIND and "gone" in out["f"].reason
+    # A fresh Lease keeps a node whose status heartbeat is old from being declared lost.
+    kept = evictions(vms, nodes, NOW, timedelta(minutes=5), {"n2": NOW})
+    assert "b" not in {d.vm["metadata"]["name"] for d in kept}
+    # Already asked: not asked again.
+    asked = vm("a", "n1")
+    asked["status"]["evictFrom"] = "n1"
+    assert evictions([asked], nodes, NOW, timedelta(minutes=5)) == []
+
+
+def test_unbound_status_clears_the_binding() -> None:
+    st = unbound_status("NodeLost", "gone", NOW)
+    assert st["nodeName"] is None and st["phase"] == "Pending"
+    assert {c["type"] for c in st["conditions"]} == {"Scheduled", "Ready"}
