@@ -29,6 +29,7 @@ from .settings import AgentConfig, configure_kopf
 
 log = logging.getLogger("hyperfleet.agent")
 AGENT_VERSION = "0.1.0"
+PROBE_INTERVAL = 300.0  # seconds between capability discoveries
 
 
 class Agent:
@@ -47,6 +48,7 @@ class Agent:
         self.background: set[asyncio.Future[None]] = set()
         self.node_status: dict[str, Any] = {}
         self._status_at = 0.0
+        self._probed_at = time.monotonic()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a job-related coroutine in the background, keeping a reference to it."""
@@ -68,14 +70,23 @@ class Agent:
                 "spec": {"pool": self.cfg.pool},
             })
             log.info("registered WorkerNode", extra={"node": name})
-        reports = providers.discover([providers.CloudHypervisorProvider(self.cfg.ch_binary)])
+        self.refresh_capabilities()
+        self.heartbeat()
+
+    def refresh_capabilities(self) -> None:
+        """Probe the backend providers (at start, then every few minutes: hosts change)."""
+        reports = providers.discover(
+            providers.default_providers(self.cfg.ch_binary, list(self.cfg.capabilities)))
         cpus, mem = host_capacity()
         cpus = self.cfg.cpus or cpus
         mem = parse_quantity(self.cfg.memory) if self.cfg.memory else mem
-        self.node_status = heartbeat_status(
+        new_status = heartbeat_status(
             cpus, mem, reports, providers.capabilities(reports), AGENT_VERSION
         )
-        self.heartbeat()
+        if self.node_status and {k: v for k, v in new_status.items() if k != "heartbeatTime"} \
+                != {k: v for k, v in self.node_status.items() if k != "heartbeatTime"}:
+            self._status_at = 0.0  # publish the change with the next heartbeat
+        self.node_status = new_status
 
     def heartbeat(self) -> None:
         """Renew the Lease every beat; rewrite the WorkerNode status only now and then,
@@ -109,6 +120,9 @@ class Agent:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_seconds)
             try:
+                if time.monotonic() - self._probed_at > PROBE_INTERVAL:
+                    self._probed_at = time.monotonic()
+                    await asyncio.to_thread(self.refresh_capabilities)
                 await asyncio.to_thread(self.heartbeat)
                 last_ok, fenced = time.monotonic(), False
             except Exception:

@@ -116,6 +116,8 @@ def agent(
     lease_namespace: Annotated[str, typer.Option(
         envvar="POD_NAMESPACE", help="Namespace of this node's heartbeat Lease")
     ] = "hyperfleet-system",
+    capability: Annotated[list[str] | None, typer.Option(
+        help="Extra capability this node offers (repeatable), e.g. gpu")] = None,
     fence_after: Annotated[float, typer.Option(
         help="Stop every VM after this many seconds without reaching the API server, so a "
         "partitioned node cannot run a VM that moved elsewhere (0: off)")] = 0.0,
@@ -129,7 +131,8 @@ def agent(
 
     cfg = AgentConfig(node_name=node_name, ch_binary=ch_binary, socket_dir=socket_dir, pool=pool,
                       cpus=cpus, memory=memory, heartbeat_seconds=heartbeat,
-                      lease_namespace=lease_namespace, fence_after_seconds=fence_after)
+                      lease_namespace=lease_namespace, fence_after_seconds=fence_after,
+                      capabilities=tuple(capability or ()))
     registry, kube = _prepare(log_format, metrics_port, metrics_address, kubeconfig)
     agent_mod.register(registry, cfg, kube)
     _run_kopf(registry)

@@ -21,6 +21,7 @@ class AgentConfig:
     heartbeat_seconds: float = 5.0
     resync_seconds: float = 10.0
     lease_namespace: str = "hyperfleet-system"
+    capabilities: tuple[str, ...] = ()  # declared by the operator, on top of discovered ones
     fence_after_seconds: float = 0.0  # 0: never stop VMs because the API is unreachable
 
 

@@ -81,18 +81,86 @@ class CloudHypervisorProvider:
         )
 
 
+class KvmProvider:
+    """Hardware virtualisation: what a real cloud-hypervisor needs from the host."""
+
+    name = "kvm"
+
+    def __init__(self, device: str = "/dev/kvm") -> None:
+        self.device = device
+
+    def probe(self) -> Provider:
+        if not os.path.exists(self.device):
+            return Provider(name=self.name, available=False, message=f"{self.device} absent")
+        usable = os.access(self.device, os.R_OK | os.W_OK)
+        return Provider(name=self.name, available=True, healthy=usable,
+                        capabilities=["kvm"] if usable else [],
+                        message=None if usable else f"{self.device} not read/writable")
+
+
+class ToolProvider:
+    """A capability that exists when a host tool runs (e.g. qemu-img for disk overlays)."""
+
+    def __init__(self, name: str, command: list[str], capabilities: list[str],
+                 paths: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.command = command
+        self.capabilities = capabilities
+        self.paths = paths
+
+    def probe(self) -> Provider:
+        missing = [p for p in self.paths if not os.path.exists(p)]
+        if missing:
+            return Provider(name=self.name, available=False, message=f"missing {missing[0]}")
+        try:
+            out = subprocess.run(self.command, capture_output=True, text=True, timeout=5,
+                                 check=True).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            return Provider(name=self.name, available=False, message=str(exc)[:200])
+        m = re.search(r"(\d+\.\d+(?:\.\d+)?)", out)
+        return Provider(name=self.name, available=True, version=m.group(1) if m else None,
+                        capabilities=list(self.capabilities))
+
+
+class StaticProvider:
+    """Capabilities an operator declares for the node (``--capability``), e.g. ``gpu``."""
+
+    name = "custom"
+
+    def __init__(self, capabilities: list[str]) -> None:
+        self.capabilities = capabilities
+
+    def probe(self) -> Provider:
+        return Provider(name=self.name, available=bool(self.capabilities),
+                        capabilities=sorted(self.capabilities))
+
+
+def default_providers(ch_binary: str, custom: list[str] | None = None) -> list[BackendProvider]:
+    """The providers every agent runs."""
+    return [
+        CloudHypervisorProvider(ch_binary),
+        KvmProvider(),
+        ToolProvider("disk-overlay", ["qemu-img", "--version"], ["clone", "disk-overlay"]),
+        ToolProvider("network-overlay", ["ip", "-V"], ["network-overlay", "tap"],
+                     paths=("/dev/net/tun",)),
+        StaticProvider(list(custom or [])),
+    ]
+
+
 def discover(providers: Sequence[BackendProvider], timeout: float = 15.0) -> list[Provider]:
     """Probe every provider concurrently; a slow or crashing one is reported, not fatal."""
     results: list[Provider] = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(providers))) as ex:
-        futures = {ex.submit(p.probe): p for p in providers}
-        done, _ = concurrent.futures.wait(futures, timeout=timeout)
-        for fut, p in futures.items():
-            if fut in done and fut.exception() is None:
-                results.append(fut.result())
-            else:
-                why = "timed out" if fut not in done else f"crashed: {fut.exception()}"
-                results.append(Provider(name=p.name, available=False, healthy=False, message=why))
+    ex = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(providers)),
+                                               thread_name_prefix="probe")
+    futures = {ex.submit(p.probe): p for p in providers}
+    done, _ = concurrent.futures.wait(futures, timeout=timeout)
+    ex.shutdown(wait=False)  # a hung probe must not hold up the agent
+    for fut, p in futures.items():
+        if fut in done and fut.exception() is None:
+            results.append(fut.result())
+        else:
+            why = "timed out" if fut not in done else f"crashed: {fut.exception()}"
+            results.append(Provider(name=p.name, available=False, healthy=False, message=why))
     return sorted(results, key=lambda r: r.name)
 
 
