@@ -9,7 +9,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-_STD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_STD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName",
+                                                 "settings", "k8s_skip"}  # kopf's bulky extras
 _SECRET_KEYS = re.compile(r"(token|password|secret|private[_-]?key|ssh[_-]?key|authorization)",
                           re.I)
 _SECRET_VALUES = [

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from .guest import GuestClient, GuestError
 from .hypervisor.client import ChClient, ChError
 from .hypervisor.process import ProcessManager, UnsafeNameError
-from .models.common import now_utc, set_condition
+from .models.common import Condition, now_utc, set_condition
 from .models.vm import Phase, RunStrategy, VirtualMachine
 from .vm import BOOTED, Action, Desired, Observed, Step, phase_of, reconcile
 
@@ -63,6 +64,7 @@ class VmDriver:
         self._guard = threading.Lock()
         self.departed: set[str] = set()  # migrated away: no longer ours to converge
         self._incoming: dict[str, float] = {}  # being received by migration: not orphans
+        self._health_at: dict[str, float] = {}
 
     def expect(self, key: str) -> None:
         self._incoming[key] = time.monotonic()
@@ -170,6 +172,9 @@ class VmDriver:
                                            gen)
                 events.append(("Normal", "Recreating", recreate))
             for step in plan:
+                if step.action in (Action.GUEST_CHECKPOINT, Action.GUEST_RESTORE):
+                    conditions = self._guest_step(vm, step, conditions, events)
+                    continue
                 self._execute(ns, name, step)
                 if step.action == Action.BOOT or (step.action == Action.RESUME
                                                    and observed.state is None):
@@ -185,6 +190,8 @@ class VmDriver:
             if plan:
                 observed, pid = self.observe(ns, name)
             converged = retry_after is None and not reconcile(desired, observed)
+            if vm.spec.guest_agent is not None and observed.state == "Running":
+                conditions = self._guest_health(vm, conditions, events)
             phase = phase_of(desired, observed)
             if retry_after is None:
                 conditions = set_condition(
@@ -227,6 +234,54 @@ class VmDriver:
             "conditions": [c.wire() for c in conditions],
         }
         return Outcome(status=status, events=events, converged=converged, retry_after=retry_after)
+
+    def _guest(self, vm: VirtualMachine) -> GuestClient:
+        paths = self.pm.paths(vm.metadata.namespace or "default", vm.metadata.name)
+        port = vm.spec.guest_agent.port if vm.spec.guest_agent else 1024
+        return GuestClient(str(paths.socket.with_suffix(".vsock")), port)
+
+    def _guest_step(self, vm: VirtualMachine, step: Step, conditions: list[Condition],
+                    events: list[tuple[str, str, str]]) -> list[Condition]:
+        """Checkpoint/restore through the guest agent; a silent guest does not block sleep
+        (the memory snapshot is still crash-consistent) but is reported."""
+        checkpoint = step.action == Action.GUEST_CHECKPOINT
+        kind = "GuestCheckpointed" if checkpoint else "GuestRestored"
+        try:
+            result = self._guest(vm).call("checkpoint" if checkpoint else "restore",
+                                          timeout=60, retry_for=0 if checkpoint else 10)
+            hooks = ", ".join(result.get("hooks") or []) or "no hooks"
+            msg = f"guest agent {'checkpointed' if checkpoint else 'restored'} ({hooks})"
+            events.append(("Normal", kind, msg))
+            return set_condition(conditions, kind, True, "GuestAgent", msg,
+                                 vm.metadata.generation)
+        except GuestError as exc:
+            msg = f"{step.why}: {exc}; continuing without it"
+            events.append(("Warning", f"{kind}Failed", msg))
+            return set_condition(conditions, kind, False, "GuestAgentError", msg,
+                                 vm.metadata.generation)
+
+    def _guest_health(self, vm: VirtualMachine, conditions: list[Condition],
+                      events: list[tuple[str, str, str]]) -> list[Condition]:
+        spec = vm.spec.guest_agent
+        assert spec is not None
+        last = self._health_at.get(vm.key, 0.0)
+        old = next((c for c in conditions if c.type == "GuestHealthy"), None)
+        if old is not None and time.monotonic() - last < spec.health_interval_seconds:
+            return conditions
+        self._health_at[vm.key] = time.monotonic()
+        try:
+            result = self._guest(vm).call("health")
+            bad = [f"{c['hook']}: {c.get('output') or 'failed'}"
+                   for c in result.get("checks", []) if not c.get("ok")]
+            healthy = bool(result.get("healthy")) and not bad
+            msg = "; ".join(bad) if bad else f"{len(result.get('checks', []))} checks passed"
+            reason = "ChecksPassed" if healthy else "ChecksFailed"
+        except GuestError as exc:
+            healthy, msg, reason = False, str(exc), "GuestAgentUnreachable"
+        if old is None or (old.status == "True") != healthy:
+            events.append(("Normal" if healthy else "Warning", reason, msg))
+        return set_condition(conditions, "GuestHealthy", healthy, reason, msg,
+                             vm.metadata.generation)
 
     def _desired(self, vm: VirtualMachine, halted_gen: int | None) -> Desired:
         paths = self.pm.paths(vm.metadata.namespace or "default", vm.metadata.name)

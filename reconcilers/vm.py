@@ -32,6 +32,8 @@ class Action(StrEnum):
     SNAPSHOT = "vm.snapshot"
     RESTORE = "vm.restore"
     DISCARD_SNAPSHOT = "discard-snapshot"  # the snapshot was consumed by a wake-up
+    GUEST_CHECKPOINT = "guest.checkpoint"  # quiesce the workload before a snapshot
+    GUEST_RESTORE = "guest.restore"  # let the workload know it woke up
     WAIT = "wait"  # process up, socket not yet: nothing to do but look again
 
 
@@ -106,6 +108,8 @@ def reconcile(desired: Desired, observed: Observed) -> list[Step]:
             sim.add(Action.RESTORE, {"source_url": desired.snapshot_url}, "wake from sleep",
                     state="Paused")
             sim.add(Action.RESUME, state="Running")
+            if desired.spec.guest_agent is not None:
+                sim.add(Action.GUEST_RESTORE, why="woke from sleep")
             sim.add(Action.DISCARD_SNAPSHOT)
             sim.config = None  # restored config: compared on the next pass
         else:
@@ -134,6 +138,8 @@ def _wind_down(desired: Desired, observed: Observed, want: str) -> list[Step]:
     # Sleeping: keep the guest's memory on disk and free the host.
     steps = []
     if observed.state in BOOTED:
+        if observed.state == "Running" and desired.spec.guest_agent is not None:
+            steps.append(Step(Action.GUEST_CHECKPOINT, why="going to sleep"))
         if observed.state == "Running":
             steps.append(Step(Action.PAUSE, why="quiesce before snapshot"))
         steps.append(Step(Action.SNAPSHOT, {"destination_url": desired.snapshot_url}))

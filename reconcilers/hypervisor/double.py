@@ -25,6 +25,10 @@ Test hooks (simulate the guest; the real VMM has no such thing):
   ``vm/rebooted``; the state stays Running. Ignored unless Running.
 * ``HYPERFLEET_CH_DOUBLE_SOCKET_DELAY=<seconds>``: wait that long before
   creating the API socket, to exercise clients that must wait for it.
+* ``HYPERFLEET_CH_DOUBLE_GUEST_HOOKS=<dir>``: the guest runs the Hyperfleet guest
+  agent (hooks from ``<dir>``) on vsock port 1024. The VM's vsock unix socket then
+  answers ``CONNECT 1024`` with ``OK`` while the VM is Running (a paused or stopped
+  guest does not answer, as with a real one).
 * ``HYPERFLEET_CH_DOUBLE_EXIT_ON_GUEST_SHUTDOWN=1``: after a guest power-off
   (power button, SIGUSR1) the whole process exits, as an upstream VMM does when
   its guest exits. Off by default: the VM then stays in state Shutdown and can
@@ -77,6 +81,7 @@ _MIGRATION_LIMIT: Final = 64 * 1024 * 1024
 _MIGRATION_TIMEOUT: Final = 30.0
 SOCKET_DELAY_ENV: Final = "HYPERFLEET_CH_DOUBLE_SOCKET_DELAY"
 EXIT_ON_GUEST_SHUTDOWN_ENV: Final = "HYPERFLEET_CH_DOUBLE_EXIT_ON_GUEST_SHUTDOWN"
+GUEST_HOOKS_ENV: Final = "HYPERFLEET_CH_DOUBLE_GUEST_HOOKS"
 SPEC_RESOURCE: Final = "openapi.yaml"
 _HANDLED_SIGNALS: Final = frozenset(
     {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
@@ -1456,6 +1461,56 @@ def _socket_delay() -> float:
         return 0.0
 
 
+GUEST_AGENT_PORT: Final = 1024
+
+
+def _emulate_guest_vsock(vmm: Vmm, hooks_dir: str) -> None:
+    """The VM's vsock device, with the Hyperfleet guest agent listening inside the guest."""
+    from ..guest import GuestAgent
+
+    agent = GuestAgent(hooks_dir, os.path.join(hooks_dir, "state"))
+    listener: socket.socket | None = None
+    bound: str | None = None
+    while True:
+        vm = vmm.vm
+        wanted = ((vm.config.get("vsock") or {}).get("socket") if vm else None)
+        if wanted != bound:
+            if listener is not None:
+                listener.close()
+                _unlink_quietly(bound or "")
+            listener, bound = None, wanted
+            if wanted:
+                _unlink_quietly(wanted)
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(wanted)
+                listener.listen(16)
+                listener.settimeout(0.1)
+        if listener is None:
+            time.sleep(0.1)
+            continue
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        threading.Thread(target=_guest_connection, args=(vmm, agent, conn),
+                         daemon=True).start()
+
+
+def _guest_connection(vmm: Vmm, agent: Any, conn: socket.socket) -> None:
+    with conn:
+        conn.settimeout(30)
+        f = conn.makefile("rwb")
+        hello = f.readline().decode().split()
+        vm = vmm.vm
+        running = vm is not None and vm.state == VmState.RUNNING
+        if len(hello) != 2 or hello[0] != "CONNECT" or hello[1] != str(GUEST_AGENT_PORT) \
+                or not running:
+            return  # nothing listens on that guest port (or the guest is not running)
+        f.write(b"OK 1073741824\n")
+        f.flush()
+        agent.serve_connection(f, f)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one VMM: serve the API until SIGTERM/SIGINT or ``vmm.shutdown``."""
     started = time.monotonic()
@@ -1490,6 +1545,10 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(
         target=server.serve_forever, args=(3600.0,), name="api", daemon=True
     ).start()
+    hooks = os.environ.get(GUEST_HOOKS_ENV)
+    if hooks:
+        threading.Thread(target=_emulate_guest_vsock, args=(vmm, hooks), name="vsock",
+                         daemon=True).start()
     _log(
         logging.INFO,
         "api socket ready",

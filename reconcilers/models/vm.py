@@ -102,6 +102,15 @@ class ConsoleMode(StrEnum):
     NULL = "Null"
 
 
+class GuestAgentSpec(CamelModel):
+    """The Hyperfleet guest agent inside the VM (``hyperfleet-guest-agent``), over vsock."""
+
+    port: int = Field(default=1024, ge=1, le=4294967295, description="Guest vsock port")
+    health_interval_seconds: int = Field(
+        default=30, ge=5, le=3600, description="How often the guest's health checks run"
+    )
+
+
 class Affinity(CamelModel):
     """VM-to-VM co-location rules, evaluated per WorkerNode."""
 
@@ -124,6 +133,10 @@ class VirtualMachineSpec(CamelModel):
                 {
                     "rule": "!has(self.maxCpus) || self.maxCpus >= self.cpus",
                     "message": "maxCpus must be >= cpus: raise maxCpus or lower cpus",
+                },
+                {
+                    "rule": "!has(self.guestAgent) || has(self.vsock)",
+                    "message": "guestAgent talks over vsock: set spec.vsock.cid too",
                 },
                 {
                     "rule": "!has(self.maxMemory) || "
@@ -150,6 +163,11 @@ class VirtualMachineSpec(CamelModel):
     disks: list[Disk] = Field(default_factory=list)
     interfaces: list[Interface] = Field(default_factory=list)
     vsock: Vsock | None = None
+    guest_agent: GuestAgentSpec | None = Field(
+        default=None,
+        description="Checkpoint the workload before sleep, restore it on wake, report guest "
+        "health (needs vsock)",
+    )
     serial: ConsoleMode = ConsoleMode.NULL
     console: ConsoleMode = ConsoleMode.OFF
     run_strategy: RunStrategy = Field(
@@ -176,6 +194,8 @@ class VirtualMachineSpec(CamelModel):
     def _max_cpus(self) -> VirtualMachineSpec:
         if self.max_cpus is not None and self.max_cpus < self.cpus:
             raise ValueError("maxCpus must be >= cpus: raise maxCpus or lower cpus")
+        if self.guest_agent is not None and self.vsock is None:
+            raise ValueError("guestAgent talks over vsock: set spec.vsock.cid too")
         if self.max_memory is not None and self.max_memory_bytes < self.memory_bytes:
             raise ValueError("maxMemory must be >= memory: raise maxMemory or lower memory")
         return self

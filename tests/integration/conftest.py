@@ -62,9 +62,10 @@ class Cluster:
         r = self.kubectl("get", kind, name, "-o", "json", check=False, namespaced=namespaced)
         return json.loads(r.stdout) if r.returncode == 0 else None
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *args: str,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **(env or {})}
         p = subprocess.Popen(hyperfleet_cmd(*args), env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = p
@@ -75,11 +76,12 @@ class Cluster:
                           "--eviction-timeout", str(eviction_timeout))
 
     def start_agent(self, node: str, cpus: int = 8, memory: str = "16Gi",
-                    pool: str = "default") -> subprocess.Popen[bytes]:
+                    pool: str = "default",
+                    env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         return self.start(
             f"agent-{node}", "agent", "--node-name", node, "--ch-binary", ch_double_cmd(),
             "--socket-dir", str(self.socket_dir(node)), "--cpus", str(cpus),
-            "--memory", memory, "--pool", pool, "--heartbeat", "1",
+            "--memory", memory, "--pool", pool, "--heartbeat", "1", env=env,
         )
 
     def node(self, suffix: str) -> str:

@@ -64,6 +64,9 @@ def simulate(d: Desired, obs: Observed) -> Observed:
         if a == Action.DISCARD_SNAPSHOT:
             snapshot = False
             continue
+        if a in (Action.GUEST_CHECKPOINT, Action.GUEST_RESTORE):
+            assert state == "Running", f"{a} needs a running guest, not {state}"
+            continue
         assert process, f"{a} without a process"
         assert state in TRANSITIONS[a], f"{a} is illegal from {state}"
         if a == Action.SNAPSHOT:
@@ -241,3 +244,25 @@ def test_vm_config_matches_the_contract_shape() -> None:
     assert cfg["disks"] == [{"id": "root", "path": "/d.raw", "readonly": False, "direct": False}]
     assert cfg["net"] == [{"id": "eth0", "tap": "tap0", "mac": "52:54:00:00:00:01"}]
     assert cfg["vsock"] == {"cid": 3, "socket": "/run/x.vsock"}
+
+
+def test_guest_agent_checkpoints_before_sleep_and_restores_after_wake() -> None:
+    asleep = spec(vsock={"cid": 3}, guestAgent={}, powerState="Sleeping")
+    plan = reconcile(want(asleep), Observed(True, True, "Running", vm_config(asleep)))
+    assert [s.action for s in plan] == [
+        Action.GUEST_CHECKPOINT, Action.PAUSE, Action.SNAPSHOT, Action.KILL]
+    awake = spec(vsock={"cid": 3}, guestAgent={})
+    plan = reconcile(want(awake), Observed(process=False, snapshot=True))
+    assert [s.action for s in plan] == [
+        Action.SPAWN, Action.RESTORE, Action.RESUME, Action.GUEST_RESTORE,
+        Action.DISCARD_SNAPSHOT]
+    # Without a guest agent, nothing is asked of the guest.
+    plain = spec(vsock={"cid": 3}, powerState="Sleeping")
+    assert Action.GUEST_CHECKPOINT not in [
+        s.action for s in reconcile(want(plain), Observed(True, True, "Running",
+                                                          vm_config(plain)))]
+
+
+def test_guest_agent_needs_vsock() -> None:
+    with pytest.raises(ValueError, match=r"spec\.vsock"):
+        spec(guestAgent={})
