@@ -84,6 +84,18 @@ def controller(
     peering: Annotated[str | None, typer.Option(
         help="kopf peering name: run several replicas, one active (needs the peering CRDs)")
     ] = None,
+    gitops: Annotated[bool, typer.Option(help="Run the GitSource reconciler here")] = True,
+    git_cache_dir: Annotated[str, typer.Option(
+        envvar="HYPERFLEET_GIT_CACHE", help="Where Git checkouts are cached")
+    ] = "/var/cache/hyperfleet/git",
+    webhook_port: Annotated[int, typer.Option(
+        help="Push-webhook port (0: off, polling only)")] = 0,
+    webhook_host: Annotated[str, typer.Option(help="Address the webhook receiver binds")
+                            ] = "0.0.0.0",
+    webhook_secret_file: Annotated[Path | None, typer.Option(
+        help="File with the webhook secret (or set HYPERFLEET_WEBHOOK_SECRET)")] = None,
+    apply_workers: Annotated[int, typer.Option(
+        help="Concurrent API calls per GitSource apply")] = 16,
     log_format: LogFormatOpt = "json",
     metrics_port: MetricsOpt = 0,
     metrics_address: MetricsAddrOpt = "0.0.0.0",
@@ -97,8 +109,25 @@ def controller(
         raise typer.Exit(2)
     cfg = ControllerConfig(node_grace_seconds=node_grace, eviction_seconds=eviction_timeout,
                            scheduling_policy=scheduling_policy)
+    git_cfg = None
+    if gitops:
+        from . import gitsource
+
+        # The secret comes from a file or the environment, never argv (visible in `ps`).
+        secret = (webhook_secret_file.read_text().strip() if webhook_secret_file
+                  else os.environ.get(gitsource.WEBHOOK_SECRET_ENV))
+        git_cfg = gitsource.GitOpsConfig(cache_dir=git_cache_dir, webhook_port=webhook_port,
+                                         webhook_host=webhook_host, webhook_secret=secret,
+                                         apply_workers=apply_workers)
+        try:
+            git_cfg.check()
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
     registry, kube = _prepare(log_format, metrics_port, metrics_address, kubeconfig)
     ctl.register(registry, cfg, kube)
+    if git_cfg is not None:
+        gitsource.register(registry, git_cfg, kube)
     _run_kopf(registry, peering)
 
 

@@ -41,7 +41,7 @@ def run_demo(workdir: Path, n_nodes: int, keep: bool) -> int:
             procs.append(subprocess.Popen(hyperfleet_cmd(*args), env=env, stdout=out,
                                           stderr=subprocess.STDOUT, start_new_session=True))
 
-        start("controller", "controller")
+        start("controller", "controller", "--git-cache-dir", str(workdir / "git-cache"))
         for i in range(1, n_nodes + 1):
             start(f"agent-node-{i}", "agent", "--node-name", f"node-{i}",
                   "--ch-binary", ch_double_cmd(), "--socket-dir", str(workdir / f"node-{i}"),

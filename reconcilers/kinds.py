@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .crdgen import CrdKind
+from .gitops.crd import GIT_SOURCE
 from .jobs.engine import JobStatus
 from .jobs.protocol import JobDocument
 from .models.node import WorkerNodeSpec, WorkerNodeStatus
@@ -68,4 +69,4 @@ VM_JOB = CrdKind(
     ],
 )
 
-ALL_KINDS = [VIRTUAL_MACHINE, WORKER_NODE, VM_JOB]
+ALL_KINDS = [VIRTUAL_MACHINE, WORKER_NODE, VM_JOB, GIT_SOURCE]

@@ -73,7 +73,8 @@ class Cluster:
 
     def start_controller(self, eviction_timeout: float = 300) -> subprocess.Popen[bytes]:
         return self.start("controller", "controller", "--node-grace", "6",
-                          "--eviction-timeout", str(eviction_timeout))
+                          "--eviction-timeout", str(eviction_timeout),
+                          "--git-cache-dir", str(self.workdir / "git-cache"))
 
     def start_agent(self, node: str, cpus: int = 8, memory: str = "16Gi",
                     pool: str = "default",

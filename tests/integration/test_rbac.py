@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import helm_python  # noqa: F401 - dev dependency: a missing install must fail, not skip
 import pytest
 import yaml
 
@@ -41,7 +42,6 @@ from hyperfleet.operator.devstack import (
 )
 from tests import chartutil as cu
 
-pytest.importorskip("helm_python", reason="helm-python-sdk (Helm's Go SDK) is not installed")
 pytestmark = pytest.mark.integration
 
 #: Requests outside any resource: discovery, which the built-in system:discovery ClusterRole

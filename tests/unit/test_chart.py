@@ -9,15 +9,15 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import helm_python as helm
 import jsonschema
+import kubernetes_validate as kv
 import pytest
 import typer.main
 import yaml
 
+from hyperfleet.operator.gitsource import WEBHOOK_SECRET_ENV
 from tests import chartutil as cu
-
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk (Helm's Go SDK) is not installed")
-kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
 
 #: Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas shipped.
 KUBE_VERSIONS = ("1.32", str(kv.latest_version()))  # selectableFields are GA in 1.32
@@ -362,13 +362,6 @@ def test_missing_required_values_fail_to_render(values: dict[str, Any], message:
 
 # ---------------------------------------------------------------------------- the CLI contract
 
-#: Flags the chart passes only with non-default values, which `hyperfleet controller` does not
-#: have yet: `--peering NAME` (kopf peering for replicas > 1), `--webhook-port` and the secret in
-#: $HYPERFLEET_WEBHOOK_SECRET (the GitSource receiver inside the controller; the name is the one
-#: hyperfleet.operator.gitsource reads). test_pending_cli_flags xfails until they exist.
-PENDING_FLAGS = {"controller": {"--peering", "--webhook-port", "$HYPERFLEET_WEBHOOK_SECRET"}}
-
-
 def _cli_options() -> dict[str, dict[str, Any]]:
     """subcommand -> option spelling -> its parameter (typer vendors its own click)."""
     from hyperfleet.operator.cli import app
@@ -392,22 +385,16 @@ def _missing_flags(values: dict[str, Any]) -> dict[str, set[str]]:
                     missing.setdefault(command, set()).add(flag)
             envvars = {getattr(p, "envvar", None) for p in options[command].values()}
             envvars.add("POD_ID")  # read by kopf itself (peering identity)
+            envvars.add(WEBHOOK_SECRET_ENV)  # read from the environment only, never argv
             missing.setdefault(command, set()).update(f"${n}" for n in _env(c) if n not in envvars)
     return {cmd: flags for cmd, flags in missing.items() if flags}
 
 
-@pytest.mark.parametrize("name", ["defaults", "custom-ch-no-metrics", "privileged-no-device-plugin"])
+@pytest.mark.parametrize("name", ["defaults", "custom-ch-no-metrics", "privileged-no-device-plugin",
+                                  "ha-gitops"])
 def test_cli_flags_exist(name: str) -> None:
     """Every flag and environment variable the chart passes is one `hyperfleet` accepts."""
     assert _missing_flags(SCENARIOS[name]) == {}
-
-
-def test_pending_cli_flags() -> None:
-    missing = _missing_flags(SCENARIOS["ha-gitops"])
-    unexpected = {cmd: flags - PENDING_FLAGS.get(cmd, set()) for cmd, flags in missing.items()}
-    assert not any(unexpected.values()), unexpected
-    if missing:
-        pytest.xfail(f"the chart passes flags the CLI lacks so far: {missing}")
 
 
 def test_containerfile_matches_the_chart() -> None:

@@ -1,0 +1,24 @@
+"""GitOps: the cluster repository is the source of truth for the fleet.
+
+Modules: ``fetch`` (git cache per GitSource), ``render`` (YAML / Nix -> validated manifests),
+``plan`` (pure diff, prune and deletion-hold rules), ``apply`` (server-side apply, guarded
+pruning), ``webhook`` (push authentication and matching), ``reconcile`` (one pass, status).
+"""
+
+from .plan import Plan, is_subset, make_plan
+from .render import RenderResult, render_yaml
+from .types import FIELD_MANAGER, OWNER_LABEL, Manifest, ObjectRef, RenderError, owner_value
+
+__all__ = [
+    "FIELD_MANAGER",
+    "OWNER_LABEL",
+    "Manifest",
+    "ObjectRef",
+    "Plan",
+    "RenderError",
+    "RenderResult",
+    "is_subset",
+    "make_plan",
+    "owner_value",
+    "render_yaml",
+]

@@ -1,0 +1,24 @@
+"""The GitSource CRD kind (printer columns included), ready for ``reconcilers/kinds.py``."""
+
+from __future__ import annotations
+
+from hyperfleet.reconcilers.crdgen import CrdKind
+from hyperfleet.reconcilers.models.gitsource import GitSourceSpec, GitSourceStatus
+
+GIT_SOURCE = CrdKind(
+    kind="GitSource",
+    plural="gitsources",
+    singular="gitsource",
+    short_names=["gs"],
+    scope="Namespaced",
+    spec_model=GitSourceSpec,
+    status_model=GitSourceStatus,
+    columns=[
+        {"name": "URL", "type": "string", "jsonPath": ".spec.url"},
+        {"name": "Commit", "type": "string", "jsonPath": ".status.lastAppliedCommit"},
+        {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"},
+        {"name": "Status", "type": "string",
+         "jsonPath": ".status.conditions[?(@.type==\"Ready\")].message", "priority": 1},
+        {"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspend"},
+    ],
+)

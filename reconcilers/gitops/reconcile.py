@@ -1,0 +1,393 @@
+"""One reconcile of one GitSource: fetch -> render -> validate -> plan -> apply -> prune -> status.
+
+The order is the safety argument: nothing is applied until the whole commit rendered,
+validated (schema and server-side dry-run) and planned; nothing is pruned unless every apply
+succeeded, the deletions are within maxDeletionRatio (or confirmed), and the objects still
+carry this GitSource's ownership label. Any failure keeps the last applied state.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from hyperfleet.reconcilers.kube import Kube, Resource
+from hyperfleet.reconcilers.models.common import set_condition
+from hyperfleet.reconcilers.models.gitsource import (
+    GitSourceSpec,
+    GitSourceStatus,
+    HeldDeletion,
+    InventoryEntry,
+    Renderer,
+)
+
+from .apply import Applier, api_message
+from .fetch import Credentials, FetchError, GitFetcher, PathNotFound, scrub
+from .plan import Plan, Reason, make_plan
+from .render import NixUnavailable, RenderResult, pydantic_messages, render_nix, render_yaml
+from .types import (
+    CONFIRM_DELETION_ANNOTATION,
+    RECONCILE_NOW_ANNOTATION,
+    ObjectRef,
+    RenderError,
+    owner_value,
+)
+
+log = logging.getLogger("hyperfleet.gitops")
+
+GITSOURCES = Resource("gitsources", True)
+COMPONENT = "hyperfleet-gitops"
+RETRY_AFTER_FAILURE = 30.0  # seconds; a transient failure is retried sooner than a long interval
+MAX_ERRORS_SHOWN = 5
+
+State = Literal["applied", "unchanged", "held", "stalled", "failed", "suspended", "deleted"]
+
+
+@dataclass(frozen=True)
+class Result:
+    state: State
+    requeue_after: float
+    commit: str | None = None
+
+
+class _Stop(Exception):
+    """End this reconcile with a condition (raised by the steps, handled in one place)."""
+
+    def __init__(self, reason: str, message: str, stalled: bool, requeue: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.stalled = stalled
+        self.requeue = requeue
+
+
+def _summary(errors: Sequence[object], total: int | None = None) -> str:
+    shown = "; ".join(str(e) for e in errors[:MAX_ERRORS_SHOWN])
+    n = total if total is not None else len(errors)
+    more = f"; and {n - MAX_ERRORS_SHOWN} more" if n > MAX_ERRORS_SHOWN else ""
+    return f"{n} problem{'s' if n != 1 else ''}: {shown}{more}"
+
+
+class GitSourceReconciler:
+    """Stateless between calls: everything it needs is in the GitSource, Git and the cluster.
+
+    ``nix``: path of the nix binary, or None where Nix is not installed (flakes then stall
+    with a clear condition; YAML sources are unaffected)."""
+
+    def __init__(self, kube: Kube, fetcher: GitFetcher, applier: Applier, *,
+                 nix: str | None = None, server_dry_run: bool = True) -> None:
+        self.kube = kube
+        self.fetcher = fetcher
+        self.applier = applier
+        self.nix = nix
+        self.server_dry_run = server_dry_run
+        # Last render per GitSource: an unchanged commit is not parsed again every interval.
+        self.rendered: dict[str, tuple[tuple[Any, ...], RenderResult]] = {}
+
+    # ------------------------------------------------------------------ entry point
+
+    def reconcile(self, key: str, trigger: str = "interval") -> Result:
+        namespace, _, name = key.partition("/")
+        body = self.kube.get(GITSOURCES, name, namespace)
+        if body is None:
+            self.fetcher.remove(key)
+            self.rendered.pop(key, None)
+            return Result("deleted", 0.0)
+        started = time.monotonic()
+        quiet = trigger == "interval"  # routine polls log at debug unless something happened
+        log.log(logging.DEBUG if quiet else logging.INFO, "reconcile started",
+                extra={"gitsource": key, "trigger": trigger})
+        run = _Run(self, body)
+        result = run.execute()
+        level = logging.DEBUG if quiet and result.state in ("unchanged", "suspended") else logging.INFO
+        log.log(level, "reconcile finished", extra={
+            "gitsource": key, "trigger": trigger, "state": result.state, "commit": result.commit,
+            "seconds": round(time.monotonic() - started, 3)})
+        return result
+
+    def credentials(self, namespace: str, spec: GitSourceSpec) -> Credentials | None:
+        if spec.secret_ref is None:
+            return None
+        name = spec.secret_ref.name
+        try:
+            secret = client.CoreV1Api(self.kube.api.api_client).read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise FetchError(f"Secret {name} (spec.secretRef) not found in namespace {namespace}: "
+                                 "create it or fix spec.secretRef", transient=False,
+                                 reason="SecretNotFound") from None
+            raise FetchError(f"cannot read Secret {name}: {api_message(exc)}") from None
+        data = {k: base64.b64decode(v).decode("utf-8", "replace") for k, v in (secret.data or {}).items()}
+        return Credentials.from_secret_data(data, name, spec.url)
+
+
+class _Run:
+    """The state of one reconcile; ``execute`` never raises for expected failures."""
+
+    def __init__(self, r: GitSourceReconciler, body: dict[str, Any]) -> None:
+        self.r = r
+        self.body = body
+        meta = body.get("metadata") or {}
+        self.name = str(meta.get("name"))
+        self.namespace = str(meta.get("namespace") or "default")
+        self.key = f"{self.namespace}/{self.name}"
+        self.generation = meta.get("generation")
+        self.annotations: dict[str, str] = dict(meta.get("annotations") or {})
+        self.status: GitSourceStatus
+        try:
+            self.status = GitSourceStatus.model_validate(body.get("status") or {})
+        except ValidationError:
+            # A hand-mangled status must not wedge the source; starting from an empty
+            # inventory errs on the safe side (nothing unknown is ever pruned).
+            log.warning("unreadable status; starting afresh", extra={"gitsource": self.key})
+            self.status = GitSourceStatus()
+        self.before = self.status.wire()
+        self.prev_ready = next((c for c in self.status.conditions if c.type == "Ready"), None)
+        self.spec: GitSourceSpec | None = None
+        self.commit: str | None = None
+        self.secrets: list[str] = []
+
+    # ------------------------------------------------------------------ flow
+
+    def execute(self) -> Result:
+        interval = 60.0
+        # Set first, so the status writes of this very run do not look like unhandled changes.
+        self.status.observed_generation = self.generation
+        self.status.last_handled_reconcile_at = self.annotations.get(RECONCILE_NOW_ANNOTATION)
+        try:
+            try:
+                self.spec = GitSourceSpec.model_validate(self.body.get("spec") or {})
+            except ValidationError as exc:
+                raise _Stop("InvalidSpec", "; ".join(pydantic_messages(exc, "spec")), True) from None
+            interval = self.spec.interval_seconds
+            result = self._suspended(interval) if self.spec.suspend else self._sync(self.spec)
+        except _Stop as stop:
+            result = self._stopped(stop, interval)
+        except FetchError as exc:
+            requeue = min(interval, RETRY_AFTER_FAILURE) if exc.transient else interval
+            result = self._stopped(_Stop(exc.reason, self._fetch_message(str(exc)), not exc.transient,
+                                         requeue), interval)
+        except Exception as exc:  # API hiccups and bugs: report, keep state, retry soon
+            log.exception("reconcile failed", extra={"gitsource": self.key})
+            msg = api_message(exc) if isinstance(exc, ApiException) else f"{type(exc).__name__}: {exc}"
+            result = self._stopped(_Stop("ReconcileFailed", scrub(msg, self.secrets), False,
+                                         min(interval, RETRY_AFTER_FAILURE)), interval)
+        self._write()
+        return result
+
+    def _sync(self, spec: GitSourceSpec) -> Result:
+        creds = self.r.credentials(self.namespace, spec)
+        self.secrets = creds.secrets() if creds else []
+        fetched = self.r.fetcher.fetch(self.key, spec.url, spec.ref, creds, spec.timeout_seconds)
+        self.commit = fetched.commit
+        self.status.last_fetched_commit = fetched.commit
+        if fetched.rewritten and fetched.previous:
+            self._event("HistoryRewritten", f"history of {self._ref()} was rewritten (force-push): "
+                        f"{fetched.previous[:12]} is not an ancestor of {fetched.commit[:12]}; the "
+                        "new tip is the desired state", "Warning")
+        rendered = self._render(spec, fetched.commit)
+        if rendered.errors:
+            raise _Stop("ValidationFailed", self._not_applied(_summary(rendered.errors)), True)
+        inventory = [ObjectRef.from_inventory(e.wire()) for e in self.status.inventory]
+        kinds = {m.ref.kind for m in rendered.manifests} | {r.kind for r in inventory}
+        live = self.r.applier.list_owned(kinds)
+        plan = make_plan(
+            rendered.manifests, inventory, live,
+            owner=owner_value(self.namespace, self.name), source=self.key, commit=fetched.commit,
+            prune=spec.prune, max_deletion_ratio=spec.max_deletion_ratio,
+            confirmed=self.annotations.get(CONFIRM_DELETION_ANNOTATION),
+        )
+        if plan.conflicts:
+            raise _Stop("OwnershipConflict", self._not_applied(_summary(plan.conflicts)), True)
+        if plan.hold is not None:
+            h = plan.hold
+            self.status.held_deletion = HeldDeletion(
+                commit=h.commit, count=len(h.deletions), total=h.total,
+                objects=[str(x) for x in h.deletions[:20]])
+            raise _Stop("DeletionHeld", h.message(self.name, self.namespace), True)
+        self.status.held_deletion = None
+        return self._carry_out(plan, live, spec, len(rendered.manifests))
+
+    def _render(self, spec: GitSourceSpec, commit: str) -> RenderResult:
+        inputs = (commit, spec.path, spec.renderer, spec.target_namespace, self.namespace,
+                  self.r.nix is not None)
+        cached = self.r.rendered.get(self.key)
+        if cached is not None and cached[0] == inputs:
+            return cached[1]
+        result = self._render_fresh(spec, commit)
+        self.r.rendered[self.key] = (inputs, result)
+        return result
+
+    def _render_fresh(self, spec: GitSourceSpec, commit: str) -> RenderResult:
+        f, key = self.r.fetcher, self.key
+        try:
+            use_nix = spec.renderer == Renderer.NIX or (
+                spec.renderer == Renderer.AUTO and f.has_file(key, spec.url, commit, spec.path, "flake.nix"))
+            if not use_nix:
+                return render_yaml(f.manifest_files(key, spec.url, commit, spec.path),
+                                   self.namespace, spec.target_namespace)
+            with tempfile.TemporaryDirectory(prefix="hf-nix-") as tmp:
+                f.export(key, spec.url, commit, Path(tmp))
+                flake_dir = Path(tmp) if spec.path == "." else Path(tmp) / spec.path
+                if not (flake_dir / "flake.nix").is_file():
+                    raise PathNotFound(f"spec.renderer is Nix but {spec.path}/flake.nix does not exist "
+                                       f"in commit {commit[:12]}")
+                return render_nix(flake_dir, spec.path, self.namespace, spec.target_namespace,
+                                  timeout=spec.timeout_seconds, nix=self.r.nix)
+        except PathNotFound as exc:
+            raise _Stop("PathNotFound", self._not_applied(str(exc)), True) from None
+        except NixUnavailable as exc:
+            raise _Stop("NixUnavailable", self._not_applied(str(exc)), True) from None
+
+    def _carry_out(self, plan: Plan, live: dict[ObjectRef, dict[str, Any]], spec: GitSourceSpec,
+                   n_desired: int) -> Result:
+        commit = self.commit or ""
+        applier = self.r.applier
+        applied: list[ObjectRef] = []
+        if plan.applies:
+            self._set("Reconciling", True, "Progressing",
+                      f"applying commit {commit[:12]}: {len(plan.applies)} object(s) to create or update")
+            self._write()
+            bodies = [a.body for a in plan.applies]
+            if self.r.server_dry_run:
+                outcomes = applier.apply_all(bodies, dry_run=True)
+                bad = [f"{a.manifest.where}: {a.manifest.ref}: {o.error}"
+                       for a, o in zip(plan.applies, outcomes, strict=True) if not o.ok]
+                if bad:
+                    raise _Stop("ValidationFailed",
+                                self._not_applied("the API server rejected " + _summary(bad)), True)
+            outcomes = applier.apply_all(bodies)
+            failed = []
+            for a, o in zip(plan.applies, outcomes, strict=True):
+                if o.ok:
+                    applied.append(a.manifest.ref)
+                else:
+                    failed.append(f"{a.manifest.where}: {a.manifest.ref}: {o.error}")
+            if failed:
+                # Remember what did get applied so a later commit can prune it; prune nothing now.
+                old = [ObjectRef.from_inventory(e.wire()) for e in self.status.inventory]
+                self._set_inventory(list(dict.fromkeys([*old, *applied])))
+                self._applied_event(plan, applied)
+                raise _Stop("ApplyFailed", f"commit {commit[:12]} was applied only in part, nothing "
+                            f"pruned: {_summary(failed)}", False,
+                            min(spec.interval_seconds, RETRY_AFTER_FAILURE))
+        self._applied_event(plan, applied)
+        kept: list[ObjectRef] = []
+        if plan.prunes:
+            outcomes = applier.delete_all([(ref, (live[ref].get("metadata") or {}).get("uid"))
+                                           for ref in plan.prunes])
+            pruned = [ref for ref, o in zip(plan.prunes, outcomes, strict=True) if o.ok]
+            kept = [ref for ref, o in zip(plan.prunes, outcomes, strict=True) if not o.ok]
+            if pruned:
+                self._event("Pruned", f"commit {commit[:12]}: deleted {len(pruned)} object(s) removed "
+                            f"from Git: {', '.join(str(r) for r in pruned[:20])}")
+                log.info("pruned", extra={"gitsource": self.key, "commit": commit,
+                                          "objects": [str(r) for r in pruned]})
+        self._set_inventory([*plan.inventory, *kept])
+        self.status.last_applied_commit = commit
+        self.status.last_attempted_commit = commit
+        self.status.last_error = None
+        if kept:
+            raise _Stop("PruneFailed", f"commit {commit[:12]} applied, but {len(kept)} object(s) could "
+                        f"not be deleted yet: {', '.join(str(r) for r in kept[:10])}", False,
+                        min(spec.interval_seconds, RETRY_AFTER_FAILURE))
+        message = f"Applied revision {self._ref()}@{commit[:12]}: {n_desired} object(s)"
+        if self.prev_ready is not None and self.prev_ready.status != "True":
+            self._event("ReconciliationSucceeded", f"recovered: {message}")
+        self._set("Ready", True, "ReconciliationSucceeded", message)
+        self._set("Stalled", False, "ReconciliationSucceeded")
+        self._set("Reconciling", False, "ReconciliationSucceeded")
+        state: State = "applied" if plan.changes else "unchanged"
+        return Result(state, spec.interval_seconds, commit)
+
+    # ------------------------------------------------------------------ endings
+
+    def _suspended(self, interval: float) -> Result:
+        self._set("Reconciling", False, "Suspended",
+                  "spec.suspend is true: not fetching, applying or pruning; set it to false to resume")
+        return Result("suspended", interval)
+
+    def _stopped(self, stop: _Stop, interval: float) -> Result:
+        msg = scrub(stop.message, self.secrets)
+        self.status.last_error = msg
+        if self.commit:
+            self.status.last_attempted_commit = self.commit
+        if stop.reason != "DeletionHeld":
+            self.status.held_deletion = None
+        self._set("Ready", False, stop.reason, msg)
+        self._set("Stalled", stop.stalled, stop.reason if stop.stalled else "Retrying",
+                  msg if stop.stalled else "")
+        self._set("Reconciling", not stop.stalled, "RetryingAfterError" if not stop.stalled else stop.reason,
+                  "" if stop.stalled else f"will retry: {msg}")
+        if self.prev_ready is None or (self.prev_ready.reason, self.prev_ready.message) != (stop.reason, msg):
+            self._event(stop.reason, msg, "Warning")
+            log.warning("reconcile stopped", extra={"gitsource": self.key, "reason": stop.reason,
+                                                    "error": msg, "commit": self.commit})
+        state: State = "held" if stop.reason == "DeletionHeld" else (
+            "stalled" if stop.stalled else "failed")
+        return Result(state, stop.requeue if stop.requeue is not None else interval, self.commit)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _ref(self) -> str:
+        return self.spec.ref.short() if self.spec and self.spec.ref else "HEAD"
+
+    def _not_applied(self, what: str) -> str:
+        last = self.status.last_applied_commit
+        keep = f"the last applied commit {last[:12]} stays in place" if last else "nothing was applied"
+        return f"commit {(self.commit or '?')[:12]} was not applied ({keep}): {what}"
+
+    def _fetch_message(self, what: str) -> str:
+        last = self.status.last_applied_commit
+        keep = f"keeping commit {last[:12]}" if last else "nothing applied yet"
+        return f"{what} ({keep}; nothing is pruned while the remote cannot be read)"
+
+    def _set(self, type_: str, status: bool, reason: str, message: str = "") -> None:
+        self.status.conditions = set_condition(self.status.conditions, type_, status, reason,
+                                               message[:4000], self.generation)
+
+    def _set_inventory(self, refs: Sequence[ObjectRef]) -> None:
+        ordered = sorted(dict.fromkeys(refs), key=lambda r: r.sort_key())
+        self.status.inventory = [InventoryEntry.model_validate(r.to_inventory()) for r in ordered]
+
+    def _applied_event(self, plan: Plan, applied: Sequence[ObjectRef]) -> None:
+        done = set(applied)
+        counts = {reason: sum(1 for a in plan.applies if a.reason == reason and a.manifest.ref in done)
+                  for reason in Reason}
+        if not any(counts.values()):
+            return
+        parts = [f"created {counts[Reason.CREATE]}", f"updated {counts[Reason.UPDATE]}"]
+        if counts[Reason.DRIFT]:
+            drifted = [str(a.manifest.ref) for a in plan.applies
+                       if a.reason == Reason.DRIFT and a.manifest.ref in done]
+            parts.append(f"reverted drift on {counts[Reason.DRIFT]} ({', '.join(drifted[:10])})")
+        self._event("Applied", f"commit {(self.commit or '')[:12]}: {', '.join(parts)}")
+        log.info("applied", extra={"gitsource": self.key, "commit": self.commit,
+                                   **{str(k): v for k, v in counts.items()}})
+
+    def _event(self, reason: str, message: str, type_: str = "Normal") -> None:
+        self.r.kube.event(self.body, reason, scrub(message, self.secrets), type_, COMPONENT)
+
+    def _write(self) -> None:
+        new = self.status.wire()
+        if new == self.before:
+            return
+        patch: dict[str, Any] = dict(new)
+        for k in self.before:
+            if k not in new:
+                patch[k] = None  # merge patch: null removes a field we no longer report
+        self.r.kube.patch(GITSOURCES, self.name, {"status": patch}, self.namespace, True)
+        self.before = new
+
+
+__all__ = ["GITSOURCES", "GitSourceReconciler", "RenderError", "Result"]

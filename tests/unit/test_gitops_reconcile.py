@@ -1,0 +1,253 @@
+"""One reconcile pass against a real git repository and an in-memory cluster: the ordering
+rules (validate everything, then apply, prune only after a full apply) and the status."""
+
+from __future__ import annotations
+
+import copy
+import stat
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from hyperfleet.reconcilers.gitops.apply import Applier, Outcome
+from hyperfleet.reconcilers.gitops.fetch import GitFetcher
+from hyperfleet.reconcilers.gitops.reconcile import GitSourceReconciler, Result
+from hyperfleet.reconcilers.gitops.types import OWNER_LABEL, ObjectRef
+from hyperfleet.reconcilers.kube import Kube, Resource
+
+from .test_gitops_fetch import Remote
+
+
+def vm(name: str, cpus: int = 1) -> str:
+    return (f"apiVersion: hyperfleet.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}}}\n"
+            f"spec: {{cpus: {cpus}, memory: 1Gi, boot: {{kernel: /k}}}}\n")
+
+
+class FakeKube:
+    """Holds the one GitSource; records status patches and events (duck-types Kube)."""
+
+    def __init__(self, source: dict[str, Any]) -> None:
+        self.api = Kube().api
+        self.source = source
+        self.patches: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str, str]] = []
+
+    def get(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        return copy.deepcopy(self.source)
+
+    def patch(self, res: Resource, name: str, patch: dict[str, Any], namespace: str | None = None,
+              status: bool = False) -> dict[str, Any]:
+        assert status
+        self.patches.append(copy.deepcopy(patch))
+        st = self.source.setdefault("status", {})
+        for k, v in patch["status"].items():
+            if v is None:
+                st.pop(k, None)
+            else:
+                st[k] = v
+        return copy.deepcopy(self.source)
+
+    def event(self, involved: dict[str, Any], reason: str, message: str, type_: str = "Normal",
+              component: str = "hyperfleet") -> None:
+        self.events.append((type_, reason, message))
+
+
+class FakeApplier(Applier):
+    """An in-memory cluster; ``reject`` decides which objects the 'API server' refuses."""
+
+    def __init__(self, kube: Kube) -> None:
+        super().__init__(kube, workers=2)
+        self.objects: dict[ObjectRef, dict[str, Any]] = {}
+        self.reject: Callable[[dict[str, Any], bool], str | None] = lambda body, dry: None
+        self.calls: list[str] = []
+
+    def list_owned(self, kinds: Iterable[str]) -> dict[ObjectRef, dict[str, Any]]:
+        self.calls.append("list")
+        return {r: copy.deepcopy(b) for r, b in self.objects.items()
+                if OWNER_LABEL in b["metadata"].get("labels", {})}
+
+    def apply(self, body: dict[str, Any], dry_run: bool = False) -> Outcome:
+        self.calls.append(f"{'dry-run' if dry_run else 'apply'} {body['metadata']['name']}")
+        err = self.reject(body, dry_run)
+        if err:
+            return Outcome(False, error=err)
+        if not dry_run:
+            ref = ObjectRef.of(body)
+            stored = copy.deepcopy(body)
+            stored["metadata"]["uid"] = f"uid-{ref.name}"
+            stored["status"] = self.objects.get(ref, {}).get("status", {"phase": "Pending"})
+            self.objects[ref] = stored
+        return Outcome(True, result=body)
+
+    def delete(self, ref: ObjectRef, uid: str | None = None) -> Outcome:
+        self.calls.append(f"delete {ref.name}")
+        assert uid == f"uid-{ref.name}"
+        self.objects.pop(ref, None)
+        return Outcome(True)
+
+
+def gitsource(url: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "hyperfleet.dev/v1alpha1", "kind": "GitSource",
+            "metadata": {"name": "fleet", "namespace": "ns", "generation": 1, "uid": "gs-uid"},
+            "spec": {"url": url, "path": "fleet", "interval": "1m", **spec}}
+
+
+class Env:
+    def __init__(self, tmp_path: Path, **spec: Any) -> None:
+        self.remote = Remote(tmp_path / "repo")
+        self.kube = FakeKube(gitsource(str(self.remote.bare), **spec))
+        kube = cast(Kube, self.kube)
+        self.applier = FakeApplier(kube)
+        self.reconciler = GitSourceReconciler(kube, GitFetcher(tmp_path / "cache"), self.applier)
+
+    def run(self) -> Result:
+        return self.reconciler.reconcile("ns/fleet")
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return dict(self.kube.source.get("status") or {})
+
+    def cond(self, type_: str) -> dict[str, Any]:
+        return next(c for c in self.status["conditions"] if c["type"] == type_)
+
+    def names(self) -> set[str]:
+        return {r.name for r in self.applier.objects}
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return Env(tmp_path)
+
+
+def test_apply_then_idle_pass_writes_nothing(env: Env) -> None:
+    c1 = env.remote.commit({"fleet/a.yaml": vm("a") + "---\n" + vm("b")})
+    r = env.run()
+    assert r.state == "applied" and r.commit == c1 and r.requeue_after == 60
+    assert env.names() == {"a", "b"}
+    assert env.status["lastAppliedCommit"] == c1 and env.cond("Ready")["status"] == "True"
+    assert [e["name"] for e in env.status["inventory"]] == ["a", "b"]
+    assert env.status["observedGeneration"] == 1
+    assert any(reason == "Applied" and "created 2" in msg for _, reason, msg in env.kube.events)
+    assert env.applier.calls.index("dry-run a") < env.applier.calls.index("apply a")
+    patches = len(env.kube.patches)
+    assert env.run().state == "unchanged"
+    assert len(env.kube.patches) == patches  # an idle interval writes no status
+
+
+def test_server_rejection_applies_nothing(env: Env) -> None:
+    env.remote.commit({"fleet/a.yaml": vm("a")})
+    env.run()
+    env.remote.commit({"fleet/a.yaml": vm("a", cpus=2), "fleet/b.yaml": vm("b")})
+    env.applier.reject = lambda body, dry: "spec.cpus: too many" if body["metadata"]["name"] == "b" else None
+    env.applier.calls.clear()
+    r = env.run()
+    assert r.state == "stalled"
+    assert not [c for c in env.applier.calls if c.startswith("apply")]
+    msg = env.cond("Stalled")["message"]
+    assert "fleet/b.yaml:1 (document 0)" in msg and "spec.cpus: too many" in msg
+    assert env.applier.objects[ObjectRef("VirtualMachine", "ns", "a")]["spec"]["cpus"] == 1
+
+
+def test_partial_apply_failure_prunes_nothing_and_remembers_what_was_applied(env: Env) -> None:
+    env.remote.commit({"fleet/a.yaml": vm("a"), "fleet/b.yaml": vm("b"), "fleet/c.yaml": vm("c")})
+    env.run()
+    env.remote.commit({"fleet/b.yaml": None, "fleet/d.yaml": vm("d"), "fleet/e.yaml": vm("e")})
+    env.applier.reject = lambda body, dry: "boom" if body["metadata"]["name"] == "e" and not dry else None
+    r = env.run()
+    assert r.state == "failed" and r.requeue_after == 30
+    assert env.names() == {"a", "b", "c", "d"}  # b not pruned, d applied
+    assert {e["name"] for e in env.status["inventory"]} == {"a", "b", "c", "d"}
+    assert env.cond("Ready")["reason"] == "ApplyFailed" and env.cond("Stalled")["status"] == "False"
+    env.applier.reject = lambda body, dry: None
+    assert env.run().state == "applied"
+    assert env.names() == {"a", "c", "d", "e"}
+
+
+def test_unreachable_remote_keeps_everything(env: Env, tmp_path: Path) -> None:
+    c1 = env.remote.commit({"fleet/a.yaml": vm("a")})
+    env.run()
+    env.remote.bare.rename(tmp_path / "elsewhere.git")
+    env.applier.calls.clear()
+    r = env.run()
+    assert r.state == "failed" and r.requeue_after == 30
+    assert env.applier.calls == [] and env.names() == {"a"}
+    assert env.cond("Ready")["reason"] == "FetchFailed" and env.status["lastAppliedCommit"] == c1
+    assert "nothing is pruned" in env.status["lastError"]
+    warnings = [e for e in env.kube.events if e[0] == "Warning"]
+    env.run()
+    assert [e for e in env.kube.events if e[0] == "Warning"] == warnings  # no event spam
+
+
+def test_missing_path_and_invalid_spec(tmp_path: Path) -> None:
+    env = Env(tmp_path, path="clusters/prod")
+    env.remote.commit({"fleet/a.yaml": vm("a")})
+    assert env.run().state == "stalled"
+    assert env.cond("Stalled")["reason"] == "PathNotFound"
+    assert "spec.path 'clusters/prod' does not exist" in env.cond("Stalled")["message"]
+    env.kube.source["spec"]["url"] = "https://bob:token@h/r"
+    assert env.run().state == "stalled"
+    assert env.cond("Stalled")["reason"] == "InvalidSpec" and "token" not in env.status["lastError"][-20:]
+
+
+def test_nix_flake_selected_but_unavailable(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.remote.commit({"fleet/flake.nix": "{ outputs = _: { hyperfleet = []; }; }\n",
+                       "fleet/a.yaml": vm("a")})
+    env.reconciler.nix = None  # as on a host without Nix
+    assert env.run().state == "stalled"
+    assert env.cond("Stalled")["reason"] == "NixUnavailable"
+    env.kube.source["spec"]["renderer"] = "Yaml"  # the documented way out
+    assert env.run().state == "applied" and env.names() == {"a"}
+
+
+def test_nix_flake_rendered(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.remote.commit({"fleet/flake.nix": "{ }\n"})
+    nix = tmp_path / "nix"
+    nix.write_text('#!/bin/sh\ncase "$*" in *"/fleet#hyperfleet"*) ;; *) exit 3;; esac\n'
+                   "echo '[{\"apiVersion\":\"hyperfleet.dev/v1alpha1\",\"kind\":\"VirtualMachine\","
+                   "\"metadata\":{\"name\":\"from-nix\"},\"spec\":{\"cpus\":1,\"memory\":\"1Gi\","
+                   "\"boot\":{\"kernel\":\"/k\"}}}]'\n")
+    nix.chmod(nix.stat().st_mode | stat.S_IXUSR)
+    env.reconciler.nix = str(nix)
+    assert env.run().state == "applied", env.status.get("lastError")
+    assert env.names() == {"from-nix"}
+
+
+def test_held_deletion_then_confirmed(env: Env) -> None:
+    env.remote.commit({"fleet/a.yaml": vm("a"), "fleet/b.yaml": vm("b")})
+    env.run()
+    wipe = env.remote.commit({"fleet/a.yaml": None, "fleet/b.yaml": None, "fleet/keep.txt": "x\n"})
+    assert env.run().state == "held"
+    assert env.names() == {"a", "b"} and env.status["heldDeletion"]["commit"] == wipe
+    assert any(reason == "DeletionHeld" for _, reason, _ in env.kube.events)
+    env.kube.source["metadata"]["annotations"] = {"hyperfleet.dev/confirm-deletion": wipe[:8]}
+    assert env.run().state == "applied"
+    assert env.names() == set() and "heldDeletion" not in env.status
+    assert env.status["inventory"] == []
+
+
+def test_suspended_does_nothing(tmp_path: Path) -> None:
+    env = Env(tmp_path, suspend=True)
+    env.remote.commit({"fleet/a.yaml": vm("a")})
+    assert env.run().state == "suspended"
+    assert env.applier.calls == [] and env.cond("Reconciling")["reason"] == "Suspended"
+
+
+def test_render_error_applies_nothing_and_is_not_retried_as_new_work(env: Env) -> None:
+    good = env.remote.commit({"fleet/a.yaml": vm("a")})
+    env.run()
+    env.remote.commit({"fleet/a.yaml": vm("a", cpus=2), "fleet/b.yaml": "kind: [\n"})
+    env.applier.calls.clear()
+    assert env.run().state == "stalled"
+    assert env.applier.calls == []  # not even listed: validation comes first
+    assert env.status["lastAppliedCommit"] == good
+    assert env.cond("Stalled")["message"].startswith(f"commit {env.status['lastAttemptedCommit'][:12]} "
+                                                     f"was not applied (the last applied commit "
+                                                     f"{good[:12]} stays in place): 1 problem: "
+                                                     "fleet/b.yaml:2")
+    events = len(env.kube.events)
+    env.run()
+    assert len(env.kube.events) == events  # the same failure is reported once
