@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -46,9 +47,14 @@ def run_demo(workdir: Path, n_nodes: int, keep: bool) -> int:
             start(f"agent-node-{i}", "agent", "--node-name", f"node-{i}",
                   "--ch-binary", ch_double_cmd(), "--socket-dir", str(workdir / f"node-{i}"),
                   "--cpus", "8", "--memory", "16Gi", "--heartbeat", "3")
-        print("==> applying examples/vms.yaml", flush=True)
-        kubectl(kc, "apply", "-f", str(REPO / "examples" / "vms.yaml"))
+        _wait_nodes_ready(kc, n_nodes, timeout=60)
+        repo = _sample_repo(workdir)
+        print(f"==> GitSource 'fleet' follows {repo} (examples/vms.yaml, pushed with git)",
+              flush=True)
+        kubectl(kc, "apply", "-f", "-", input_=GIT_SOURCE.format(url=f"file://{repo}"))
         ok = _wait_running(kc, timeout=120)
+        time.sleep(2.5)  # the controller publishes node allocations every 2 s
+        print(kubectl(kc, "get", "gitsources").stdout, flush=True)
         print(kubectl(kc, "get", "workernodes").stdout, flush=True)
         print(kubectl(kc, "get", "hvm", "-o", "wide").stdout, flush=True)
         if not ok:
@@ -56,7 +62,9 @@ def run_demo(workdir: Path, n_nodes: int, keep: bool) -> int:
             return 1
         print("==> all VMs Running", flush=True)
         if keep:
-            print(f"export KUBECONFIG={kc}   # then: kubectl get hvm,wn", flush=True)
+            print(f"export KUBECONFIG={kc}   # then: kubectl get hvm,wn,gs", flush=True)
+            print(f"git clone {repo} fleet && cd fleet   # edit fleet/*.yaml, commit, git push",
+                  flush=True)
             print("Ctrl-C stops the stack.", flush=True)
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0
@@ -65,6 +73,52 @@ def run_demo(workdir: Path, n_nodes: int, keep: bool) -> int:
             stop_process(p)
         api.stop()
         kill_pidfiles(workdir, "node-*/*.pid", signal.SIGTERM)
+
+
+GIT_SOURCE = """
+apiVersion: hyperfleet.dev/v1alpha1
+kind: GitSource
+metadata: {{name: fleet, namespace: default}}
+spec:
+  url: {url}
+  ref: {{branch: main}}
+  path: fleet
+  interval: 10s
+"""
+
+
+def _git(cwd: Path, *args: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "demo", "GIT_AUTHOR_EMAIL": "demo@hyperfleet.dev",
+           "GIT_COMMITTER_NAME": "demo", "GIT_COMMITTER_EMAIL": "demo@hyperfleet.dev"}
+    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+
+
+def _sample_repo(workdir: Path) -> Path:
+    """A bare cluster repository with the sample VMs, filled by a real `git push`."""
+    bare = workdir / "cluster-repo.git"
+    if bare.exists():
+        return bare
+    _git(workdir, "init", "-q", "--bare", "-b", "main", str(bare))
+    work = workdir / "cluster-repo-work"
+    shutil.rmtree(work, ignore_errors=True)
+    _git(workdir, "clone", "-q", str(bare), str(work))
+    (work / "fleet").mkdir()
+    shutil.copy(REPO / "examples" / "vms.yaml", work / "fleet" / "vms.yaml")
+    _git(work, "checkout", "-q", "-b", "main")
+    _git(work, "add", "fleet")
+    _git(work, "commit", "-q", "-m", "Sample fleet: two VMs")
+    _git(work, "push", "-q", "origin", "main")
+    return bare
+
+
+def _wait_nodes_ready(kc: Path, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = kubectl(kc, "get", "workernodes", "-o", "json", check=False)
+        items = json.loads(r.stdout).get("items", []) if r.returncode == 0 else []
+        if sum((i.get("status") or {}).get("phase") == "Ready" for i in items) >= n:
+            return
+        time.sleep(0.5)
 
 
 def _wait_running(kc: Path, timeout: float) -> bool:
