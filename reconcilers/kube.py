@@ -36,7 +36,8 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, ApiException) and exc.status in (429, 500, 502, 503, 504)
 
 
-_retry = retry(
+#: Retry policy for every Kubernetes API call Hyperfleet makes (transient failures only).
+api_retry = retry(
     retry=retry_if_exception(_transient),
     stop=stop_after_attempt(6),
     wait=wait_exponential(multiplier=0.1, max=2),
@@ -57,7 +58,7 @@ class Kube:
         # The generated client's annotations say `object`; treat its answers as JSON.
         self.api: Any = client.CustomObjectsApi(api_client)
 
-    @_retry
+    @api_retry
     def get(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         try:
             if res.namespaced:
@@ -72,7 +73,7 @@ class Kube:
             raise
         return dict(obj)
 
-    @_retry
+    @api_retry
     def list(self, res: Resource, namespace: str | None = None,
              field_selector: str | None = None) -> list[dict[str, Any]]:
         kw = {"field_selector": field_selector} if field_selector else {}
@@ -83,7 +84,7 @@ class Kube:
             out = self.api.list_cluster_custom_object(GROUP, VERSION, res.plural, **kw)
         return list(out.get("items", []))
 
-    @_retry
+    @api_retry
     def create(self, res: Resource, body: dict[str, Any]) -> dict[str, Any]:
         ns = body.get("metadata", {}).get("namespace") or "default"
         if res.namespaced:
@@ -92,7 +93,7 @@ class Kube:
             out = self.api.create_cluster_custom_object(GROUP, VERSION, res.plural, body)
         return dict(out)
 
-    @_retry
+    @api_retry
     def patch(
         self,
         res: Resource,
@@ -123,7 +124,7 @@ class Kube:
             raise
         return dict(out)
 
-    @_retry
+    @api_retry
     def delete(self, res: Resource, name: str, namespace: str | None = None) -> None:
         try:
             if res.namespaced:
@@ -134,7 +135,7 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    @_retry
+    @api_retry
     def renew_lease(self, namespace: str, name: str, holder: str, seconds: int,
                     labels: dict[str, str]) -> None:
         """Create or renew a coordination.k8s.io Lease: the cheap way to say "alive"."""

@@ -17,9 +17,8 @@ from typing import Any, TypeVar
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-from hyperfleet.reconcilers.kube import Kube
+from hyperfleet.reconcilers.kube import Kube, api_retry
 from hyperfleet.reconcilers.models.common import GROUP, VERSION
 
 from .types import FIELD_MANAGER, KINDS, OWNER_LABEL, ObjectRef
@@ -29,18 +28,6 @@ log = logging.getLogger("hyperfleet.gitops.apply")
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, ApiException) and exc.status in (429, 500, 502, 503, 504)
-
-
-_retry = retry(
-    retry=retry_if_exception(_transient),
-    stop=stop_after_attempt(6),
-    wait=wait_exponential(multiplier=0.1, max=2),
-    reraise=True,
-)
 
 
 class ApplyError(Exception):
@@ -86,7 +73,7 @@ class Applier:
             return [fn(i) for i in items]
         return list(self.pool.map(fn, items))
 
-    @_retry
+    @api_retry
     def _list(self, plural: str) -> list[dict[str, Any]]:
         out = self.api.list_cluster_custom_object(GROUP, VERSION, plural, label_selector=OWNER_LABEL)
         return list(out.get("items", []))
@@ -110,7 +97,7 @@ class Applier:
                 live[ObjectRef.of(item)] = item
         return live
 
-    @_retry
+    @api_retry
     def _patch(self, body: dict[str, Any], dry_run: bool) -> dict[str, Any]:
         ref = ObjectRef.of(body)
         info = KINDS[ref.kind]
@@ -144,7 +131,7 @@ class Applier:
     def apply_all(self, bodies: Sequence[dict[str, Any]], dry_run: bool = False) -> list[Outcome]:
         return self.map(lambda b: self.apply(b, dry_run), bodies)
 
-    @_retry
+    @api_retry
     def _delete(self, ref: ObjectRef, uid: str | None) -> None:
         info = KINDS[ref.kind]
         # The uid precondition deletes the object we saw carrying our label, not a namesake.

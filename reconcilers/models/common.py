@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -95,6 +95,22 @@ class ObjectMeta(BaseModel):
     resource_version: str | None = Field(default=None, alias="resourceVersion")
     uid: str | None = None
     deletion_timestamp: str | None = Field(default=None, alias="deletionTimestamp")
+
+
+class KubeObject(CamelModel):
+    """A whole object as the API server returns it; unknown top-level fields are ignored."""
+
+    model_config = CamelModel.model_config | {"extra": "ignore"}
+
+    metadata: ObjectMeta
+
+    @classmethod
+    def from_body(cls, body: Any) -> Self:
+        return cls.model_validate(dict(body))
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.namespace or 'default'}/{self.metadata.name}"
 
 
 def now_utc() -> datetime:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from .common import CamelModel, Condition, ObjectMeta
+from .common import CamelModel, Condition, KubeObject
 
 #: Go-style durations as Flux users write them: "30s", "1m", "1h30m", "500ms".
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
@@ -194,19 +194,8 @@ class GitSourceStatus(CamelModel):
     held_deletion: HeldDeletion | None = None
 
 
-class GitSource(CamelModel):
-    model_config = CamelModel.model_config | {"extra": "ignore"}
-
+class GitSource(KubeObject):
     api_version: Literal["hyperfleet.dev/v1alpha1"] = "hyperfleet.dev/v1alpha1"
     kind: Literal["GitSource"] = "GitSource"
-    metadata: ObjectMeta
     spec: GitSourceSpec
     status: GitSourceStatus = Field(default_factory=GitSourceStatus)
-
-    @classmethod
-    def from_body(cls, body: Any) -> GitSource:
-        return cls.model_validate(dict(body))
-
-    @property
-    def key(self) -> str:
-        return f"{self.metadata.namespace or 'default'}/{self.metadata.name}"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from .common import CamelModel, Condition, ObjectMeta, Quantity
+from .common import CamelModel, Condition, KubeObject, Quantity
 
 
 class Overcommit(CamelModel):
@@ -57,18 +57,12 @@ class WorkerNodeStatus(CamelModel):
     phase: Literal["Ready", "NotReady", "Unknown"] = "Unknown"
 
 
-class WorkerNode(CamelModel):
-    model_config = CamelModel.model_config | {"extra": "ignore"}
-
+class WorkerNode(KubeObject):
     api_version: Literal["hyperfleet.dev/v1alpha1"] = "hyperfleet.dev/v1alpha1"
     kind: Literal["WorkerNode"] = "WorkerNode"
-    metadata: ObjectMeta
     spec: WorkerNodeSpec = Field(default_factory=WorkerNodeSpec)
     status: WorkerNodeStatus = Field(default_factory=WorkerNodeStatus)
 
-    @classmethod
-    def from_body(cls, body: Any) -> WorkerNode:
-        return cls.model_validate(dict(body))
 
 
 WorkerNodeSpec.model_rebuild()

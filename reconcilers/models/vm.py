@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .common import CamelModel, Condition, ObjectMeta, Quantity, parse_quantity
+from .common import CamelModel, Condition, KubeObject, Quantity, parse_quantity
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
@@ -248,21 +248,10 @@ class VirtualMachineStatus(CamelModel):
     )
 
 
-class VirtualMachine(CamelModel):
+class VirtualMachine(KubeObject):
     """The whole object, as read from the API server."""
-
-    model_config = CamelModel.model_config | {"extra": "ignore"}
 
     api_version: Literal["hyperfleet.dev/v1alpha1"] = "hyperfleet.dev/v1alpha1"
     kind: Literal["VirtualMachine"] = "VirtualMachine"
-    metadata: ObjectMeta
     spec: VirtualMachineSpec
     status: VirtualMachineStatus = Field(default_factory=VirtualMachineStatus)
-
-    @classmethod
-    def from_body(cls, body: Any) -> VirtualMachine:
-        return cls.model_validate(dict(body))
-
-    @property
-    def key(self) -> str:
-        return f"{self.metadata.namespace or 'default'}/{self.metadata.name}"
