@@ -125,3 +125,38 @@ def test_lost_node_and_returning_agent_is_fenced(cluster: Cluster) -> None:
     wait_for(lambda: not alive(old), 30, "stale VMM on a stopped", c)
     assert [n for n, _ in vmm_pids(c, "l1")] == [c.node("b")]
     assert [n for n, _ in vmm_pids(c, "l2")] == [c.node("b")]
+
+
+def test_two_controllers_never_bind_a_vm_twice(cluster: Cluster) -> None:
+    """Binding is a resourceVersion-conditional write: racing controllers cannot both win.
+    (They also agree on placement, because the scheduler is deterministic; in production
+    the chart runs replicas with kopf peering, so only one of them is active at a time.)"""
+    c = cluster
+    start(c, ["a", "b"])
+    c.start("controller-2", "controller", "--node-grace", "6",
+            "--git-cache-dir", str(c.workdir / "git-cache-2"))
+    # 8 VMs of 2 CPUs fill the two 8-CPU nodes exactly: a race would over-commit one.
+    manifest = "".join("---" + VM.format(name=f"r{i}") for i in range(8))
+    assert c.apply(manifest).returncode == 0
+    first: dict[str, str] = {}
+    moved: list[str] = []
+
+    def all_bound() -> bool:
+        items = json.loads(c.kubectl("get", "hvm", "-o", "json").stdout)["items"]
+        for vm in items:
+            node = (vm.get("status") or {}).get("nodeName")
+            name = vm["metadata"]["name"]
+            if node and first.setdefault(name, node) != node:
+                moved.append(name)
+        return len(first) == 8
+
+    wait_for(all_bound, 60, "all 8 VMs bound", c)
+    for _ in range(10):  # keep watching while both controllers keep reconciling
+        all_bound()
+    assert moved == []
+    per_node = {n: list(first.values()).count(n) for n in set(first.values())}
+    assert per_node == {c.node("a"): 4, c.node("b"): 4}
+    bound = sum(1 for line in (c.workdir / "controller.log").read_text().splitlines()
+                + (c.workdir / "controller-2.log").read_text().splitlines()
+                if '"bound VM"' in line)
+    assert bound == 8  # exactly one successful bind per VM across both controllers
