@@ -40,7 +40,7 @@ class Agent:
         self.kube = kube
         self.pm = ProcessManager(cfg.ch_binary, cfg.socket_dir)
         self.driver = VmDriver(self.pm, cfg.node_name)
-        self.jobs = JobRunner(cfg.node_name, kube, self.driver)
+        self.jobs = JobRunner(cfg.node_name, kube, self.driver, cfg.migration_address)
         self.jobs.on_finish = lambda job, st: metrics.JOB_OUTCOMES.labels(
             st.phase.value, job.operation).inc()
         self.wakeups: dict[str, asyncio.Event] = {}

@@ -145,6 +145,10 @@ def agent(
     lease_namespace: Annotated[str, typer.Option(
         envvar="POD_NAMESPACE", help="Namespace of this node's heartbeat Lease")
     ] = "hyperfleet-system",
+    migration_address: Annotated[str | None, typer.Option(
+        envvar="HYPERFLEET_MIGRATION_ADDRESS",
+        help="This node's IP for incoming live migrations (TCP); unset: same-host only")
+    ] = None,
     capability: Annotated[list[str] | None, typer.Option(
         help="Extra capability this node offers (repeatable), e.g. gpu")] = None,
     fence_after: Annotated[float, typer.Option(
@@ -161,7 +165,8 @@ def agent(
     cfg = AgentConfig(node_name=node_name, ch_binary=ch_binary, socket_dir=socket_dir, pool=pool,
                       cpus=cpus, memory=memory, heartbeat_seconds=heartbeat,
                       lease_namespace=lease_namespace, fence_after_seconds=fence_after,
-                      capabilities=tuple(capability or ()))
+                      capabilities=tuple(capability or ()),
+                      migration_address=migration_address)
     registry, kube = _prepare(log_format, metrics_port, metrics_address, kubeconfig)
     agent_mod.register(registry, cfg, kube)
     _run_kopf(registry)

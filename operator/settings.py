@@ -22,6 +22,7 @@ class AgentConfig:
     resync_seconds: float = 10.0
     lease_namespace: str = "hyperfleet-system"
     capabilities: tuple[str, ...] = ()  # declared by the operator, on top of discovered ones
+    migration_address: str | None = None  # reachable IP for incoming live migrations
     fence_after_seconds: float = 0.0  # 0: never stop VMs because the API is unreachable
 
 

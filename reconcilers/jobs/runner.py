@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from ..driver import VmDriver
@@ -30,12 +32,13 @@ def _now() -> datetime:
 
 
 class JobRunner:
-    def __init__(self, node: str, kube: Kube, driver: VmDriver) -> None:
+    def __init__(self, node: str, kube: Kube, driver: VmDriver,
+                 migration_address: str | None = None) -> None:
         self.node = node
         self.kube = kube
         self.driver = driver
         self.running: dict[str, threading.Event] = {}  # job key -> cancel flag
-        self.peers = MigrationPeers(self)
+        self.peers = MigrationPeers(self, migration_address)
         self.stopping = False
         self.on_finish: Callable[[JobDocument, JobStatus], None] | None = None  # metrics hook
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=16,
@@ -171,6 +174,29 @@ class JobRunner:
         return bool((body["metadata"].get("annotations") or {}).get(CANCEL_ANNOTATION))
 
 
+def receiver_urls(address: str | None,
+                  unix_path: Path) -> tuple[str, str, Callable[[], bool]]:
+    """(URL the receiving VMM listens on, URL the sender connects to, is-it-listening).
+
+    Between hosts the VMMs talk TCP (``tcp:<host>:<port>``, cloud-hypervisor's own
+    migration transport); on one host (a dev stack) a unix socket beside the API socket.
+    """
+    if not address:
+        return f"unix:{unix_path}", f"unix:{unix_path}", unix_path.exists
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        port = int(probe.getsockname()[1])
+
+    def listening() -> bool:
+        try:
+            with socket.create_connection((address, port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    return f"tcp:0.0.0.0:{port}", f"tcp:{address}:{port}", listening
+
+
 class MigrationPeers:
     """Rendezvous of the two agents of a live migration, through the VmJob's status.
 
@@ -178,8 +204,9 @@ class MigrationPeers:
     in ``status.migration``; the source agent waits for it, then sends.
     """
 
-    def __init__(self, runner: JobRunner) -> None:
+    def __init__(self, runner: JobRunner, address: str | None = None) -> None:
         self.runner = runner
+        self.address = address  # this node's address for TCP migrations (None: same host)
         self.receiving: set[str] = set()
 
     def await_receiver(self, ctx: JobContext, dest: str, timeout: float) -> str:
@@ -223,18 +250,19 @@ class MigrationPeers:
                 if pm.pid(vm_ns, vm_name) is not None:
                     raise RuntimeError(f"a VMM for {vm_ns}/{vm_name} already runs here")
                 pm.spawn(vm_ns, vm_name)
-            url_path = pm.paths(vm_ns, vm_name).socket.with_suffix(".migration")
+            listen, publish, ready = receiver_urls(
+                self.address, pm.paths(vm_ns, vm_name).socket.with_suffix(".migration"))
             client = pm.client(vm_ns, vm_name)
-            thread = threading.Thread(
-                target=self._listen, args=(client, f"unix:{url_path}", key), daemon=True)
+            thread = threading.Thread(target=self._listen, args=(client, listen, key),
+                                      daemon=True)
             thread.start()
             deadline = time.monotonic() + 10
-            while not url_path.exists() and time.monotonic() < deadline:
+            while not ready() and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if not url_path.exists():
-                raise RuntimeError("the receiving VMM did not open its migration socket")
+            if not ready():
+                raise RuntimeError(f"the receiving VMM is not listening on {listen}")
             self.runner.kube.patch(JOBS, meta["name"], {"status": {"migration": {
-                "node": self.runner.node, "receiverUrl": f"unix:{url_path}"}}}, ns, status=True)
+                "node": self.runner.node, "receiverUrl": publish}}}, ns, status=True)
         except Exception as exc:
             log.warning("cannot receive migration", extra={"job": key, "error": str(exc)})
             self.runner.kube.patch(JOBS, meta["name"], {"status": {"migration": {

@@ -86,3 +86,24 @@ def test_terminal_jobs_are_left_alone_and_ids_are_stable() -> None:
     del anon["spec"]["jobId"]
     assert parse(anon).job_id == parse(anon).job_id
     assert len(parse(anon).job_id or "") == 26
+
+
+def test_migration_receiver_urls_unix_on_one_host_tcp_between_hosts(tmp_path: Any) -> None:
+    import socket
+
+    from hyperfleet.reconcilers.jobs.runner import receiver_urls
+
+    listen, publish, ready = receiver_urls(None, tmp_path / "vm.migration")
+    assert listen == publish == f"unix:{tmp_path / 'vm.migration'}"
+    assert not ready()
+    (tmp_path / "vm.migration").touch()
+    assert ready()
+
+    listen, publish, ready = receiver_urls("127.0.0.1", tmp_path / "unused")
+    port = int(listen.rsplit(":", 1)[1])
+    assert listen == f"tcp:0.0.0.0:{port}" and publish == f"tcp:127.0.0.1:{port}"
+    assert not ready()
+    with socket.socket() as srv:  # what the receiving VMM does
+        srv.bind(("0.0.0.0", port))
+        srv.listen(1)
+        assert ready()
