@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from hyperfleet.operator.devstack import ApiServer
+from hyperfleet.operator.devstack import ApiServer, hyperfleet_cmd
 from hyperfleet.reconcilers.hypervisor.client import ChClient
 from hyperfleet.reconcilers.jobs.protocol import JobBuilder, to_manifest
 
@@ -240,3 +241,28 @@ def test_live_migration_between_agents(stack: Cluster) -> None:
     finally:
         c.kubectl("patch", "wn", c.node("b"), "--type=merge", "-p",
                   '{"spec": {"drain": false}}', namespaced=False)
+
+
+def test_cli_submit_status_and_list(stack: Cluster) -> None:
+    c = stack
+    env = {**os.environ, "KUBECONFIG": str(c.kubeconfig)}
+    created = subprocess.run(
+        hyperfleet_cmd("job", "create", "system.health-check", "-n", c.namespace, "--name",
+                       "cli-health", "--priority", "7", "--reason", "cli test"),
+        capture_output=True, text=True, check=True, env=env)
+    r = subprocess.run(hyperfleet_cmd("job", "submit", "-"), input=created.stdout,
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "cli-health created" in r.stdout
+    wait_phase(c, "cli-health", "Succeeded")
+    status = subprocess.run(hyperfleet_cmd("job", "status", "cli-health", "-n", c.namespace),
+                            capture_output=True, text=True, check=True, env=env).stdout
+    assert "phase:    Succeeded" in status and "system.health-check" in status
+    listing = subprocess.run(hyperfleet_cmd("job", "list", "-n", c.namespace),
+                             capture_output=True, text=True, check=True, env=env).stdout
+    assert "cli-health" in listing and "Succeeded" in listing
+    # A broken document is refused before anything reaches the API server.
+    bad = created.stdout.replace("version: '1.0'", "version: '7.0'")
+    r = subprocess.run(hyperfleet_cmd("job", "submit", "-"), input=bad, capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 2 and "spec.version" in r.stderr
