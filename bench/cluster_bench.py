@@ -24,6 +24,7 @@ from hyperfleet.operator.devstack import (
     ch_double_cmd,
     hyperfleet_cmd,
     install_crds,
+    kill_pidfiles,
     kubectl,
     stop_process,
 )
@@ -109,6 +110,11 @@ def bind_rate(api: ApiServer, kube: Kube, work: Path, vms: int, nodes: int) -> N
         stop_process(ctl)
         stop.set()
         t.join(5)
+        # The VMs go first: otherwise the next phase's controller would find them bound to
+        # vanished nodes and (rightly) place them on the job benchmark's agents.
+        kubectl(api.kubeconfig, "delete", "namespace", "bind", "--wait=false", check=False)
+        for vm in kube.list(VMS, "bind"):
+            kube.delete(VMS, vm["metadata"]["name"], "bind")
         for i in range(nodes):
             kube.delete(NODES, f"fake-{i}")
 
@@ -152,6 +158,7 @@ def job_throughput(api: ApiServer, kube: Kube, work: Path, jobs: int, agents: in
     finally:
         for p in procs:
             stop_process(p)
+        kill_pidfiles(work, "ag-*/*.pid")
 
 
 def main() -> None:

@@ -66,7 +66,9 @@ def run_demo(workdir: Path, n_nodes: int, keep: bool) -> int:
             print(f"git clone {repo} fleet && cd fleet   # edit fleet/*.yaml, commit, git push",
                   flush=True)
             print("Ctrl-C stops the stack.", flush=True)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            print("==> stopping the stack", flush=True)
         return 0
     finally:
         for p in procs:

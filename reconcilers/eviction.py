@@ -48,13 +48,19 @@ def evictions(
             continue
         node = nodes.get(node_name)
         lease = (leases or {}).get(node_name)
-        age = heartbeat_age(node, now, lease) if node is not None else None
-        if node is None or age is None or age > eviction_timeout:
-            why = (f"WorkerNode {node_name} is gone" if node is None else
+        if node is None:
+            # A deleted WorkerNode whose agent still renews its Lease is not a lost node
+            # (the agent re-registers it); evicting now would run its VMs twice.
+            age = now - lease if lease is not None else None
+        else:
+            age = heartbeat_age(node, now, lease)
+        if age is None or age > eviction_timeout:
+            why = (f"WorkerNode {node_name} is gone and its agent silent" if node is None else
                    f"WorkerNode {node_name} has not heartbeated for "
                    f"{(age or eviction_timeout).total_seconds():.0f}s")
             out.append(EvictionDecision(vm, Eviction.UNBIND, node_name, why))
-        elif (node.get("spec") or {}).get("drain") and status.get("evictFrom") != node_name:
+        elif node is not None and (node.get("spec") or {}).get("drain") \
+                and status.get("evictFrom") != node_name:
             out.append(EvictionDecision(vm, Eviction.ASK_AGENT, node_name,
                                         f"WorkerNode {node_name} is draining"))
     return out
