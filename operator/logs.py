@@ -13,16 +13,17 @@ _STD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName",
                                                  "settings", "k8s_skip"}  # kopf's bulky extras
 _SECRET_KEYS = re.compile(r"(token|password|secret|private[_-]?key|ssh[_-]?key|authorization)",
                           re.I)
-_SECRET_VALUES = [
-    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S),
-    re.compile(r"(?i)(bearer|token|basic)\s+[A-Za-z0-9._~+/=-]{8,}"),
-    re.compile(r"(https?://)[^/@\s:]+:[^/@\s]+@"),  # credentials inside URLs
+_SECRET_VALUES = [  # (pattern, replacement)
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----",
+                re.S), "***"),
+    (re.compile(r"(?i)\b(bearer|token|basic)(\s+)[A-Za-z0-9._~+/=-]{8,}"), r"\1\2***"),
+    (re.compile(r"(https?://)[^/@\s:]+:[^/@\s]+@"), r"\1***@"),  # credentials in URLs
 ]
 
 
 def redact(text: str) -> str:
-    for pat in _SECRET_VALUES:
-        text = pat.sub(lambda m: (m.group(1) if m.lastindex else "") + "***", text)
+    for pat, replacement in _SECRET_VALUES:
+        text = pat.sub(replacement, text)
     return text
 
 
