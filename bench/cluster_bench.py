@@ -26,6 +26,7 @@ from hyperfleet.operator.devstack import (
     install_crds,
     kill_pidfiles,
     kubectl,
+    launch,
     stop_process,
 )
 from hyperfleet.reconcilers.jobs.protocol import JobBuilder, to_manifest
@@ -35,10 +36,7 @@ from hyperfleet.reconcilers.nodes import heartbeat_status
 
 
 def start(work: Path, api: ApiServer, name: str, *args: str) -> subprocess.Popen[bytes]:
-    log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
-    env = {**os.environ, "KUBECONFIG": str(api.kubeconfig)}
-    return subprocess.Popen(hyperfleet_cmd(*args), env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    return launch(hyperfleet_cmd(*args), work / f"{name}.log", api.kubeconfig)
 
 
 def fake_nodes(kube: Kube, count: int, stop: threading.Event) -> None:

@@ -37,6 +37,7 @@ from hyperfleet.operator.devstack import (
     install_crds,
     kill_pidfiles,
     kubectl,
+    launch,
     stop_process,
 )
 from hyperfleet.reconcilers import crdgen
@@ -142,10 +143,7 @@ class Bench:
         return self.api.kubeconfig
 
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
-        log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
-        self.procs[name] = subprocess.Popen(
-            cmd, env={**os.environ, "KUBECONFIG": str(self.kc), **(env or {})}, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = launch(cmd, self.work / f"{name}.log", self.kc, env)
 
     def up(self) -> None:
         self.api.start()

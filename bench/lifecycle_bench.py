@@ -25,6 +25,7 @@ from hyperfleet.operator.devstack import (
     install_crds,
     kill_pidfiles,
     kubectl,
+    launch,
     stop_process,
 )
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
@@ -138,15 +139,13 @@ def main() -> None:
     procs = []
     try:
         install_crds(api.kubeconfig)
-        env = {**os.environ, "KUBECONFIG": str(api.kubeconfig)}
         for name, cmd in (
             ("controller", hyperfleet_cmd("controller")),
             ("agent", hyperfleet_cmd("agent", "--node-name", "bench-node", "--ch-binary",
                                      ch_double_cmd(), "--socket-dir", str(work / "n"),
                                      "--cpus", "1000", "--memory", "1Ti", "--heartbeat", "2")),
         ):
-            log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(launch(cmd, work / f"{name}.log", api.kubeconfig))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             r = kubectl(api.kubeconfig, "get", "wn", "bench-node", "-o",

@@ -18,6 +18,7 @@ from .devstack import (
     install_crds,
     kill_pidfiles,
     kubectl,
+    launch,
     stop_process,
 )
 
@@ -30,7 +31,6 @@ def run_demo(workdir: Path, n_nodes: int, keep: bool) -> int:
     api.start()
     try:
         kc = api.kubeconfig
-        env = {**os.environ, "KUBECONFIG": str(kc)}
         print("==> installing CRDs", flush=True)
         install_crds(kc)
         print(f"==> starting controller and {n_nodes} node agents (CH double)", flush=True)
@@ -38,9 +38,7 @@ def run_demo(workdir: Path, n_nodes: int, keep: bool) -> int:
         logs.mkdir(exist_ok=True)
 
         def start(name: str, *args: str) -> None:
-            out = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
-            procs.append(subprocess.Popen(hyperfleet_cmd(*args), env=env, stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(launch(hyperfleet_cmd(*args), logs / f"{name}.log", kc))
 
         start("controller", "controller", "--git-cache-dir", str(workdir / "git-cache"))
         for i in range(1, n_nodes + 1):

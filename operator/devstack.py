@@ -178,6 +178,22 @@ def stop_process(p: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         p.wait(5)
 
 
+def launch(cmd: list[str], log: Path, kubeconfig: Path,
+           env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a process against the local API server, its output appended to ``log``.
+
+    Own session, so a test or the demo can signal it alone; no stdin, so it never waits
+    for a terminal."""
+    out = open(log, "ab")  # noqa: SIM115 - the child keeps its own descriptor
+    try:
+        return subprocess.Popen(
+            cmd, env={**os.environ, "KUBECONFIG": str(kubeconfig), **(env or {})},
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    finally:
+        out.close()
+
+
 def kill_pidfiles(root: Path, pattern: str, sig: int = signal.SIGKILL) -> None:
     """Signal every VMM recorded in a pid file under ``root`` (VMMs outlive their agent
     by design, so whoever ran a throw-away stack cleans them up)."""

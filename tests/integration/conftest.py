@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import time
 import uuid
@@ -22,6 +21,7 @@ from hyperfleet.operator.devstack import (
     install_crds,
     kill_pidfiles,
     kubectl,
+    launch,
     stop_process,
 )
 
@@ -64,10 +64,7 @@ class Cluster:
 
     def start(self, name: str, *args: str,
               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **(env or {})}
-        p = subprocess.Popen(hyperfleet_cmd(*args), env=env, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+        p = launch(hyperfleet_cmd(*args), self.workdir / f"{name}.log", self.kubeconfig, env)
         self.procs[name] = p
         return p
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from hyperfleet.operator.devstack import ApiServer, free_port, kubectl
+from hyperfleet.operator.devstack import ApiServer, free_port, kubectl, launch
 from hyperfleet.reconcilers import crdgen
 from hyperfleet.reconcilers.gitops.crd import GIT_SOURCE
 from hyperfleet.reconcilers.gitops.types import COMMIT_ANNOTATION, OWNER_LABEL, PATH_ANNOTATION
@@ -122,13 +122,12 @@ def gitops(cluster: Cluster, gitsource_crd: None, tmp_path: Path) -> Iterator[Gi
     """The GitSource reconciler as its own process, watching only this test's namespace;
     stopped (and its GitSources deleted) before the cluster fixture cleans up the VMs."""
     port = free_port()
-    log = open(cluster.workdir / "gitops.log", "ab")  # noqa: SIM115 - closed with the process
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "HYPERFLEET_WEBHOOK_SECRET": SECRET}
-    proc = subprocess.Popen(
+    proc = launch(
         [sys.executable, "-m", "hyperfleet.operator.gitsource", "--namespace", cluster.namespace,
          "--cache-dir", str(cluster.workdir / "git-cache"), "--webhook-port", str(port),
          "--webhook-host", "127.0.0.1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cluster.workdir / "gitops.log", cluster.kubeconfig,
+        {"HYPERFLEET_WEBHOOK_SECRET": SECRET})
     cluster.procs["gitops"] = proc
     g = GitOpsProc(cluster, port)
 
@@ -144,7 +143,6 @@ def gitops(cluster: Cluster, gitsource_crd: None, tmp_path: Path) -> Iterator[Gi
         yield g
     finally:
         cluster.stop("gitops")
-        log.close()
         shutil.copy(cluster.workdir / "gitops.log", tmp_path / "gitops.log")  # kept by pytest
         cluster.kubectl("delete", "gitsources", "--all", "--wait=false", check=False)
 

@@ -38,6 +38,7 @@ from hyperfleet.operator.devstack import (
     install_crds,
     kill_pidfiles,
     kubectl,
+    launch,
     stop_process,
 )
 from tests import chartutil as cu
@@ -114,10 +115,7 @@ class Stack:
         return json.loads(r.stdout) if r.returncode == 0 else {}
 
     def start(self, name: str, user: str, cmd: list[str]) -> None:
-        log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfigs[user])}
-        self.procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = launch(cmd, self.work / f"{name}.log", self.kubeconfigs[user])
 
     def logs(self) -> str:
         state = self.kubectl("get", "hvm,vmjob,wn,gitsource", "-A", "-o", "wide", check=False).stdout
