@@ -18,7 +18,14 @@ from hyperfleet.reconcilers.eviction import Eviction, evictions, unbound_status
 from hyperfleet.reconcilers.jobs.dispatch import Decision, dispatch
 from hyperfleet.reconcilers.jobs.engine import WorkerView
 from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Kube
-from hyperfleet.reconcilers.models.common import GROUP, VERSION, format_quantity, now_utc
+from hyperfleet.reconcilers.models.common import (
+    GROUP,
+    VERSION,
+    format_quantity,
+    now_utc,
+    parse_time,
+    rfc3339,
+)
 from hyperfleet.reconcilers.nodes import (
     LEASE_LABEL,
     allocatable,
@@ -161,7 +168,7 @@ class Controller:
 
     async def _bind(self, body: dict[str, Any], node: str) -> None:
         meta = body["metadata"]
-        ts = now_utc().isoformat().replace("+00:00", "Z")
+        ts = rfc3339(now_utc())
         patch = {
             "metadata": {"resourceVersion": meta["resourceVersion"]},
             "status": {
@@ -197,7 +204,7 @@ class Controller:
         status = body.get("status") or {}
         if status.get("phase") == "Unschedulable" and status.get("message") == reason:
             return
-        ts = now_utc().isoformat().replace("+00:00", "Z")
+        ts = rfc3339(now_utc())
         patch = {
             "metadata": {"resourceVersion": meta["resourceVersion"]},
             "status": {
@@ -217,7 +224,7 @@ class Controller:
 
     async def _mark_node_health(self, now: datetime, grace: timedelta) -> None:
         """Like the node lifecycle controller: Ready follows the agent's Lease."""
-        ts = now.isoformat().replace("+00:00", "Z")
+        ts = rfc3339(now)
         for name, body in list(self.nodes.items()):
             status = body.get("status") or {}
             lease = self.leases.get(name)
@@ -301,7 +308,7 @@ def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: Kube)
         if event.get("type") == "DELETED" or not renew:
             ctl.leases.pop(node, None)
         else:
-            ctl.leases[node] = datetime.fromisoformat(str(renew).replace("Z", "+00:00"))
+            ctl.leases[node] = parse_time(renew)
 
     @kopf.on.event(GROUP, VERSION, "vmjobs", registry=registry)
     async def job_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,

@@ -18,7 +18,7 @@ from typing import Any
 from .guest import GuestClient, GuestError
 from .hypervisor.client import ChClient, ChError
 from .hypervisor.process import ProcessManager, UnsafeNameError
-from .models.common import Condition, now_utc, set_condition
+from .models.common import Condition, now_utc, rfc3339, set_condition
 from .models.vm import Phase, RunStrategy, VirtualMachine
 from .vm import BOOTED, Action, Desired, Observed, Step, phase_of, reconcile
 
@@ -49,7 +49,7 @@ def restart_delay(restart_count: int, last_restart: datetime | None, now: dateti
 
 
 def _ts(t: datetime | None) -> str | None:
-    return t.isoformat().replace("+00:00", "Z") if t else None
+    return rfc3339(t) if t else None
 
 
 class VmDriver:

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from .models.common import rfc3339
 from .nodes import heartbeat_age
 
 
@@ -68,7 +69,7 @@ def evictions(
 
 def unbound_status(reason: str, message: str, now: datetime) -> dict[str, Any]:
     """Status patch that returns a VM to the scheduler (nulls delete the fields)."""
-    ts = now.isoformat().replace("+00:00", "Z")
+    ts = rfc3339(now)
     return {
         "nodeName": None,
         "evictFrom": None,

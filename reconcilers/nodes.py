@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from .models.common import format_quantity, now_utc, parse_quantity
+from .models.common import format_quantity, now_utc, parse_quantity, parse_time, rfc3339
 from .models.node import Provider
 from .scheduler import NodeView
 
@@ -36,7 +36,7 @@ def lease_name(node: str) -> str:
 def _parse_time(value: str | None) -> datetime | None:
     if not value:
         return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parse_time(value)
 
 
 def heartbeat_age(body: Mapping[str, Any], now: datetime,
@@ -100,7 +100,7 @@ def heartbeat_status(
 ) -> dict[str, Any]:
     """The status patch an agent writes on each heartbeat."""
     now = now or now_utc()
-    ts = now.isoformat().replace("+00:00", "Z")
+    ts = rfc3339(now)
     ch = next((p for p in providers if p.name == "cloud-hypervisor"), None)
     healthy = ch is not None and ch.available and ch.healthy
     return {

@@ -15,6 +15,7 @@ from typing import Any
 
 from ulid import ULID
 
+from ..models.common import parse_time
 from .engine import (
     IdempotencyIndex,
     JobPhase,
@@ -75,7 +76,7 @@ def _parse(body: Mapping[str, Any]) -> JobDocument:
     job = from_manifest(body)
     if job.job_id is None:
         meta = body["metadata"]
-        created = datetime.fromisoformat(str(meta["creationTimestamp"]).replace("Z", "+00:00"))
+        created = parse_time(meta["creationTimestamp"])
         digest = hashlib.sha256(str(meta.get("uid", meta["name"])).encode()).digest()[:10]
         ms = int(created.timestamp() * 1000).to_bytes(6, "big")
         job = job.model_copy(update={"job_id": str(ULID.from_bytes(ms + digest))})
@@ -144,7 +145,7 @@ def dispatch(
 
 def _created(body: Mapping[str, Any]) -> datetime | None:
     ts = body.get("metadata", {}).get("creationTimestamp")
-    return datetime.fromisoformat(str(ts).replace("Z", "+00:00")) if ts else None
+    return parse_time(ts) if ts else None
 
 
 def _decide(body: Mapping[str, Any], status: JobStatus,

@@ -117,6 +117,16 @@ def now_utc() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+def rfc3339(t: datetime) -> str:
+    """Kubernetes' timestamp form (``...Z``), for status fields written as plain JSON."""
+    return t.isoformat().replace("+00:00", "Z")
+
+
+def parse_time(value: str) -> datetime:
+    """A Kubernetes timestamp (``...Z`` or an explicit offset) as an aware datetime."""
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
 def set_condition(
     conditions: list[Condition],
     type_: str,
