@@ -33,7 +33,7 @@ from hyperfleet.reconcilers.nodes import (
     is_ready,
     node_view,
 )
-from hyperfleet.reconcilers.scheduler import schedule, vm_view
+from hyperfleet.reconcilers.scheduler import NodeView, schedule, vm_view
 
 from . import metrics
 from .settings import ControllerConfig, configure_kopf
@@ -97,19 +97,21 @@ class Controller:
         await self._mark_node_health(now, grace)
         nodes = [node_view(b, now, grace, self.leases.get(n)) for n, b in self.nodes.items()]
         vms = [b for b in self.vms.values() if not b["metadata"].get("deletionTimestamp")]
-        pending_bodies = {vm_view(b).key: b for b in vms if not (b.get("status") or {}).get("nodeName")}
-        placed = [vm_view(b) for b in vms if (b.get("status") or {}).get("nodeName")]
+        views = [vm_view(b) for b in vms]
+        pending_bodies = {v.key: b for v, b in zip(views, vms, strict=True) if not v.node}
+        pending = [v for v in views if not v.node]
+        placed = [v for v in views if v.node]
         metrics.PENDING_VMS.set(len(pending_bodies))
         phases = Counter((b.get("status") or {}).get("phase") or "Pending" for b in vms)
         for phase, n in phases.items():
             metrics.VMS_BY_PHASE.labels(phase).set(n)
         await self._publish_allocations(placed)
         await self._evict(vms, now)
-        await self._dispatch_jobs(now, grace)
+        await self._dispatch_jobs(now, nodes)
         if not pending_bodies:
             return
         with metrics.RECONCILE_SECONDS.labels("schedule").time():
-            result = schedule([vm_view(b) for b in pending_bodies.values()], nodes, placed,
+            result = schedule(pending, nodes, placed,
                               policy=self.cfg.scheduling_policy)
         await self.parallel([
             *(self._bind(pending_bodies[k], n) for k, n in result.placements.items()),
@@ -138,15 +140,13 @@ class Controller:
             self.record(out, "Evicting" if d.action == Eviction.ASK_AGENT else "NodeLost",
                         d.reason, "Warning")
 
-    async def _dispatch_jobs(self, now: datetime, grace: timedelta) -> None:
+    async def _dispatch_jobs(self, now: datetime, nodes: list[NodeView]) -> None:
         """Validate, time out, de-duplicate and route VmJobs (the agents run them)."""
         active = [b for b in self.jobs.values() if not b["metadata"].get("deletionTimestamp")]
         if not active:
             return
-        workers = [
-            WorkerView(n.name, n.pool, n.capabilities, n.ready and not n.unschedulable)
-            for n in (node_view(b, now, grace, self.leases.get(k)) for k, b in self.nodes.items())
-        ]
+        workers = [WorkerView(n.name, n.pool, n.capabilities, n.ready and not n.unschedulable)
+                   for n in nodes]
         hosts = {
             k: b["status"]["nodeName"] for k, b in self.vms.items()
             if (b.get("status") or {}).get("nodeName")
