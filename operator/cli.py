@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import secrets
+import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import kopf
 import typer
 
 if TYPE_CHECKING:
     from hyperfleet.reconcilers.kube import Kube
+
+    from .settings import Peering
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Hyperfleet: GitOps for cloud-hypervisor VMs on Kubernetes.")
@@ -57,17 +61,18 @@ def _prepare(log_format: str, metrics_port: int, metrics_address: str,
     return kopf.OperatorRegistry(), Kube()
 
 
-def _run_kopf(registry: kopf.OperatorRegistry, peering: str | None = None) -> None:
+def _run_kopf(registry: kopf.OperatorRegistry, peering: Peering | None = None) -> None:
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # In a pod: the service account; elsewhere: $KUBECONFIG.
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
     if peering:
-        # Several replicas: kopf's peering keeps exactly one active (the highest priority;
-        # random so that equal priorities do not pause them all).
+        # Our identity, so that the scheduling loop can find itself among the peers
+        # (kopf's Identity is a NewType of str it does not export).
         coro = kopf.operator(registry=registry, clusterwide=True, standalone=False,
-                             peering_name=peering, priority=random.randint(1, 1_000_000))
+                             peering_name=peering.name, priority=peering.priority,
+                             identity=cast(Any, peering.identity))
     else:
         coro = kopf.operator(registry=registry, clusterwide=True, standalone=True)
     asyncio.run(coro)
@@ -83,6 +88,12 @@ def controller(
         help="spread (most free capacity first) or binpack (fill nodes up)")] = "spread",
     peering: Annotated[str | None, typer.Option(
         help="kopf peering name: run several replicas, one active (needs the peering CRDs)")
+    ] = None,
+    peering_lifetime: Annotated[int, typer.Option(
+        help="Seconds a silent active replica keeps the role before a standby takes over")
+    ] = 60,
+    peering_priority: Annotated[int | None, typer.Option(
+        help="This replica's peering priority, highest is active (default: random)")
     ] = None,
     gitops: Annotated[bool, typer.Option(help="Run the GitSource reconciler here")] = True,
     git_cache_dir: Annotated[str, typer.Option(
@@ -102,13 +113,21 @@ def controller(
 ) -> None:
     """Run the controller (scheduling, node health, VmJob routing)."""
     from . import controller as ctl
-    from .settings import ControllerConfig
+    from .settings import ControllerConfig, Peering
 
     if scheduling_policy not in ("spread", "binpack"):
         typer.echo(f"--scheduling-policy {scheduling_policy!r}: use spread or binpack", err=True)
         raise typer.Exit(2)
+    # Several replicas: kopf's peering keeps exactly one active, the highest priority
+    # (random, so that equal priorities do not pause them all).
+    # POD_ID (the chart sets it to the pod name) is what kopf would use too.
+    identity = os.environ.get("POD_ID") or \
+        f"{socket.gethostname()}/{os.getpid()}-{secrets.token_hex(4)}"
+    priority = random.randint(1, 1_000_000) if peering_priority is None else peering_priority
+    peer = Peering(peering, identity, priority) if peering else None
     cfg = ControllerConfig(node_grace_seconds=node_grace, eviction_seconds=eviction_timeout,
-                           scheduling_policy=scheduling_policy)
+                           scheduling_policy=scheduling_policy, peering=peer,
+                           peering_lifetime=peering_lifetime)
     git_cfg = None
     if gitops:
         from . import gitsource
@@ -128,7 +147,7 @@ def controller(
     ctl.register(registry, cfg, kube)
     if git_cfg is not None:
         gitsource.register(registry, git_cfg, kube)
-    _run_kopf(registry, peering)
+    _run_kopf(registry, peer)
 
 
 @app.command()

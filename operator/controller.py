@@ -8,7 +8,7 @@ import copy
 import logging
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -17,7 +17,7 @@ import kopf
 from hyperfleet.reconcilers.eviction import Eviction, evictions, unbound_status
 from hyperfleet.reconcilers.jobs.dispatch import Decision, dispatch
 from hyperfleet.reconcilers.jobs.engine import WorkerView
-from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Kube
+from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Kube, Resource
 from hyperfleet.reconcilers.models.common import (
     GROUP,
     VERSION,
@@ -33,6 +33,7 @@ from hyperfleet.reconcilers.nodes import (
     is_ready,
     node_view,
 )
+from hyperfleet.reconcilers.peering import is_active
 from hyperfleet.reconcilers.scheduler import NodeView, schedule, vm_view
 
 from . import metrics
@@ -51,11 +52,15 @@ class Controller:
         self.nodes: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self.leases: dict[str, datetime] = {}  # node -> last renewTime of its agent's Lease
+        self.missing_since: dict[str, datetime] = {}  # bound-to node -> first seen absent
         self.dirty = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._writes = asyncio.Semaphore(16)
         self._allocations_at = 0.0
+        self.active = cfg.peering is None  # only the active peering replica schedules
+        self._active_at = -1.0
+        self._said = False  # whether this replica has logged its peering role yet
 
     async def parallel(self, coros: list[Coroutine[Any, Any, None]]) -> None:
         """Run API writes concurrently, but never more than 16 at once."""
@@ -80,12 +85,63 @@ class Controller:
             store[key] = copy.deepcopy(dict(body))
         self.dirty.set()
 
+    async def prime(self) -> None:
+        """Read everything the passes use before the first one (and again on taking over
+        from another replica): the watches fill the view object by object, and a
+        half-filled or frozen view must not look like lost nodes or free capacity."""
+        while True:
+            try:
+                vms, nodes, jobs, leases = await asyncio.gather(
+                    asyncio.to_thread(self.kube.snapshot, VMS),
+                    asyncio.to_thread(self.kube.snapshot, NODES),
+                    asyncio.to_thread(self.kube.snapshot, JOBS),
+                    asyncio.to_thread(self.kube.lease_renewals, LEASE_LABEL))
+                break
+            except Exception:
+                log.exception("cannot list the cluster yet; retrying")
+                await asyncio.sleep(2)
+        merge(self.vms, {_key(b): b for b in vms[0]}, vms[1])
+        merge(self.nodes, {b["metadata"]["name"]: b for b in nodes[0]}, nodes[1])
+        merge(self.jobs, {_key(b): b for b in jobs[0]}, jobs[1])
+        self.leases = {n: max(t, self.leases.get(n, t)) for n, t in leases.items()}
+        self.dirty.set()
+
+    async def check_active(self) -> bool:
+        """Whether this replica is kopf peering's active one (always, without peering).
+        Asked at most once a second; a replica that becomes active re-reads the cluster,
+        since its watches were paused and missed deletions."""
+        p = self.cfg.peering
+        if p is None or time.monotonic() - self._active_at < 1.0:
+            return self.active
+        self._active_at = time.monotonic()
+        try:
+            peers = await asyncio.to_thread(self.kube.peering_status, p.name)
+        except Exception:
+            log.exception("cannot read the peering object; standing by")
+            peers = {}
+        active = is_active(peers, p.identity, p.priority, now_utc())
+        if active != self.active or not self._said:
+            self._said = True
+            log.info("active replica: scheduling here" if active
+                     else "another replica is active; standing by",
+                     extra={"peering": p.name, "identity": p.identity})
+            metrics.CONTROLLER_ACTIVE.set(int(active))
+            if active and not self.active:
+                await self.prime()
+        self.active = active
+        return active
+
     async def run(self) -> None:
+        metrics.CONTROLLER_ACTIVE.set(int(self.active))
+        if self.active:
+            await self.prime()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.dirty.wait(), timeout=self.cfg.resync_seconds)
             self.dirty.clear()
             try:
+                if not await self.check_active():
+                    continue
                 await self.pass_once()
             except Exception:
                 log.exception("scheduling pass failed")
@@ -120,21 +176,19 @@ class Controller:
 
     async def _evict(self, vms: list[dict[str, Any]], now: datetime) -> None:
         timeout = timedelta(seconds=self.cfg.eviction_seconds)
-        for d in evictions(vms, self.nodes, now, timeout, self.leases):
+        absent = {n for vm in vms if (n := (vm.get("status") or {}).get("nodeName"))
+                  and n not in self.nodes}
+        self.missing_since = {n: self.missing_since.get(n, now) for n in absent}
+        for d in evictions(vms, self.nodes, now, timeout, self.leases, self.missing_since):
             meta = d.vm["metadata"]
             if d.action == Eviction.ASK_AGENT:
                 status: dict[str, Any] = {"phase": "Evicting", "evictFrom": d.node,
                                           "message": d.reason}
             else:
                 status = unbound_status("NodeLost", f"{d.reason}; placing it again", now)
-            patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
-            try:
-                out = await asyncio.to_thread(self.kube.patch, VMS, meta["name"], patch,
-                                              meta.get("namespace"), True)
-            except Conflict:
-                self.dirty.set()
+            out = await self._write_status(self.vms, VMS, meta, status)
+            if out is None:
                 continue
-            self.vms[f"{meta.get('namespace') or 'default'}/{meta['name']}"] = out
             log.warning("evicting VM", extra={"vm": meta["name"], "node": d.node,
                                               "action": d.action.value, "reason": d.reason})
             self.record(out, "Evicting" if d.action == Eviction.ASK_AGENT else "NodeLost",
@@ -155,13 +209,10 @@ class Controller:
         await self.parallel([self._write_job(d) for d in dispatch(active, workers, hosts, now)])
 
     async def _write_job(self, d: Decision) -> None:
-        patch = {"metadata": {"resourceVersion": d.resource_version}, "status": d.status}
-        try:
-            out = await asyncio.to_thread(self.kube.patch, JOBS, d.name, patch, d.namespace, True)
-        except Conflict:
-            self.dirty.set()
+        meta = {"name": d.name, "namespace": d.namespace, "resourceVersion": d.resource_version}
+        out = await self._write_status(self.jobs, JOBS, meta, d.status)
+        if out is None:
             return
-        self.jobs[f"{d.namespace}/{d.name}"] = out
         metrics.JOB_TRANSITIONS.labels(d.status.get("phase", "")).inc()
         if d.event:
             self.record(out, d.event[1], d.event[2], d.event[0])
@@ -169,9 +220,7 @@ class Controller:
     async def _bind(self, body: dict[str, Any], node: str) -> None:
         meta = body["metadata"]
         ts = rfc3339(now_utc())
-        patch = {
-            "metadata": {"resourceVersion": meta["resourceVersion"]},
-            "status": {
+        status = {
                 "nodeName": node,
                 "phase": "Scheduled",
                 "message": None,
@@ -182,21 +231,14 @@ class Controller:
                     "type": "Scheduled", "status": "True", "reason": "Bound",
                     "message": f"placed on {node}", "lastTransitionTime": ts,
                 }],
-            },
         }
-        try:
-            out = await asyncio.to_thread(
-                self.kube.patch, VMS, meta["name"], patch, meta.get("namespace"), True
-            )
-        except Conflict:
+        # Stored at once: the allocation counts before the watch event arrives.
+        if await self._write_status(self.vms, VMS, meta, status) is None:
             metrics.BINDINGS.labels("conflict").inc()
             log.info("binding conflict; will retry", extra={"vm": meta["name"]})
-            self.dirty.set()
             return
         metrics.BINDINGS.labels("bound").inc()
-        key = f"{meta.get('namespace') or 'default'}/{meta['name']}"
-        self.vms[key] = out  # count the allocation before the watch event arrives
-        log.info("bound VM", extra={"vm": key, "node": node})
+        log.info("bound VM", extra={"vm": _key(body), "node": node})
         self.record(body, "Scheduled", f"placed on WorkerNode {node}", "Normal")
 
     async def _unschedulable(self, body: dict[str, Any], reason: str) -> None:
@@ -205,22 +247,42 @@ class Controller:
         if status.get("phase") == "Unschedulable" and status.get("message") == reason:
             return
         ts = rfc3339(now_utc())
-        patch = {
-            "metadata": {"resourceVersion": meta["resourceVersion"]},
-            "status": {
-                "phase": "Unschedulable",
-                "message": reason,
-                "conditions": [{
-                    "type": "Scheduled", "status": "False", "reason": "Unschedulable",
-                    "message": reason, "lastTransitionTime": ts,
-                }],
-            },
+        status = {
+            "phase": "Unschedulable",
+            "message": reason,
+            "conditions": [{
+                "type": "Scheduled", "status": "False", "reason": "Unschedulable",
+                "message": reason, "lastTransitionTime": ts,
+            }],
         }
-        with contextlib.suppress(Conflict):
-            await asyncio.to_thread(
-                self.kube.patch, VMS, meta["name"], patch, meta.get("namespace"), True
-            )
+        if await self._write_status(self.vms, VMS, meta, status) is not None:
             self.record(body, "FailedScheduling", reason, "Warning")
+
+    async def _write_status(self, store: dict[str, dict[str, Any]], res: Resource,
+                            meta: Mapping[str, Any], status: dict[str, Any]
+                            ) -> dict[str, Any] | None:
+        """Patch status only if the object is still the version the decision was made on.
+        On a conflict (or a vanished object) our copy is stale: read it again, or forget
+        it, and let the next pass decide anew. None when nothing was written."""
+        name, ns = meta["name"], meta.get("namespace")
+        key = _key({"metadata": meta})
+        patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
+        try:
+            out = await asyncio.to_thread(self.kube.patch, res, name, patch, ns, True)
+        except Conflict:
+            self.dirty.set()
+            try:
+                fresh = await asyncio.to_thread(self.kube.get, res, name, ns)
+            except Exception:
+                log.exception("cannot re-read after a conflict", extra={"object": key})
+                return None
+            if fresh is None:
+                store.pop(key, None)
+            else:
+                merge_one(store, key, fresh)
+            return None
+        merge_one(store, key, out)
+        return out
 
     async def _mark_node_health(self, now: datetime, grace: timedelta) -> None:
         """Like the node lifecycle controller: Ready follows the agent's Lease."""
@@ -278,12 +340,46 @@ class Controller:
             self.kube.patch, NODES, name, {"status": status}, None, True)
 
 
+def _key(body: dict[str, Any]) -> str:
+    meta = body["metadata"]
+    return f"{meta.get('namespace') or 'default'}/{meta['name']}"
+
+
+def merge(store: dict[str, dict[str, Any]], listed: dict[str, dict[str, Any]],
+          list_version: str) -> None:
+    """Make ``store`` what a list taken at ``list_version`` says, except where a watch event
+    already brought something newer (etcd resourceVersions are increasing integers, which
+    the API server does not promise but every etcd-backed one gives)."""
+    at = _rv(list_version)
+    for key in [k for k, body in store.items()
+                if k not in listed and _rv(body["metadata"].get("resourceVersion")) <= at]:
+        del store[key]  # deleted while no watch event could tell us
+    for key, body in listed.items():
+        merge_one(store, key, body)
+
+
+def merge_one(store: dict[str, dict[str, Any]], key: str, body: dict[str, Any]) -> None:
+    """Store ``body`` unless a newer version of it is already there."""
+    have = store.get(key)
+    if have is None or _rv(have["metadata"].get("resourceVersion")) <= _rv(
+            body["metadata"].get("resourceVersion")):
+        store[key] = body
+
+
+def _rv(version: str | None) -> int:
+    try:
+        return int(version or 0)
+    except ValueError:
+        return 0
+
+
 def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: Kube) -> Controller:
     ctl = Controller(cfg, kube)
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_kopf(settings, "controller")
+        settings.peering.lifetime = cfg.peering_lifetime
         # Only Hyperfleet agents' Leases, filtered by the API server, not every Lease.
         settings.watching.label_selectors["coordination.k8s.io", "leases"] = LEASE_LABEL
         ctl.task = asyncio.create_task(ctl.run())

@@ -11,6 +11,8 @@ RECONCILE_SECONDS = Histogram(
     "hyperfleet_reconcile_duration_seconds", "Duration of one reconcile pass", ["kind"]
 )
 VMS_BY_PHASE = Gauge("hyperfleet_vms", "VirtualMachines by phase", ["phase"])
+CONTROLLER_ACTIVE = Gauge(
+    "hyperfleet_controller_active", "1 on the controller replica that schedules, 0 on standbys")
 PENDING_VMS = Gauge("hyperfleet_scheduler_queue_depth", "VMs waiting for a node")
 BINDINGS = Counter("hyperfleet_bindings_total", "VM to node bindings by result", ["result"])
 

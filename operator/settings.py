@@ -27,11 +27,23 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class Peering:
+    """This replica's kopf peering entry: the scheduling loop runs only while it is the
+    active one (see ``hyperfleet.reconcilers.peering``)."""
+
+    name: str
+    identity: str
+    priority: int
+
+
+@dataclass(frozen=True)
 class ControllerConfig:
     node_grace_seconds: float = 20.0
     eviction_seconds: float = 300.0  # NotReady this long: the node is lost, VMs move
     scheduling_policy: str = "spread"  # or "binpack"
     resync_seconds: float = 2.0
+    peering: Peering | None = None  # None: the only replica, always active
+    peering_lifetime: int = 60  # seconds a silent replica stays the active one
 
 
 def configure_kopf(settings: kopf.OperatorSettings, role: str) -> None:

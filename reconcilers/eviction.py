@@ -38,7 +38,12 @@ def evictions(
     now: datetime,
     eviction_timeout: timedelta,
     leases: Mapping[str, datetime] | None = None,
+    missing_since: Mapping[str, datetime] | None = None,
 ) -> list[EvictionDecision]:
+    """``missing_since``: when the caller first saw each bound-to node absent from
+    ``nodes``. A node absent with no Lease is lost only after ``eviction_timeout`` of
+    that, so a view that is still filling (a controller that just started, or resumed
+    after peering paused it) never evicts a healthy fleet."""
     out: list[EvictionDecision] = []
     for vm in vms:
         status = vm.get("status") or {}
@@ -52,7 +57,10 @@ def evictions(
         if node is None:
             # A deleted WorkerNode whose agent still renews its Lease is not a lost node
             # (the agent re-registers it); evicting now would run its VMs twice.
-            age = now - lease if lease is not None else None
+            since = lease if lease is not None else (missing_since or {}).get(node_name)
+            if since is None:
+                continue
+            age: timedelta | None = now - since
         else:
             age = heartbeat_age(node, now, lease)
         if age is None or age > eviction_timeout:

@@ -27,8 +27,16 @@ NODES = Resource("workernodes", False)
 JOBS = Resource("vmjobs", True)
 
 
+#: The items of a list response.
+Items = list[dict[str, Any]]
+
+
 class Conflict(Exception):
     """The object changed since it was read (HTTP 409): re-read and decide again."""
+
+
+class Gone(Conflict):
+    """The object was deleted since it was read (HTTP 404): a conflict nothing can win."""
 
 
 def _transient(exc: BaseException) -> bool:
@@ -73,16 +81,21 @@ class Kube:
             raise
         return dict(obj)
 
-    @api_retry
     def list(self, res: Resource, namespace: str | None = None,
-             field_selector: str | None = None) -> list[dict[str, Any]]:
+             field_selector: str | None = None) -> Items:
+        return self.snapshot(res, namespace, field_selector)[0]
+
+    @api_retry
+    def snapshot(self, res: Resource, namespace: str | None = None,
+                 field_selector: str | None = None) -> tuple[Items, str]:
+        """The items and the list's resourceVersion (the point in time they describe)."""
         kw = {"field_selector": field_selector} if field_selector else {}
         if res.namespaced and namespace:
             out = self.api.list_namespaced_custom_object(GROUP, VERSION, namespace, res.plural,
                                                          **kw)
         else:
             out = self.api.list_cluster_custom_object(GROUP, VERSION, res.plural, **kw)
-        return list(out.get("items", []))
+        return list(out.get("items", [])), str((out.get("metadata") or {}).get("resourceVersion", ""))
 
     @api_retry
     def create(self, res: Resource, body: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +134,8 @@ class Kube:
         except ApiException as exc:
             if exc.status == 409:
                 raise Conflict(f"{res.plural}/{name} changed since it was read") from exc
+            if exc.status == 404:
+                raise Gone(f"{res.plural}/{name} no longer exists") from exc
             raise
         return dict(out)
 
@@ -154,6 +169,28 @@ class Kube:
             api.create_namespaced_lease(namespace, client.V1Lease(
                 metadata=client.V1ObjectMeta(name=name, namespace=namespace, labels=labels),
                 spec=spec))
+
+    @api_retry
+    def peering_status(self, name: str) -> dict[str, Any]:
+        """The keep-alives in kopf's ClusterKopfPeering ``name`` ({} when it is missing)."""
+        try:
+            body = self.api.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return {}
+            raise
+        return dict(body.get("status") or {})
+
+    @api_retry
+    def lease_renewals(self, label: str) -> dict[str, datetime]:
+        """``label`` value -> renewTime of every Lease carrying ``label``, cluster-wide."""
+        api = client.CoordinationV1Api(self.api.api_client)
+        out: dict[str, datetime] = {}
+        for lease in api.list_lease_for_all_namespaces(label_selector=label).items:
+            owner = ((lease.metadata and lease.metadata.labels) or {}).get(label)
+            if owner and lease.spec and lease.spec.renew_time:
+                out[owner] = lease.spec.renew_time
+        return out
 
     def event(
         self,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import time
+from pathlib import Path
 from typing import Any
 
 from hyperfleet.operator.devstack import kill_pidfiles
@@ -160,3 +162,73 @@ def test_two_controllers_never_bind_a_vm_twice(cluster: Cluster) -> None:
                 + (c.workdir / "controller-2.log").read_text().splitlines()
                 if '"bound VM"' in line)
     assert bound == 8  # exactly one successful bind per VM across both controllers
+    # A controller that starts while VMs are being bound must not take the nodes it has not
+    # yet seen for lost ones (it did: it unbound VMs the other had just placed).
+    assert '"evicting VM"' not in (c.workdir / "controller-2.log").read_text()
+
+
+def test_peered_replicas_schedule_from_one_and_a_standby_takes_over(cluster: Cluster) -> None:
+    """With kopf peering only the active replica binds, evicts or marks nodes. A replica
+    that yields keeps its last view of the cluster (its watches pause): acting on it would
+    see every heartbeat lapse and evict the fleet. When the active one dies, the standby
+    re-reads the cluster and takes over without disturbing a placed VM."""
+    c = cluster
+    crd = Path(__file__).parents[2] / "charts/hyperfleet/crds/clusterkopfpeerings.kopf.dev.yaml"
+    c.kubectl("apply", "-f", str(crd), namespaced=False)
+    c.kubectl("wait", "--for=condition=established", "crd/clusterkopfpeerings.kopf.dev",
+              namespaced=False)
+    peering = f"{c.namespace}-peering"
+    c.apply(f"apiVersion: kopf.dev/v1\nkind: ClusterKopfPeering\nmetadata: {{name: {peering}}}\n")
+
+    def start_replica(name: str, priority: int) -> None:
+        # A short node grace and eviction timeout: a frozen view would act within seconds.
+        c.start(name, "controller", "--node-grace", "4", "--eviction-timeout", "8",
+                "--peering", peering, "--peering-lifetime", "8",
+                "--peering-priority", str(priority),
+                "--git-cache-dir", str(c.workdir / f"git-{name}"))
+
+    def log(name: str) -> str:
+        return (c.workdir / f"{name}.log").read_text()
+
+    def says(name: str, what: str) -> bool:
+        """Whether the replica's latest word on its role is ``what``."""
+        text = log(name)
+        active = text.rfind('"active replica: scheduling here"')
+        standby = text.rfind('"another replica is active; standing by"')
+        return max(active, standby) >= 0 and (active > standby) == (what == "active")
+
+    start_replica("ctl-1", 10)
+    for n in ("a", "b"):
+        c.start_agent(c.node(n))
+    wait_for(lambda: all((c.get("wn", c.node(n), namespaced=False) or {})
+                         .get("status", {}).get("phase") == "Ready" for n in ("a", "b")),
+             60, "nodes Ready", c)
+    assert c.apply("".join("---" + VM.format(name=f"p{i}") for i in range(4))).returncode == 0
+    wait_for(lambda: all(status(c, f"p{i}").get("phase") == "Running" for i in range(4)),
+             60, "p0..p3 Running", c)
+    assert says("ctl-1", "active")
+
+    start_replica("ctl-2", 20)  # higher priority: ctl-1 yields, with a full view to freeze
+    wait_for(lambda: says("ctl-1", "standby") and says("ctl-2", "active"), 30,
+             "ctl-2 active and ctl-1 standing by", c)
+    quiet_from = len(log("ctl-1"))
+    c.kubectl("delete", "hvm", "p3")  # ctl-1 cannot see this while it stands by
+    assert c.apply(VM.format(name="q")).returncode == 0
+    wait_for(lambda: status(c, "q").get("phase") == "Running", 60, "q Running", c)
+    time.sleep(10)  # past the node grace and the eviction timeout of a frozen view
+    placed = {n: status(c, n).get("nodeName") for n in ("p0", "p1", "p2", "q")}
+    assert all(placed.values()), placed
+    for line in ('"bound VM"', '"node Ready"', '"node NotReady"', '"evicting VM"'):
+        assert line not in log("ctl-1")[quiet_from:], f"the standby wrote: {line}"
+
+    proc = c.procs.pop("ctl-2")  # kill -9: no goodbye in the peering object
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert c.apply(VM.format(name="after")).returncode == 0
+    wait_for(lambda: status(c, "after").get("phase") == "Running", 60,
+             "ctl-1 takes over and places a new VM", c)
+    assert says("ctl-1", "active")
+    taken_over = log("ctl-1")[quiet_from:]
+    assert '"bound VM"' in taken_over and '"evicting VM"' not in taken_over
+    assert {n: status(c, n).get("nodeName") for n in placed} == placed
+    assert c.get("hvm", "p3") is None

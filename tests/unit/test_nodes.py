@@ -56,19 +56,37 @@ def test_evictions_drain_asks_the_agent_and_lost_node_unbinds() -> None:
              "n3": node("n3")}
     vms = [vm("a", "n1"), vm("b", "n2"), vm("c", "n3"), vm("d", None),
            vm("e", "n2", evictionPolicy="None"), vm("f", "gone")]
-    out = {d.vm["metadata"]["name"]: d for d in evictions(vms, nodes, NOW, timedelta(minutes=5))}
+    gone_since = {"gone": NOW - timedelta(minutes=6)}
+    out = {d.vm["metadata"]["name"]: d
+           for d in evictions(vms, nodes, NOW, timedelta(minutes=5), missing_since=gone_since)}
     assert set(out) == {"a", "b", "f"}
     assert out["a"].action == Eviction.ASK_AGENT
     assert out["b"].action == Eviction.UNBIND and "600s" in out["b"].reason
     assert out["f"].action == Eviction.UNBIND and "gone" in out["f"].reason
     # A fresh Lease keeps a node whose status heartbeat is old from being declared lost,
     # and a deleted WorkerNode whose agent is still alive (it will re-register).
-    kept = evictions(vms, nodes, NOW, timedelta(minutes=5), {"n2": NOW, "gone": NOW})
+    kept = evictions(vms, nodes, NOW, timedelta(minutes=5), {"n2": NOW, "gone": NOW},
+                     gone_since)
     assert {d.vm["metadata"]["name"] for d in kept} == {"a"}
     # Already asked: not asked again.
     asked = vm("a", "n1")
     asked["status"]["evictFrom"] = "n1"
     assert evictions([asked], nodes, NOW, timedelta(minutes=5)) == []
+
+
+def test_a_node_missing_from_the_view_is_lost_only_after_the_eviction_timeout() -> None:
+    """A controller whose watches have not yet delivered every WorkerNode must not
+    evict the VMs bound to the ones it has not seen (it did, once: a second controller
+    replica unbound healthy VMs on start)."""
+    vms = [vm("a", "late"), vm("b", "late")]
+    timeout = timedelta(minutes=5)
+    assert evictions(vms, {}, NOW, timeout) == []
+    assert evictions(vms, {}, NOW, timeout, missing_since={"late": NOW - timedelta(minutes=4)}) == []
+    lost = evictions(vms, {}, NOW, timeout, missing_since={"late": NOW - timedelta(minutes=6)})
+    assert [d.action for d in lost] == [Eviction.UNBIND, Eviction.UNBIND]
+    # Its agent's Lease, when there is one, is the better clock.
+    assert evictions(vms, {}, NOW, timeout, {"late": NOW - timedelta(minutes=1)},
+                     {"late": NOW - timedelta(minutes=60)}) == []
 
 
 def test_unbound_status_clears_the_binding() -> None:

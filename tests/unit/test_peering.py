@@ -1,0 +1,58 @@
+"""Which controller replica schedules (kopf peering's rule), and how a replica that takes
+over folds a fresh list into a view its paused watches left stale."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hyperfleet.operator.controller import merge
+from hyperfleet.reconcilers.peering import is_active
+
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def peer(priority: int, seen: datetime = NOW, lifetime: int = 60) -> dict[str, Any]:
+    return {"priority": priority, "lifetime": lifetime, "lastseen": seen.isoformat()}
+
+
+def test_the_highest_live_priority_is_the_only_active_replica() -> None:
+    peers = {"a": peer(10), "b": peer(20)}
+    assert not is_active(peers, "a", 10, NOW)
+    assert is_active(peers, "b", 20, NOW)
+
+
+def test_not_active_before_kopf_has_announced_this_replica() -> None:
+    assert not is_active({}, "a", 10, NOW)
+    assert not is_active({"b": peer(5)}, "a", 10, NOW)
+
+
+def test_a_dead_peer_no_longer_holds_the_role() -> None:
+    stale = NOW - timedelta(seconds=61)
+    assert is_active({"a": peer(10), "b": peer(20, seen=stale)}, "a", 10, NOW)
+    assert not is_active({"a": peer(10), "b": peer(20, seen=NOW - timedelta(seconds=59))},
+                         "a", 10, NOW)
+
+
+def test_equal_priorities_pause_both_as_kopf_does() -> None:
+    peers = {"a": peer(10), "b": peer(10)}
+    assert not is_active(peers, "a", 10, NOW) and not is_active(peers, "b", 10, NOW)
+
+
+def test_unreadable_keep_alives_are_ignored() -> None:
+    peers = {"a": peer(10), "b": {"priority": "high", "lastseen": NOW.isoformat()}, "c": None}
+    assert is_active(peers, "a", 10, NOW)
+    # kopf takes a keep-alive without lastseen as seen just now.
+    assert not is_active({"a": peer(10), "b": {"priority": 11}}, "a", 10, NOW)
+
+
+def obj(name: str, rv: int) -> dict[str, Any]:
+    return {"metadata": {"name": name, "resourceVersion": str(rv)}}
+
+
+def test_merge_drops_what_the_list_no_longer_has_and_keeps_newer_watch_events() -> None:
+    store = {"deleted": obj("deleted", 5), "stale": obj("stale", 6), "fresh": obj("fresh", 30),
+             "created-after-list": obj("created-after-list", 25)}
+    merge(store, {"stale": obj("stale", 12), "fresh": obj("fresh", 14), "new": obj("new", 15)}, "20")
+    assert {k: v["metadata"]["resourceVersion"] for k, v in store.items()} == {
+        "stale": "12", "fresh": "30", "new": "15", "created-after-list": "25"}
