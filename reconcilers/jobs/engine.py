@@ -18,10 +18,11 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from pydantic import AwareDatetime, Field
 
+from ..models.common import Condition, set_condition
 from .payloads import CamelModel
 from .protocol import (
     Backoff,
@@ -167,16 +168,6 @@ class Progress(CamelModel):
     message: str | None = None
 
 
-class Condition(CamelModel):
-    """Kubernetes-style condition (``kubectl wait --for=condition=Complete``)."""
-
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str | None = None
-    message: str | None = None
-    last_transition_time: AwareDatetime
-
-
 class HistoryEntry(CamelModel):
     """One phase change, for ``kubectl describe`` and post-mortems."""
 
@@ -224,71 +215,19 @@ def _require_aware(now: datetime) -> None:
         raise ValueError("now must be timezone-aware (e.g. datetime.now(UTC))")
 
 
-def set_condition(
-    conditions: Sequence[Condition],
-    type_: str,
-    status: bool,
-    *,
-    now: datetime,
-    reason: str | None = None,
-    message: str | None = None,
-) -> list[Condition]:
-    """Upsert a condition; ``lastTransitionTime`` only moves when ``status`` flips."""
-    value: Literal["True", "False"] = "True" if status else "False"
-    result: list[Condition] = []
-    found = False
-    for condition in conditions:
-        if condition.type != type_:
-            result.append(condition)
-            continue
-        found = True
-        changed = condition.status != value
-        result.append(
-            Condition(
-                type=type_,
-                status=value,
-                reason=reason,
-                message=message,
-                last_transition_time=now if changed else condition.last_transition_time,
-            )
-        )
-    if not found:
-        result.append(
-            Condition(type=type_, status=value, reason=reason, message=message, last_transition_time=now)
-        )
-    return result
-
-
 _FAILED_PHASES = frozenset({JobPhase.FAILED, JobPhase.CANCELLED, JobPhase.TIMED_OUT})
 
 
 def _sync_conditions(
     conditions: Sequence[Condition], phase: JobPhase, now: datetime, reason: str, message: str
 ) -> list[Condition]:
-    result = set_condition(
-        conditions,
-        "Running",
-        phase is JobPhase.RUNNING,
-        now=now,
-        reason=reason,
-        message=message if phase is JobPhase.RUNNING else None,
-    )
-    result = set_condition(
-        result,
-        "Complete",
-        phase is JobPhase.SUCCEEDED,
-        now=now,
-        reason=reason,
-        message=message if phase is JobPhase.SUCCEEDED else None,
-    )
-    return set_condition(
-        result,
-        "Failed",
-        phase in _FAILED_PHASES,
-        now=now,
-        reason=reason,
-        message=message if phase in _FAILED_PHASES else None,
-    )
+    """Running / Complete / Failed mirror the phase, for ``kubectl wait --for=condition=``."""
+    result = list(conditions)
+    for type_, on in (("Running", phase is JobPhase.RUNNING),
+                      ("Complete", phase is JobPhase.SUCCEEDED),
+                      ("Failed", phase in _FAILED_PHASES)):
+        result = set_condition(result, type_, on, reason, message if on else "", now=now)
+    return result
 
 
 def advance(
