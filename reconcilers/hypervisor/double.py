@@ -43,8 +43,9 @@ Quirks worth knowing:
   paused", "Invalid VM state transition: Paused to Paused"]``.
 * ``vm.receive-migration`` and ``vm.send-migration`` block until the
   migration ends, as upstream: call the receiver from another thread, wait
-  for its ``unix:`` socket to appear, then call the sender. Only ``unix:``
-  URLs work, and only between two doubles (the wire format is a JSON line).
+  for it to listen (``unix:<path>`` appears, ``tcp:<host>:<port>`` accepts),
+  then call the sender. Both transports work, but only between two doubles
+  (the wire format is a JSON line).
 * No file named in a VM config (kernel, disks, sockets) is opened.
 * Events: besides those in NOTES.md, ``vmm/starting`` at start,
   ``vm/device-added`` and ``vm/device-removed`` (properties ``{"id": ...}``)
@@ -1123,19 +1124,12 @@ class Vmm:
                 raise ApiFailure(500, what, "VM is already created")
             if self.receiving:
                 raise ApiFailure(500, what, "A migration is already being received")
-            if not url.startswith("unix:") or len(url) == len("unix:"):
-                raise ApiFailure(
-                    500, what, f"receiver_url {url!r} is not supported by the test double: "
-                    "only unix:<path> is emulated",
-                )
-            path = url[len("unix:") :]
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                listener.bind(path)
-                listener.listen(1)
+                listener, path = _migration_listener(url)
+            except ValueError as exc:
+                raise ApiFailure(500, what, "Error parsing receiver_url", str(exc)) from None
             except OSError as exc:
-                listener.close()
-                raise ApiFailure(500, what, "Error binding to UNIX socket", str(exc)) from None
+                raise ApiFailure(500, what, "Error binding migration listener", str(exc)) from None
             self.receiving = True
             self.receive_path = path
         self.events.emit("vm", "migration-receive-started")
@@ -1144,7 +1138,8 @@ class Vmm:
                 conn, _ = listener.accept()
             finally:
                 listener.close()
-                _unlink_quietly(path)
+                if path:
+                    _unlink_quietly(path)
                 self.receive_path = None
             with conn:
                 conn.settimeout(_MIGRATION_TIMEOUT)
@@ -1184,18 +1179,14 @@ class Vmm:
         url = body["destination_url"]
         with self.lock:
             vm = self._booted(what)
-            if url.startswith("tcp:"):
-                raise ApiFailure(
-                    500, what, "tcp:<host>:<port> migration is not supported by the test double"
-                )
-            if not url.startswith("unix:") or len(url) == len("unix:"):
+            if not _migration_url_ok(url):
                 raise ApiFailure(
                     400,
                     what,
                     "Error validating send migration parameters",
                     "destination_url must use tcp:<host>:<port> or unix:<path>.",
                 )
-            if body.get("connections", 1) > 1:
+            if url.startswith("unix:") and body.get("connections", 1) > 1:
                 raise ApiFailure(
                     400,
                     what,
@@ -1212,9 +1203,7 @@ class Vmm:
             payload = json.dumps({"config": vm.config, "state": vm.export_state()}).encode()
             self.events.emit("vm", "migration-started")
             try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                    sock.settimeout(_MIGRATION_TIMEOUT)
-                    sock.connect(url[len("unix:") :])
+                with _migration_connection(url) as sock:
                     _send_line(sock, payload)
                     answer = _recv_line(sock, 65536).strip()
                 if answer != b"OK":
@@ -1225,6 +1214,58 @@ class Vmm:
             self.vm = None
             self.events.emit("vm", "migration-finished")
         return Reply(204)
+
+
+def _migration_url_ok(url: str) -> bool:
+    if url.startswith("unix:"):
+        return len(url) > len("unix:")
+    return url.startswith("tcp:") and _tcp_address(url) is not None
+
+
+def _tcp_address(url: str) -> tuple[str, int] | None:
+    """``tcp:<host>:<port>`` (IPv6 hosts in brackets) as (host, port), None if malformed."""
+    host, sep, port = url[len("tcp:") :].rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _migration_listener(url: str) -> tuple[socket.socket, str | None]:
+    """A listening socket for ``receiver_url``, and the unix path to remove afterwards."""
+    if not _migration_url_ok(url):
+        raise ValueError(f"{url!r}: use tcp:<host>:<port> or unix:<path>")
+    if url.startswith("unix:"):
+        path: str | None = url[len("unix:") :]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: Any = path
+    else:
+        path, target = None, _tcp_address(url)
+        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(target)
+        sock.listen(1)
+    except OSError:
+        sock.close()
+        raise
+    return sock, path
+
+
+def _migration_connection(url: str) -> socket.socket:
+    """A connected socket to a receiver (``url`` already validated)."""
+    if url.startswith("unix:"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(_MIGRATION_TIMEOUT)
+        try:
+            sock.connect(url[len("unix:") :])
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    address = _tcp_address(url)
+    assert address is not None
+    return socket.create_connection(address, timeout=_MIGRATION_TIMEOUT)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -180,21 +180,35 @@ def receiver_urls(address: str | None,
 
     Between hosts the VMMs talk TCP (``tcp:<host>:<port>``, cloud-hypervisor's own
     migration transport); on one host (a dev stack) a unix socket beside the API socket.
+    The receiver binds only the node's migration address, not every interface: the
+    stream carries guest memory, unauthenticated.
     """
     if not address:
         return f"unix:{unix_path}", f"unix:{unix_path}", unix_path.exists
-    with socket.socket() as probe:
-        probe.bind(("0.0.0.0", 0))
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((address, 0))
         port = int(probe.getsockname()[1])
 
-    def listening() -> bool:
-        try:
-            with socket.create_connection((address, port), timeout=0.2):
-                return True
-        except OSError:
-            return False
+    url = f"tcp:[{address}]:{port}" if family == socket.AF_INET6 else f"tcp:{address}:{port}"
+    return url, url, lambda: tcp_listening(port)
 
-    return f"tcp:0.0.0.0:{port}", f"tcp:{address}:{port}", listening
+
+def tcp_listening(port: int) -> bool:
+    """Whether a socket in this network namespace listens on ``port``. Read from /proc,
+    not by connecting: a receiving VMM takes the first connection as its sender, and a
+    probe that hangs up would fail the migration."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
 
 
 class MigrationPeers:

@@ -38,8 +38,10 @@ def stack(apiserver: ApiServer) -> Iterator[Cluster]:
     """Controller, two agents, and VM `web` running on node a (shared by the module)."""
     with new_cluster(apiserver) as c:
         c.start_controller()
-        for n in ("a", "b"):
-            c.start_agent(c.node(n))
+        # b receives live migrations over TCP (as between hosts), a over a unix socket.
+        c.start_agent(c.node("a"))
+        c.start_agent(c.node("b"), env={"HYPERFLEET_MIGRATION_ADDRESS": "127.0.0.1"})
+
         def ready() -> bool:
             return all(_get(c, "wn", c.node(n), False).get("status", {}).get("phase") == "Ready"
                        for n in ("a", "b"))
@@ -220,6 +222,7 @@ def test_live_migration_between_agents(stack: Cluster) -> None:
            .require("migration"), "move")
     st = wait_phase(c, "move", "Succeeded", "Failed", "TimedOut")
     assert st["phase"] == "Succeeded", st
+    assert st["migration"]["receiverUrl"].startswith("tcp:127.0.0.1:")
     vm = wait_for(lambda: (s := _vm(c, "mover")).get("nodeName") == c.node("b")
                   and s.get("phase") == "Running" and s.get("hypervisor", {}).get("pid") and s,
                   30, "mover Running on b", c)

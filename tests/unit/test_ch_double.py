@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -577,6 +578,49 @@ def test_live_migration_between_two_doubles(spawn: Callable[..., Double]) -> Non
     assert not os.path.exists(mig)
     assert "vm/migration-finished" in names(src.events())
     assert "vm/migration-receive-finished" in names(dst.events())
+
+
+def test_live_migration_over_tcp(spawn: Callable[..., Double]) -> None:
+    """Between hosts the agents use cloud-hypervisor's TCP transport. The receiver takes
+    the first connection as its sender, so a connection that hangs up fails the receive
+    (which is why the agent checks for the listener in /proc instead of connecting)."""
+    from hyperfleet.reconcilers.jobs.runner import tcp_listening
+
+    src, dst = spawn(), spawn()
+    src.ok("vm.create", base_config(memory={"size": GiB, "shared": True}))
+    src.ok("vm.boot")
+    bad = src.put("vm.send-migration", {"destination_url": "tcp:127.0.0.1"})
+    assert bad.status_code == 400 and "tcp:<host>:<port>" in error_chain(bad)[-1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"tcp:127.0.0.1:{port}"
+    received: list[requests.Response] = []
+
+    def receive() -> threading.Thread:
+        thread = threading.Thread(target=lambda: received.append(
+            requests_unixsocket.Session().put(
+                dst.url("vm.receive-migration"), json={"receiver_url": url}, timeout=30)))
+        thread.start()
+        wait_for(lambda: tcp_listening(port))
+        return thread
+
+    thread = receive()
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    thread.join(timeout=30)
+    assert received[-1].status_code == 500
+    assert "vm/migration-receive-failed" in names(dst.events())
+    assert not tcp_listening(port)
+
+    thread = receive()
+    try:
+        src.ok("vm.send-migration", {"destination_url": url})
+    finally:
+        thread.join(timeout=30)
+    assert received[-1].status_code == 204, received[-1].text
+    assert src.get("vm.info").status_code == 404
+    assert dst.info()["state"] == "Running"
+    assert "vm/migration-finished" in names(src.events())
 
 
 # -- events, hooks, process --------------------------------------------------
