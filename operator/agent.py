@@ -9,7 +9,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -19,7 +19,7 @@ from hyperfleet.reconcilers.driver import VmDriver
 from hyperfleet.reconcilers.eviction import unbound_status
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
 from hyperfleet.reconcilers.jobs.runner import JobRunner
-from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Kube
+from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, Kube
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_quantity
 from hyperfleet.reconcilers.models.vm import VirtualMachine
 from hyperfleet.reconcilers.nodes import LEASE_LABEL, heartbeat_status, host_capacity, lease_name
@@ -30,6 +30,9 @@ from .settings import AgentConfig, configure_kopf
 log = logging.getLogger("hyperfleet.agent")
 AGENT_VERSION = "0.1.0"
 PROBE_INTERVAL = 300.0  # seconds between capability discoveries
+#: How long a VMM receiving a live migration is not an orphan: as long as the receiver
+#: waits for the copy to finish (the VM stays bound to the source node until then).
+MIGRATION_WINDOW = 600.0
 
 
 class Agent:
@@ -49,10 +52,23 @@ class Agent:
         self.node_status: dict[str, Any] = {}
         self._status_at = 0.0
         self._probed_at = time.monotonic()
+        # Fenced: the API server was unreachable for --fence-after and every VMM was
+        # stopped; no VM may start here again until a heartbeat gets through and each VM's
+        # binding has been re-read (it may have moved meanwhile). The epoch tells a VM loop
+        # that a fence happened since its last pass.
+        self.fenced = False
+        self.fence_epoch = 0
+        # Separate threads, so that neither can starve the other nor the heartbeat: VM
+        # converge passes (the loop's default executor), VmJobs (which may wait for a
+        # converge pass), and the heartbeat.
+        self.job_threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=16, thread_name_prefix="job")
+        self.beat_thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="heartbeat")
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a job-related coroutine in the background, keeping a reference to it."""
-        task = asyncio.ensure_future(coro)
+    def spawn_job(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a job (or a migration receiver) on the job threads, in the background."""
+        task = asyncio.get_running_loop().run_in_executor(self.job_threads, fn, *args)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
@@ -115,25 +131,56 @@ class Agent:
                     ev.set()
 
     async def heartbeat_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         last_ok = time.monotonic()
-        fenced = False
         while True:
             await asyncio.sleep(self.cfg.heartbeat_seconds)
             try:
                 if time.monotonic() - self._probed_at > PROBE_INTERVAL:
                     self._probed_at = time.monotonic()
-                    await asyncio.to_thread(self.refresh_capabilities)
-                await asyncio.to_thread(self.heartbeat)
-                last_ok, fenced = time.monotonic(), False
+                    await loop.run_in_executor(self.beat_thread, self.refresh_capabilities)
+                await loop.run_in_executor(self.beat_thread, self.heartbeat)
+                last_ok = time.monotonic()
+                if self.fenced:
+                    # Whatever moved away while we were cut off must not start here again.
+                    await asyncio.to_thread(self.fence_orphans)
+                    self.fenced = False
+                    log.warning("API server reachable again; lifting the fence",
+                                extra={"node": self.cfg.node_name})
+                    for ev in list(self.wakeups.values()):
+                        ev.set()
             except Exception:
                 log.exception("heartbeat failed", extra={"node": self.cfg.node_name})
                 lapse = time.monotonic() - last_ok
                 if self.cfg.fence_after_seconds and lapse > self.cfg.fence_after_seconds \
-                        and not fenced:
+                        and not self.fenced:
                     log.error("API server unreachable; fencing: stopping every VM on this node",
                               extra={"node": self.cfg.node_name, "seconds": round(lapse)})
+                    self.fenced = True
+                    self.fence_epoch += 1
                     await asyncio.to_thread(self.stop_all)
-                    fenced = True
+
+    def write_status(self, seen: dict[str, Any], status: dict[str, Any]
+                     ) -> dict[str, Any] | None:
+        """Report what this node did, but only while the VM is still bound here: each
+        write is conditional on a version that says so, so a binding or an unbinding the
+        controller wrote meanwhile is never undone. None when it is no longer ours."""
+        meta = seen["metadata"]
+        name, ns, version = meta["name"], meta.get("namespace"), meta["resourceVersion"]
+        for _ in range(5):
+            try:
+                return self.kube.patch(VMS, name, {"metadata": {"resourceVersion": version},
+                                                   "status": status}, ns, status=True)
+            except Gone:
+                return None
+            except Conflict:
+                fresh = self.kube.get(VMS, name, ns)
+                st = (fresh or {}).get("status") or {}
+                if fresh is None or st.get("nodeName") != self.cfg.node_name \
+                        or st.get("evictFrom") == self.cfg.node_name:
+                    return None
+                version = fresh["metadata"]["resourceVersion"]
+        raise Conflict(f"virtualmachines/{name}: status kept changing; retrying next pass")
 
     def evict(self, ns: str, name: str, body: dict[str, Any]) -> None:
         """Drain: stop the VMM here first, then hand the VM back to the scheduler."""
@@ -152,7 +199,8 @@ class Agent:
         stopped = []
         for ns, name in self.pm.discover():
             key = f"{ns}/{name}"
-            if key in self.wakeups or self.driver.expecting(key):
+            if (key in self.wakeups and not self.fenced) \
+                    or self.driver.expecting(key, window=MIGRATION_WINDOW):
                 continue
             vm = self.kube.get(VMS, name, ns)
             if vm is None or (vm.get("status") or {}).get("nodeName") != self.cfg.node_name:
@@ -175,7 +223,7 @@ class Agent:
                 continue
             for body in jobs:
                 if self.jobs.peers.wants_to_receive(body):
-                    self.spawn(asyncio.to_thread(self.jobs.peers.receive, body))
+                    self.spawn_job(self.jobs.peers.receive, body)
 
     async def fence_loop(self) -> None:
         while True:
@@ -239,7 +287,7 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
         snapshot = copy.deepcopy(dict(body))
         if agent.jobs.wants(snapshot) and key not in agent.jobs.running:
             agent.jobs.running[key] = threading.Event()  # claimed here; the runner takes over
-            agent.spawn(asyncio.to_thread(agent.jobs.run, snapshot))
+            agent.spawn_job(agent.jobs.run, snapshot)
 
     @kopf.daemon(GROUP, VERSION, "virtualmachines", registry=registry, when=bound_here,
                  cancellation_timeout=30.0)
@@ -251,22 +299,47 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
         key = f"{namespace}/{name}"
         wake = agent.wakeup(key)
         agent.driver.arrived(key)
+        epoch = agent.fence_epoch
+        written = 0  # resourceVersion of our last status write
         try:
             while not stopped:
                 wake.clear()
+                if agent.fenced:
+                    await _wait_either(wake, stopped, agent.cfg.heartbeat_seconds)
+                    continue
+                if epoch != agent.fence_epoch:
+                    # Fenced since the last pass: our copy may predate a move elsewhere.
+                    fresh = await asyncio.to_thread(kube.get, VMS, name, namespace)
+                    if fresh is None or (fresh.get("status") or {}).get("nodeName") \
+                            != cfg.node_name:
+                        return
+                    epoch = agent.fence_epoch
+                if _rv(body) < written:
+                    # Our own write's watch event is on its way: converging on the older
+                    # copy would only produce a conflicting write.
+                    await _wait_either(wake, stopped, 2.0)
+                    if _rv(body) < written:
+                        written = 0  # the watch may have restarted: go by what we have
+                    continue
                 if (body.get("status") or {}).get("evictFrom") == cfg.node_name:
                     await asyncio.to_thread(agent.evict, namespace, name, dict(body))
                     return
-                vm = VirtualMachine.from_body(body)
+                seen = copy.deepcopy(dict(body))  # the version this pass decides on
+                vm = VirtualMachine.from_body(seen)
                 with metrics.RECONCILE_SECONDS.labels("vm").time():
                     outcome = await asyncio.to_thread(agent.driver.converge, vm)
                 if outcome is None:
                     return
-                current = dict(body.get("status") or {})
+                current = dict(seen.get("status") or {})
                 if any(current.get(k) != v for k, v in outcome.status.items()):
-                    await asyncio.to_thread(
-                        kube.patch, VMS, name, {"status": outcome.status}, namespace, True
-                    )
+                    try:
+                        out = await asyncio.to_thread(agent.write_status, seen, outcome.status)
+                    except Conflict:
+                        out = None
+                    if out is None:  # unbound, evicted or deleted meanwhile: see the change
+                        await _wait_either(wake, stopped, 1.0)
+                        continue
+                    written = _rv(out)
                 for type_, reason, message in outcome.events:
                     await asyncio.to_thread(kube.event, dict(body), reason, message, type_,
                                             "hyperfleet-agent")
@@ -287,6 +360,13 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
         log.info("VM removed from node", extra={"vm": f"{namespace}/{name}"})
 
     return agent
+
+
+def _rv(body: Any) -> int:
+    try:
+        return int((body.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
 
 
 async def _wait_either(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:

@@ -53,6 +53,7 @@ class Controller:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.leases: dict[str, datetime] = {}  # node -> last renewTime of its agent's Lease
         self.missing_since: dict[str, datetime] = {}  # bound-to node -> first seen absent
+        self.held: set[str] = set()  # VMs a drain cannot move (already reported)
         self.dirty = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -179,8 +180,16 @@ class Controller:
         absent = {n for vm in vms if (n := (vm.get("status") or {}).get("nodeName"))
                   and n not in self.nodes}
         self.missing_since = {n: self.missing_since.get(n, now) for n in absent}
+        held: set[str] = set()
         for d in evictions(vms, self.nodes, now, timeout, self.leases, self.missing_since):
             meta = d.vm["metadata"]
+            if d.action == Eviction.HOLD:
+                key = _key(dict(d.vm))
+                held.add(key)
+                if key not in self.held:  # say it once per drain, not every pass
+                    log.warning("drain holds VM", extra={"vm": key, "node": d.node})
+                    self.record(dict(d.vm), "DrainBlocked", d.reason, "Warning")
+                continue
             if d.action == Eviction.ASK_AGENT:
                 status: dict[str, Any] = {"phase": "Evicting", "evictFrom": d.node,
                                           "message": d.reason}
@@ -193,6 +202,7 @@ class Controller:
                                               "action": d.action.value, "reason": d.reason})
             self.record(out, "Evicting" if d.action == Eviction.ASK_AGENT else "NodeLost",
                         d.reason, "Warning")
+        self.held = held
 
     async def _dispatch_jobs(self, now: datetime, nodes: list[NodeView]) -> None:
         """Validate, time out, de-duplicate and route VmJobs (the agents run them)."""

@@ -22,6 +22,7 @@ from .nodes import heartbeat_age
 class Eviction(StrEnum):
     ASK_AGENT = "ask-agent"  # drain: the agent stops the VMM, then unbinds
     UNBIND = "unbind"  # node lost: unbind now, the node is presumed dead
+    HOLD = "hold"  # drain cannot move it without losing state: the operator decides
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,23 @@ def evictions(
             out.append(EvictionDecision(vm, Eviction.UNBIND, node_name, why))
         elif node is not None and (node.get("spec") or {}).get("drain") \
                 and status.get("evictFrom") != node_name:
+            if asleep(vm):
+                # Like `kubectl drain` and local storage: moving it would throw away the
+                # memory snapshot that only this node has.
+                out.append(EvictionDecision(vm, Eviction.HOLD, node_name, (
+                    f"WorkerNode {node_name} is draining, but this VM sleeps with its memory "
+                    "snapshot on that node: set spec.powerState Running to wake it (then "
+                    "live-migrate it), or Stopped to let it move and cold-boot elsewhere")))
+                continue
             out.append(EvictionDecision(vm, Eviction.ASK_AGENT, node_name,
                                         f"WorkerNode {node_name} is draining"))
     return out
+
+
+def asleep(vm: Mapping[str, Any]) -> bool:
+    """Sleeping, or on its way to sleep: its state is (about to be) a snapshot on disk."""
+    return (vm.get("spec") or {}).get("powerState") == "Sleeping" \
+        or (vm.get("status") or {}).get("phase") == "Sleeping"
 
 
 def unbound_status(reason: str, message: str, now: datetime) -> dict[str, Any]:
@@ -85,6 +100,7 @@ def unbound_status(reason: str, message: str, now: datetime) -> dict[str, Any]:
         "message": message,
         "hypervisor": None,
         "apiSocket": None,
+        "snapshot": None,  # it stays on the node it was taken on
         "conditions": [
             {"type": "Scheduled", "status": "False", "reason": reason, "message": message,
              "lastTransitionTime": ts},

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from hyperfleet.operator.devstack import kill_pidfiles
+from hyperfleet.operator.devstack import ch_double_cmd, hyperfleet_cmd, kill_pidfiles, launch
 
 from .conftest import Cluster, alive, wait_for
 
@@ -127,6 +131,97 @@ def test_lost_node_and_returning_agent_is_fenced(cluster: Cluster) -> None:
     wait_for(lambda: not alive(old), 30, "stale VMM on a stopped", c)
     assert [n for n, _ in vmm_pids(c, "l1")] == [c.node("b")]
     assert [n for n, _ in vmm_pids(c, "l2")] == [c.node("b")]
+
+
+class Partition:
+    """A loopback TCP relay to the API server that can be cut and restored: one agent's
+    view of a network partition, while everything else still reaches the API server."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.open = threading.Event()
+        self.open.set()
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.open.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.open.clear()
+        for sock in self.conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.conns = []
+
+    def heal(self) -> None:
+        self.open.set()
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+def test_fenced_agent_keeps_its_vms_stopped_until_it_reaches_the_api_again(
+        cluster: Cluster) -> None:
+    """--fence-after: an agent cut off from the API server stops its VMs (the controller
+    may place them elsewhere) and starts none until it can read their bindings again."""
+    c = cluster
+    url = urllib.parse.urlsplit(c.api.url)
+    relay = Partition((url.hostname or "127.0.0.1", url.port or 443))
+    try:
+        kubeconfig = c.workdir / "partitioned.kubeconfig"
+        kubeconfig.write_text(c.kubeconfig.read_text().replace(
+            c.api.url, f"{url.scheme}://127.0.0.1:{relay.port}"))
+        c.start_controller()
+        c.procs["agent-a"] = launch(
+            hyperfleet_cmd("agent", "--node-name", c.node("a"), "--ch-binary", ch_double_cmd(),
+                           "--socket-dir", str(c.socket_dir(c.node("a"))), "--cpus", "8",
+                           "--memory", "16Gi", "--heartbeat", "1", "--fence-after", "3"),
+            c.workdir / "agent-a.log", kubeconfig)
+        assert c.apply(VM.format(name="f1")).returncode == 0
+        running_on(c, "f1", "a")
+        first = dict(vmm_pids(c, "f1"))[c.node("a")]
+
+        relay.cut()
+        wait_for(lambda: not alive(first), 30, "the fenced agent stops its VMM", c)
+        time.sleep(6)  # a fenced agent that restarted its VMs would have done so by now
+        assert vmm_pids(c, "f1") == []
+        assert "fencing" in (c.workdir / "agent-a.log").read_text()
+
+        relay.heal()  # still bound to a (eviction timeout 300 s): it runs here again
+        st = wait_for(lambda: (s := status(c, "f1")).get("phase") == "Running"
+                      and s["hypervisor"]["pid"] != first and s, 60, "f1 Running again", c)
+        assert st["nodeName"] == c.node("a")
+        assert "lifting the fence" in (c.workdir / "agent-a.log").read_text()
+    finally:
+        relay.close()
 
 
 def test_two_controllers_never_bind_a_vm_twice(cluster: Cluster) -> None:

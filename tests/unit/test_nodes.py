@@ -89,7 +89,23 @@ def test_a_node_missing_from_the_view_is_lost_only_after_the_eviction_timeout() 
                      {"late": NOW - timedelta(minutes=60)}) == []
 
 
+def test_drain_holds_a_sleeping_vm_whose_snapshot_only_that_node_has() -> None:
+    nodes = {"n1": node("n1", drain=True)}
+    sleeping = vm("s", "n1", powerState="Sleeping")
+    dozing = vm("z", "n1")  # spec already says Running (waking), status still Sleeping
+    dozing["status"]["phase"] = "Sleeping"
+    out = evictions([sleeping, dozing, vm("r", "n1")], nodes, NOW, timedelta(minutes=5))
+    assert {d.vm["metadata"]["name"]: d.action for d in out} == {
+        "s": Eviction.HOLD, "z": Eviction.HOLD, "r": Eviction.ASK_AGENT}
+    assert "spec.powerState" in out[0].reason
+    # A lost node is another matter: its snapshot is gone with it, the VM moves.
+    lost = {"n1": node("n1", beat=NOW - timedelta(minutes=10))}
+    assert [d.action for d in evictions([sleeping], lost, NOW, timedelta(minutes=5))] == [
+        Eviction.UNBIND]
+
+
 def test_unbound_status_clears_the_binding() -> None:
     st = unbound_status("NodeLost", "gone", NOW)
     assert st["nodeName"] is None and st["phase"] == "Pending"
+    assert st["snapshot"] is None  # the snapshot stays behind on the old node
     assert {c["type"] for c in st["conditions"]} == {"Scheduled", "Ready"}
