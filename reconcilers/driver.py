@@ -41,11 +41,20 @@ class Outcome:
     retry_after: float | None = None  # seconds; None: the normal resync
 
 
-def restart_delay(restart_count: int, last_restart: datetime | None, now: datetime) -> float:
-    """Seconds to wait before the next automatic restart (0 for the first one)."""
-    if last_restart is None or now - last_restart > BACKOFF_RESET or restart_count == 0:
+def restart_delay(streak: int) -> float:
+    """Seconds to wait before the next automatic restart, given the restarts already in
+    this crash streak: the first is immediate, then 2 s doubling up to the cap."""
+    if streak <= 0:
         return 0.0
-    return float(min(BACKOFF_CAP, 2 ** min(restart_count, 12)))
+    return float(min(BACKOFF_CAP, 2 ** min(streak, 12)))
+
+
+def crash_streak(streak: int, up_since: datetime | None, now: datetime) -> int:
+    """The streak an exit at ``now`` continues: a VM that stayed up BACKOFF_RESET starts
+    over, however often it crashed before (restartCount keeps the lifetime total)."""
+    if up_since is None or now - up_since >= BACKOFF_RESET:
+        return 0
+    return streak
 
 
 def _ts(t: datetime | None) -> str | None:
@@ -134,6 +143,7 @@ class VmDriver:
         events: list[tuple[str, str, str]] = []
         conditions = list(st.conditions)
         boot_time, restarts, last_restart = st.boot_time, st.restart_count, st.last_restart_time
+        streak, restart_at = st.consecutive_restarts, st.next_restart_time
         halted_gen = st.halted_generation if st.halted_generation == gen else None
         snapshot = st.snapshot.wire() if st.snapshot else None
         retry_after: float | None = None
@@ -143,27 +153,44 @@ class VmDriver:
             observed, pid = self.observe(ns, name)
             desired = self._desired(vm, halted_gen)
             exited = self._guest_exited(vm, observed)
-            if exited and vm.spec.run_strategy == RunStrategy.MANUAL:
+            if exited and vm.spec.run_strategy == RunStrategy.MANUAL \
+                    and desired.state in BOOTED:
                 halted_gen = gen
                 events.append(("Normal", "GuestStopped",
                                "guest stopped on its own; runStrategy Manual keeps it off"))
                 desired = self._desired(vm, halted_gen)
             plan = reconcile(desired, observed)
-            if exited and plan and desired.state in ("Running", "Paused"):
-                delay = restart_delay(restarts, last_restart, now)
-                wait = (last_restart + timedelta(seconds=delay) - now).total_seconds() \
-                    if last_restart and delay else 0.0
-                if wait > 0:
+            auto = vm.spec.run_strategy == RunStrategy.ALWAYS and desired.state in BOOTED
+            if restart_at is not None and not (auto and plan):
+                restart_at = None  # up again, stopped, asleep or Manual now: nothing to wait for
+            if auto and plan and (exited or restart_at is not None):
+                how = "process died" if not observed.process else "guest shut down"
+                if exited:
+                    ups = [t for t in (boot_time, last_restart) if t is not None]
+                    streak = crash_streak(streak, max(ups) if ups else None, now)
+                    delay = restart_delay(streak)
+                    if delay:
+                        restart_at = now + timedelta(seconds=delay)
+                        events.append(("Warning", "BackOff",
+                                       f"VM exited ({how}); restart {restarts + 1} in "
+                                       f"{delay:.0f}s (runStrategy Always)"))
+                if vm.metadata.deletion_timestamp:
+                    plan = []  # being deleted: the delete handler stops the VMM
+                elif restart_at is not None and restart_at > now:
+                    # The message names a fixed time, so waiting passes write no new status
+                    # (each status write would wake this VM's loop again at once).
                     conditions = set_condition(
                         conditions, "Ready", False, "RestartBackoff",
-                        f"restart {restarts + 1} in {wait:.0f}s", gen)
-                    plan, retry_after = [], wait
+                        f"VM exited; restart {restarts + 1} at {rfc3339(restart_at)}", gen)
+                    plan, retry_after = [], (restart_at - now).total_seconds()
                 else:
                     restarts += 1
+                    streak += 1
                     last_restart = now
-                    how = "process died" if not observed.process else "guest shut down"
+                    text = f"VM exited ({how})" if restart_at is None else "backoff over"
+                    restart_at = None
                     events.append(("Warning", "Restarted",
-                                   f"VM exited ({how}); restart {restarts} (runStrategy Always)"))
+                                   f"{text}; restart {restarts} (runStrategy Always)"))
             if any(s.action == Action.WAIT for s in plan):
                 self._check_socket_timeout(ns, name)
             recreate = next((s.why for s in plan if s.action == Action.DELETE and s.why), None)
@@ -184,6 +211,9 @@ class VmDriver:
                                 "sizeBytes": _dir_size(paths.snapshots)}
                 if step.action == Action.RESTORE and snapshot:
                     snapshot = {**snapshot, "restoredAt": _ts(now_utc())}
+                if step.action == Action.DISCARD_SNAPSHOT and snapshot \
+                        and not snapshot.get("restoredAt"):
+                    snapshot = None  # gone from disk, and no wake-up from it is on record
                 reason, text = _event_for(step, self.node_name)
                 if reason:
                     events.append(("Normal", reason, text))
@@ -229,6 +259,8 @@ class VmDriver:
             "bootTime": _ts(boot_time),
             "restartCount": restarts,
             "lastRestartTime": _ts(last_restart),
+            "consecutiveRestarts": streak,
+            "nextRestartTime": _ts(restart_at),
             "haltedGeneration": halted_gen,
             "snapshot": snapshot,
             "conditions": [c.wire() for c in conditions],
@@ -294,10 +326,14 @@ class VmDriver:
 
     @staticmethod
     def _guest_exited(vm: VirtualMachine, observed: Observed) -> bool:
-        """The VM was up when last reported and is now down without being asked to."""
+        """The VM was up when last reported and is now down without being asked to.
+
+        Only the moment of the exit: a restart still waiting out its backoff is
+        ``status.nextRestartTime`` (the waiting pass reports phase Starting)."""
         st = vm.status
-        was_up = st.phase in (Phase.RUNNING, Phase.PAUSED) and st.hypervisor is not None \
-            and st.hypervisor.state in BOOTED
+        # Failed still reports the VMM state it re-observed: a guest that then dies exits.
+        was_up = st.phase in (Phase.RUNNING, Phase.PAUSED, Phase.FAILED) \
+            and st.hypervisor is not None and st.hypervisor.state in BOOTED
         return was_up and observed.state not in BOOTED
 
     def _check_socket_timeout(self, ns: str, name: str) -> None:
@@ -322,7 +358,9 @@ class VmDriver:
         elif step.action == Action.WAIT:
             return
         elif step.action == Action.DISCARD_SNAPSHOT:
-            shutil.rmtree(self.pm.paths(ns, name).snapshots, ignore_errors=True)
+            # Fail loudly: a consumed snapshot left behind would be restored after a crash.
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self.pm.paths(ns, name).snapshots)
         elif step.action == Action.SNAPSHOT:
             d = self.pm.paths(ns, name).snapshots
             shutil.rmtree(d, ignore_errors=True)

@@ -103,14 +103,18 @@ def reconcile(desired: Desired, observed: Observed) -> list[Step]:
     elif not observed.socket:
         return [Step(Action.WAIT)]
     target = vm_config(desired.spec, desired.vsock_socket)
+    if sim.state is not None and observed.snapshot:
+        sim.add(Action.DISCARD_SNAPSHOT, why=_STALE)
     if sim.state is None:
         if observed.snapshot:
             sim.add(Action.RESTORE, {"source_url": desired.snapshot_url}, "wake from sleep",
                     state="Paused")
+            # Before the guest runs on: should RESUME fail or time out, a later crash must
+            # cold-boot rather than restore memory older than the disks.
+            sim.add(Action.DISCARD_SNAPSHOT, why="consumed by the wake-up")
             sim.add(Action.RESUME, state="Running")
             if desired.spec.guest_agent is not None:
                 sim.add(Action.GUEST_RESTORE, why="woke from sleep")
-            sim.add(Action.DISCARD_SNAPSHOT)
             sim.config = None  # restored config: compared on the next pass
         else:
             sim.add(Action.CREATE, target, state="Created")
@@ -128,13 +132,20 @@ def reconcile(desired: Desired, observed: Observed) -> list[Step]:
     return sim.steps
 
 
+#: A snapshot beside a VM the VMM already holds was restored (or superseded) and the disks
+#: have moved on since: restoring it after a later crash would resurrect stale memory.
+_STALE = "the VMM holds the VM: the snapshot is stale"
+
+
 def _wind_down(desired: Desired, observed: Observed, want: str) -> list[Step]:
     if not observed.process:
         return []
     if not observed.socket:
         return [Step(Action.WAIT)]
     if want == "Off":
-        return [Step(Action.SHUTDOWN)] if observed.state in BOOTED else []
+        steps = [Step(Action.DISCARD_SNAPSHOT, why=_STALE)] \
+            if observed.state is not None and observed.snapshot else []
+        return steps + ([Step(Action.SHUTDOWN)] if observed.state in BOOTED else [])
     # Sleeping: keep the guest's memory on disk and free the host.
     steps = []
     if observed.state in BOOTED:

@@ -112,8 +112,17 @@ class ProcessManager:
         return pid if _is_our_vmm(pid, p.socket) else None
 
     def started_at(self, namespace: str, name: str) -> float | None:
-        """Monotonic spawn time of a VMM this process started (None if adopted)."""
-        return self._started.get(str(self.paths(namespace, name).socket))
+        """Monotonic start time of the live VMM (None if there is none).
+
+        Recorded at spawn; for a VMM an earlier agent started it is derived from the
+        process itself, so an adopted VMM whose API socket never appears still times out.
+        """
+        p = self.paths(namespace, name)
+        started = self._started.get(str(p.socket))
+        if started is not None:
+            return started
+        pid = self.pid(namespace, name)
+        return None if pid is None else _monotonic_start(pid, p.pidfile)
 
     def client(self, namespace: str, name: str, wait_socket: float = 5.0) -> ChClient:
         return ChClient(str(self.paths(namespace, name).socket), wait_socket=wait_socket)
@@ -161,6 +170,24 @@ class ProcessManager:
             except UnsafeNameError:
                 continue
         return found
+
+
+def _monotonic_start(pid: int, pidfile: Path) -> float | None:
+    """When ``pid`` started, on the time.monotonic() scale.
+
+    /proc/<pid>/stat field 22 counts clock ticks since boot (CLOCK_BOOTTIME); the pid
+    file, written right after the spawn, is the fallback where /proc cannot say.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        try:
+            age = time.time() - pidfile.stat().st_mtime
+        except OSError:
+            return None
+    return time.monotonic() - max(0.0, age)
 
 
 def _is_our_vmm(pid: int, socket: Path) -> bool:

@@ -237,6 +237,16 @@ class VirtualMachineStatus(CamelModel):
     boot_time: datetime | None = None
     restart_count: int = 0
     last_restart_time: datetime | None = None
+    consecutive_restarts: int = Field(
+        default=0,
+        description="Automatic restarts since the VM last ran 10 minutes without exiting; "
+        "each one doubles the wait before the next (restartCount counts them all)",
+    )
+    next_restart_time: datetime | None = Field(
+        default=None,
+        description="runStrategy Always: the VM exited on its own and is restarted at this "
+        "time (crash-loop backoff); unset when no restart is pending",
+    )
     halted_generation: int | None = Field(
         default=None,
         description="runStrategy Manual: the guest stopped on its own at this generation; "

@@ -122,11 +122,32 @@ def test_sleep_snapshot_goes_to_the_vm_directory() -> None:
     assert plan[0].body == {"destination_url": "file:///snap"}
 
 
-def test_wake_restores_resumes_and_discards_the_snapshot() -> None:
+def test_wake_restores_then_discards_the_snapshot_before_the_guest_runs() -> None:
     plan = reconcile(want(spec()), Observed(process=False, snapshot=True))
     assert [s.action for s in plan] == [
-        Action.SPAWN, Action.RESTORE, Action.RESUME, Action.DISCARD_SNAPSHOT]
+        Action.SPAWN, Action.RESTORE, Action.DISCARD_SNAPSHOT, Action.RESUME]
     assert plan[1].body == {"source_url": "file:///snap"}
+
+
+@pytest.mark.parametrize("power", ["Running", "Paused", "Stopped"])
+@pytest.mark.parametrize("state", ["Paused", "Running", "Shutdown", "Created"])
+def test_a_snapshot_beside_a_live_vm_is_discarded(power: str, state: str) -> None:
+    """A wake-up interrupted after vm.restore (vm.resume failed, the agent restarted)
+    leaves the VM in the VMM and the snapshot on disk; restoring that snapshot after a
+    later crash would resurrect memory older than the disks, so it goes first."""
+    s = spec(powerState=power)
+    plan = reconcile(want(s), Observed(True, True, state, vm_config(s), snapshot=True))
+    assert plan[0].action == Action.DISCARD_SNAPSHOT
+    assert Action.RESTORE not in [x.action for x in plan]
+
+
+def test_a_sleeping_vm_keeps_its_snapshot_while_stopped() -> None:
+    """No VM in the VMM: the snapshot is the VM, whatever powerState says meanwhile."""
+    for power in ("Stopped", "Sleeping"):
+        assert reconcile(want(spec(powerState=power)),
+                         Observed(process=False, snapshot=True)) == []
+        plan = reconcile(want(spec(powerState=power)), Observed(True, True, snapshot=True))
+        assert Action.DISCARD_SNAPSHOT not in [x.action for x in plan]
 
 
 def test_halted_keeps_it_off_whatever_power_state_says() -> None:
@@ -220,6 +241,8 @@ def test_any_state_converges_in_one_plan(power: str, strategy: str, process: boo
     final = simulate(d, obs)
     assert reconcile(d, final) == [], f"not converged after one plan: {final}"
     goal = d.state
+    if goal != "Sleeping" and final.state is not None:
+        assert not final.snapshot, "a snapshot outlived the VM it was restored into"
     if goal == "Off":
         assert final.state not in ("Running", "Paused")
         assert phase_of(d, final) == Phase.STOPPED
@@ -254,8 +277,8 @@ def test_guest_agent_checkpoints_before_sleep_and_restores_after_wake() -> None:
     awake = spec(vsock={"cid": 3}, guestAgent={})
     plan = reconcile(want(awake), Observed(process=False, snapshot=True))
     assert [s.action for s in plan] == [
-        Action.SPAWN, Action.RESTORE, Action.RESUME, Action.GUEST_RESTORE,
-        Action.DISCARD_SNAPSHOT]
+        Action.SPAWN, Action.RESTORE, Action.DISCARD_SNAPSHOT, Action.RESUME,
+        Action.GUEST_RESTORE]
     # Without a guest agent, nothing is asked of the guest.
     plain = spec(vsock={"cid": 3}, powerState="Sleeping")
     assert Action.GUEST_CHECKPOINT not in [
