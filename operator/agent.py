@@ -18,7 +18,7 @@ from hyperfleet.reconcilers import providers
 from hyperfleet.reconcilers.driver import VmDriver
 from hyperfleet.reconcilers.eviction import unbound_status
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
-from hyperfleet.reconcilers.jobs.runner import JobRunner
+from hyperfleet.reconcilers.jobs.runner import RECEIVE_TIMEOUT, JobRunner
 from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, Kube
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_quantity
 from hyperfleet.reconcilers.models.vm import VirtualMachine
@@ -32,7 +32,7 @@ AGENT_VERSION = "0.1.0"
 PROBE_INTERVAL = 300.0  # seconds between capability discoveries
 #: How long a VMM receiving a live migration is not an orphan: as long as the receiver
 #: waits for the copy to finish (the VM stays bound to the source node until then).
-MIGRATION_WINDOW = 600.0
+MIGRATION_WINDOW = RECEIVE_TIMEOUT
 
 
 class Agent:
@@ -281,6 +281,7 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
     async def job_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
                         namespace: str | None, **_: Any) -> None:
         key = f"{namespace}/{name}"
+        agent.jobs.observe(body)  # handed back, timed out or recreated: stop our attempt
         if event.get("type") == "DELETED" or agent.jobs.cancelled_by_user(body):
             agent.jobs.cancel(key)
             return

@@ -209,8 +209,10 @@ class Controller:
         active = [b for b in self.jobs.values() if not b["metadata"].get("deletionTimestamp")]
         if not active:
             return
-        workers = [WorkerView(n.name, n.pool, n.capabilities, n.ready and not n.unschedulable)
-                   for n in nodes]
+        # Cordoned/draining is not lost: such a node keeps its running jobs and its VMs'
+        # jobs (a migration off a draining node); it only gets no new placements.
+        workers = [WorkerView(n.name, n.pool, n.capabilities, n.ready,
+                              schedulable=not n.unschedulable) for n in nodes]
         hosts = {
             k: b["status"]["nodeName"] for k, b in self.vms.items()
             if (b.get("status") or {}).get("nodeName")

@@ -11,7 +11,9 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from hyperfleet.reconcilers.jobs.protocol import (
     JobBuilder,
@@ -29,15 +31,28 @@ KubeconfigOpt = Annotated[str | None, typer.Option(envvar="KUBECONFIG", help="ku
 
 
 def _fail(exc: JobValidationError, where: str = "") -> None:
-    err.print(f"[red]invalid VmJob{' in ' + where if where else ''}:[/red]")
+    err.print(f"[red]invalid VmJob{' in ' + escape(where) if where else ''}:[/red]")
     for path, message in exc.errors:
-        err.print(f"  [bold]{path or '(document)'}[/bold]: {message}")
+        err.print(f"  [bold]{escape(path or '(document)')}[/bold]: {escape(message)}")
     raise typer.Exit(2)
 
 
-def _value(text: str) -> Any:
-    """`4` -> 4, `true` -> True, `[a, b]` -> list; anything else stays a string."""
-    return yaml.safe_load(text) if text else text
+def _value(key: str, text: str) -> Any:
+    """`4` -> 4, `true` -> True, `[a, b]` -> list; anything else stays a string.
+
+    Values are YAML so lists and numbers can be typed; broken YAML is the user's typo,
+    reported against its --set key rather than as a parser traceback.
+    """
+    if not text:
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        err.print(Text.assemble((f"--set {key}", "red"), (
+            f": {text!r} is not a valid YAML value ({problem}); fix it, or quote it to pass "
+            f"it as a string, e.g. --set '{key}=\"...\"'")))
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -65,9 +80,10 @@ def create(
     for item in set_ or []:
         key, sep, value = item.partition("=")
         if not sep:
-            err.print(f"[red]--set {item!r}[/red]: use key=value, e.g. --set desiredCpus=4")
+            err.print(Text.assemble((f"--set {item!r}", "red"),
+                                    ": use key=value, e.g. --set desiredCpus=4"))
             raise typer.Exit(2)
-        data[key] = _value(value)
+        data[key] = _value(key, value)
     if data:
         b.payload_data(data)
     if target:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -21,12 +21,14 @@ from .engine import (
     JobPhase,
     JobStatus,
     Reason,
+    StoredJob,
     WorkerView,
     advance,
     apply_resolution,
     check_deadline,
     check_timeout,
-    order_queue,
+    hand_back,
+    queue_key,
     ready_to_start,
     route,
     set_condition,
@@ -90,6 +92,26 @@ def current_status(body: Mapping[str, Any]) -> JobStatus | None:
     return JobStatus.model_validate(raw)
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One parsed VmJob; ``key`` (namespace/name) identifies it, never the jobId."""
+
+    body: Mapping[str, Any]
+    stored: StoredJob
+
+    @property
+    def key(self) -> str:
+        return self.stored.name
+
+    @property
+    def job(self) -> JobDocument:
+        return self.stored.job
+
+    @property
+    def namespace(self) -> str:
+        return self.stored.scope
+
+
 def dispatch(
     bodies: Sequence[Mapping[str, Any]],
     nodes: Sequence[WorkerView],
@@ -98,49 +120,79 @@ def dispatch(
 ) -> list[Decision]:
     """One pass over every VmJob; returns only the jobs whose status must change."""
     decisions: list[Decision] = []
-    parsed: list[tuple[Mapping[str, Any], JobDocument, JobStatus]] = []
-    history: list[tuple[JobDocument, JobStatus | None]] = []  # all valid jobs, for idempotency
-    scopes: dict[str, str] = {}
+    entries: list[_Entry] = []  # all valid jobs still relevant (live, or owning a key)
     for body in bodies:
         status = current_status(body)
         has_key = bool(((body.get("spec") or {}).get("execution") or {}).get("idempotencyKey"))
         if status is not None and status.terminal and not has_key:
             continue  # finished, and no later job can be its duplicate
+        if status is not None and status.reason == Reason.DUPLICATE_JOB_ID:
+            continue  # refused: it must not take the jobId back from the job that kept it
         try:
             job = parse(body)
         except JobValidationError as exc:
             if status is None or not status.terminal:
                 decisions.append(_invalid(body, status, exc, now))
             continue
-        scopes[job.job_id or ""] = job_key(body).split("/")[0]
-        history.append((job, status))
-        if status is None or not status.terminal:
-            parsed.append((body, job, status or JobStatus()))
-    index = IdempotencyIndex.rebuild(history, scope=lambda j: scopes.get(j.job_id or "", ""))
+        key = job_key(body)
+        entries.append(_Entry(body, StoredJob(job, status, key.split("/")[0], key,
+                                              _created(body))))
+    entries.sort(key=lambda e: e.stored.owner_key())
+    entries, refused = _unique_job_ids(entries, now)
+    decisions.extend(refused)
+    index = IdempotencyIndex.rebuild(e.stored for e in entries)
+    live = [e for e in entries if e.stored.status is None or not e.stored.status.terminal]
     active = {n.name: 0 for n in nodes}
-    for _, _, st in parsed:
-        if st.phase in (JobPhase.SCHEDULED, JobPhase.RUNNING) and st.assigned_node in active:
+    for e in live:
+        st = e.stored.status
+        if st and st.phase in (JobPhase.SCHEDULED, JobPhase.RUNNING) and st.assigned_node in active:
             active[st.assigned_node] += 1
     ready = {n.name for n in nodes if n.ready}
-    created = {job.job_id or "": _created(body) for body, job, _ in parsed}
-    by_id = {job.job_id: (body, job, st) for body, job, st in parsed}
-    queue = order_queue([j for _, j, s in parsed if s.phase == JobPhase.PENDING],
-                        created_at=lambda j: created.get(j.job_id or ""))
-    for body, job, st in parsed:
+    for e in live:
+        st = e.stored.status or JobStatus()
         if st.phase == JobPhase.PENDING:
             continue  # routed below, in priority order
-        new = _advance_active(body, job, st, ready, now)
+        new = _advance_active(e.body, e.job, st, ready, now)
         if new is not None:
-            decisions.append(_decide(body, new[0], new[1]))
-    for job in queue:
-        body, job, st = by_id[job.job_id]
-        scope = job_key(body).split("/")[0]
-        new_st, event = _pending(body, job, st, index, scope, nodes, active, vm_hosts, now)
-        if new_st is not None and new_st.to_status() != (body.get("status") or {}):
-            decisions.append(_decide(body, new_st, event))
+            decisions.append(_decide(e.body, new[0], new[1]))
+    queue = sorted((e for e in live if (e.stored.status or JobStatus()).phase == JobPhase.PENDING),
+                   key=lambda e: (*queue_key(e.job, e.stored.created_at), e.key))
+    for e in queue:
+        st = e.stored.status or JobStatus()
+        new_st, event = _pending(e.body, e.job, st, index, e.namespace, nodes, active,
+                                 vm_hosts, now)
+        if new_st is not None and new_st.to_status() != (e.body.get("status") or {}):
+            decisions.append(_decide(e.body, new_st, event))
             if new_st.phase == JobPhase.SCHEDULED and new_st.assigned_node:
                 active[new_st.assigned_node] = active.get(new_st.assigned_node, 0) + 1
     return decisions
+
+
+def _unique_job_ids(entries: Sequence[_Entry], now: datetime
+                    ) -> tuple[list[_Entry], list[Decision]]:
+    """spec.jobId is unique per namespace: a later job reusing one fails before it runs.
+
+    Namespaces are separate: the same manifest applied in two namespaces gives two
+    jobs. Within one, the jobId names the job in ``duplicateOf`` and idempotency
+    records, so two live jobs with it would be mistaken for each other. ``entries``
+    are in ownership order; a job that already started is never refused.
+    """
+    kept: list[_Entry] = []
+    refused: list[Decision] = []
+    first: dict[tuple[str, str], _Entry] = {}
+    for e in entries:
+        ident = (e.namespace, e.job.job_id or "")
+        owner = first.setdefault(ident, e)
+        if owner is e or e.stored.started:
+            kept.append(e)
+            continue
+        message = (f"spec.jobId {e.job.job_id} is already used by VmJob {owner.key} in this "
+                   "namespace; remove spec.jobId to have one generated, or set a new ULID")
+        st = e.stored.status or JobStatus()
+        failed = advance(st, JobPhase.FAILED, now=now, reason=Reason.DUPLICATE_JOB_ID,
+                         message=message, error=message)
+        refused.append(_decide(e.body, failed, ("Warning", Reason.DUPLICATE_JOB_ID, message)))
+    return kept, refused
 
 
 def _created(body: Mapping[str, Any]) -> datetime | None:
@@ -151,7 +203,7 @@ def _created(body: Mapping[str, Any]) -> datetime | None:
 def _decide(body: Mapping[str, Any], status: JobStatus,
             event: tuple[str, str, str] | None) -> Decision:
     meta = body["metadata"]
-    out = status.to_status()
+    out = status.to_patch(body.get("status"))
     out["observedGeneration"] = meta.get("generation")
     return Decision(meta.get("namespace") or "default", meta["name"], meta["resourceVersion"],
                     out, event)
@@ -169,7 +221,11 @@ def _invalid(body: Mapping[str, Any], status: JobStatus | None, exc: JobValidati
 
 def _advance_active(body: Mapping[str, Any], job: JobDocument, st: JobStatus, ready: set[str],
                     now: datetime) -> tuple[JobStatus, tuple[str, str, str] | None] | None:
-    """Scheduled or Running: cancel, time out, or hand back from a lost node."""
+    """Scheduled or Running: cancel, time out, or hand back from a lost node.
+
+    Lost means not Ready (no heartbeat). A cordoned or draining node is healthy: its
+    agent goes on running what it has, so nothing is taken from it.
+    """
     cancel = (body["metadata"].get("annotations") or {}).get(CANCEL_ANNOTATION)
     if st.phase == JobPhase.SCHEDULED:
         if cancel:
@@ -180,7 +236,7 @@ def _advance_active(body: Mapping[str, Any], job: JobDocument, st: JobStatus, re
             return passed, ("Warning", "DeadlineExceeded", passed.last_error or "")
         if st.assigned_node not in ready:
             why = f"node {st.assigned_node} is not Ready; routing again"
-            back = advance(st, JobPhase.PENDING, now=now, reason=Reason.HANDED_BACK, message=why)
+            back = hand_back(job, st, now, why)
             return back, ("Warning", "HandedBack", why)
         return None
     if st.phase == JobPhase.RUNNING:
@@ -189,9 +245,11 @@ def _advance_active(body: Mapping[str, Any], job: JobDocument, st: JobStatus, re
             return timed, ("Warning", "TimedOut",
                            f"no result within {job.execution.timeout_seconds}s")
         if st.assigned_node not in ready:
-            back = advance(st, JobPhase.PENDING, now=now, reason=Reason.HANDED_BACK,
-                           message=f"node {st.assigned_node} was lost while running; retrying")
-            return back, ("Warning", "HandedBack", f"node {st.assigned_node} lost")
+            back = hand_back(job, st, now,
+                             f"node {st.assigned_node} was lost while running the job")
+            if back.phase == JobPhase.FAILED:
+                return back, ("Warning", str(back.reason), back.last_error or "")
+            return back, ("Warning", "HandedBack", f"node {st.assigned_node} lost; retrying")
     return None
 
 
@@ -213,8 +271,7 @@ def _pending(
         return out, ("Normal", str(out.reason or "Duplicate"), resolution.message)
     if not ready_to_start(job, st, now):
         return None, None
-    views = [WorkerView(n.name, n.pool, n.capabilities, n.ready, active.get(n.name, 0))
-             for n in nodes]
+    views = [replace(n, active_jobs=active.get(n.name, 0)) for n in nodes]
     decision = route(job, views, vm_hosts, default_namespace=scope)
     if decision.node is None:
         conds = set_condition(st.conditions, "Scheduled", False, now=now,

@@ -25,6 +25,7 @@ from pydantic import AwareDatetime, Field
 from ..models.common import Condition, set_condition
 from .payloads import CamelModel
 from .protocol import (
+    MAX_BACKOFF_SECONDS,
     Backoff,
     Execution,
     JobDocument,
@@ -51,6 +52,7 @@ __all__ = [
     "Reason",
     "Resolution",
     "RoutingDecision",
+    "StoredJob",
     "WorkerView",
     "advance",
     "apply_resolution",
@@ -59,6 +61,7 @@ __all__ = [
     "check_timeout",
     "deadline_passed",
     "decide_after_failure",
+    "hand_back",
     "next_backoff",
     "next_check_at",
     "order_queue",
@@ -153,6 +156,7 @@ class Reason(StrEnum):
     DUPLICATE = "Duplicate"
     WAITING_FOR_DUPLICATE = "WaitingForDuplicate"
     IDEMPOTENCY_CONFLICT = "IdempotencyConflict"
+    DUPLICATE_JOB_ID = "DuplicateJobId"
 
 
 # --------------------------------------------------------------------------- status model
@@ -208,6 +212,21 @@ class JobStatus(CamelModel):
     def to_status(self) -> dict[str, Any]:
         """Wire form for a status patch (camelCase, JSON types, ``None`` omitted)."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def to_patch(self, current: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Wire form for a JSON merge patch over the stored ``current`` status.
+
+        A merge patch keeps every field it does not mention, so a field this status
+        cleared (``assignedNode`` after a hand-back) is sent as an explicit null. Only
+        declared fields: unknown ones (``migration``, written by the agents) are not ours.
+        """
+        out = self.to_status()
+        stored = current or {}
+        for name, info in type(self).model_fields.items():
+            alias = info.alias or name
+            if alias not in out and stored.get(alias) is not None:
+                out[alias] = None
+        return out
 
 
 def _require_aware(now: datetime) -> None:
@@ -326,7 +345,9 @@ def next_backoff(execution: Execution | Backoff, attempt: int, rng: RandomSource
     if attempt < 1:
         raise ValueError(f"attempt is 1-based, got {attempt}")
     policy = execution.backoff if isinstance(execution, Execution) else execution
-    cap = max(policy.max_seconds, policy.initial_seconds)
+    # Clamped as well as validated: a policy built without validation (model_construct,
+    # an older stored object) must not overflow the datetime arithmetic of a retry.
+    cap = min(max(policy.max_seconds, policy.initial_seconds), MAX_BACKOFF_SECONDS)
     delay = min(policy.initial_seconds, cap)
     if policy.multiplier > 1:
         # Iterate instead of ``multiplier ** n`` so huge attempts cannot overflow a float.
@@ -402,6 +423,22 @@ def decide_after_failure(
     )
     pending.next_attempt_at = retry_at
     return pending
+
+
+def hand_back(job: JobDocument, status: JobStatus, now: datetime, why: str) -> JobStatus:
+    """Back to Pending because the node stopped running the job (lost, or its agent shut down).
+
+    A Running attempt has started, so it counts against ``maxAttempts`` like a failed
+    one; otherwise a flapping node would run the job without bound. A Scheduled job
+    never started and just goes back to the queue.
+    """
+    _require_aware(now)
+    limit = job.execution.max_attempts
+    if status.phase is JobPhase.RUNNING and status.attempts >= limit:
+        return advance(status, JobPhase.FAILED, now=now, reason=Reason.ATTEMPTS_EXHAUSTED,
+                       message=f"{why}; attempt {status.attempts}/{limit} was the last",
+                       error=why)
+    return advance(status, JobPhase.PENDING, now=now, reason=Reason.HANDED_BACK, message=why)
 
 
 # --------------------------------------------------------------------------- time checks
@@ -505,13 +542,19 @@ def order_queue(
 
 @dataclass(frozen=True)
 class WorkerView:
-    """What routing needs to know about a worker node (decoupled from k8s models)."""
+    """What routing needs to know about a worker node (decoupled from k8s models).
+
+    ``ready`` (the agent is alive) and ``schedulable`` (not cordoned or draining) are
+    separate: a cordoned node still runs its jobs and still hosts its VMs, so jobs on
+    those VMs (a migration off a draining node) go there; only new placement avoids it.
+    """
 
     name: str
     pool: str | None = None
     capabilities: AbstractSet[str] = field(default_factory=frozenset)
     ready: bool = True
     active_jobs: int = 0
+    schedulable: bool = True
 
 
 @dataclass(frozen=True)
@@ -550,8 +593,9 @@ def route(
     Filters in order (the first filter that empties the set names the reason):
     Ready, ``routing.workerPool``, effective capabilities, target VM host (for
     payload types that target a VM; ``vm_hosts`` maps ``"namespace/name"`` or bare
-    ``"name"`` to a node), ``affinity.nodeNames``. Among the survivors the first of
-    ``affinity.preferNodeNames`` wins, else the least busy node (then by name).
+    ``"name"`` to a node), ``affinity.nodeNames``, schedulable. Among the survivors
+    the first of ``affinity.preferNodeNames`` wins, else the least busy node (then by
+    name). A VM's host is chosen even when cordoned: the job has to run where the VM is.
     """
     workers = sorted(nodes, key=lambda n: n.name)
     if not workers:
@@ -598,6 +642,14 @@ def route(
                 f"no eligible node is in affinity.nodeNames [{', '.join(sorted(required_nodes))}]"
                 f" (eligible: {_names(capable)})",
             )
+    placeable = [n for n in eligible if n.schedulable]
+    if not placeable:
+        return RoutingDecision(
+            None,
+            f"every eligible node is cordoned or draining ({_names(eligible)}); "
+            "uncordon one or add a node",
+        )
+    eligible = placeable
     names = tuple(n.name for n in eligible)
     preferred = affinity.prefer_node_names if affinity else []
     for name in preferred:
@@ -774,25 +826,61 @@ class IdempotencyIndex:
     @classmethod
     def rebuild(
         cls,
-        items: Iterable[tuple[JobDocument, JobStatus | None]],
+        items: Iterable[StoredJob | tuple[JobDocument, JobStatus | None]],
         *,
         scope: Callable[[JobDocument], str] | None = None,
     ) -> IdempotencyIndex:
-        """Recreate the index from stored jobs; the earliest non-duplicate job owns a key."""
+        """Recreate the index from stored jobs; the owner of a key is the first by
+        :meth:`StoredJob.owner_key`. Duplicates and jobs refused (conflict, reused jobId)
+        never owned their key. ``scope`` applies to plain ``(job, status)`` pairs."""
         index = cls()
-        owners = [
-            (job, status)
-            for job, status in items
-            if job.execution.idempotency_key is not None
-            and job.job_id is not None
-            and (status is None or status.duplicate_of is None)
+        stored = [
+            item if isinstance(item, StoredJob)
+            else StoredJob(item[0], item[1], scope(item[0]) if scope else "")
+            for item in items
         ]
-        owners.sort(key=lambda pair: (pair[0].audit.submitted_at or _NO_TIME, pair[0].job_id))
-        for job, status in owners:
-            job_scope = scope(job) if scope else ""
-            if index.claim(job, job_scope).record is not None and status is not None:
-                index.record(job, status, job_scope)
+        owners = [
+            s for s in stored
+            if s.job.execution.idempotency_key is not None
+            and s.job.job_id is not None
+            and (s.status is None or (s.status.duplicate_of is None
+                                      and s.status.reason not in _NEVER_OWNED))
+        ]
+        owners.sort(key=StoredJob.owner_key)
+        for s in owners:
+            if index.claim(s.job, s.scope).record is not None and s.status is not None:
+                index.record(s.job, s.status, s.scope)
         return index
+
+
+_NEVER_OWNED = frozenset({Reason.IDEMPOTENCY_CONFLICT, Reason.DUPLICATE_JOB_ID})
+
+
+@dataclass(frozen=True)
+class StoredJob:
+    """A job as stored: document, status and the server's metadata about the object."""
+
+    job: JobDocument
+    status: JobStatus | None = None
+    scope: str = ""  # the namespace
+    name: str = ""  # "namespace/name"
+    created_at: datetime | None = None  # metadata.creationTimestamp
+
+    @property
+    def started(self) -> bool:
+        """Routed or run at least once: it may already have had effects."""
+        st = self.status
+        return st is not None and (st.phase is not JobPhase.PENDING or st.attempts > 0)
+
+    def owner_key(self) -> tuple[Any, ...]:
+        """Order among jobs claiming the same thing (an idempotency key, a jobId).
+
+        A job that already started keeps its claim over one that has not; then the
+        earliest created wins. Server time, not ``audit.submittedAt``: the submitter
+        writes that field, may omit it, or may backdate it to take over a key.
+        """
+        when = self.created_at
+        return (not self.started, when is None, when or _NO_TIME, self.name, self.job.job_id or "")
 
 
 def _require_job_id(job: JobDocument) -> str:

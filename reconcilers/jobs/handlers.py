@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..driver import VmDriver
+from ..gitops.types import OWNER_LABEL
 from ..hypervisor.client import ChClient, ChError
 from ..kube import VMS, Kube
 from .engine import JobError
@@ -115,6 +116,7 @@ def vm_snapshot(ctx: JobContext) -> dict[str, Any]:
     dest = _dir_from(p.destination) if p.destination else (
         ctx.driver.pm.socket_dir / "snapshots" / "jobs" / f"{ns}_{name}" / (ctx.job.job_id or "x"))
     with ctx.vmm() as vmm:
+        ctx.check_cancelled()  # the lock may have been waited for: nothing done yet
         info = vmm.info() or {}
         state = info.get("state")
         if state not in ("Running", "Paused"):
@@ -127,6 +129,7 @@ def vm_snapshot(ctx: JobContext) -> dict[str, Any]:
             vmm.put("vm.pause")
         ctx.report(30, "paused" if paused_here else "already paused")
         try:
+            ctx.check_cancelled()  # last point before the snapshot; the finally resumes
             try:
                 dest.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -151,6 +154,9 @@ def vm_restore(ctx: JobContext) -> dict[str, Any]:
                        retryable=False)
     pm = ctx.driver.pm
     with ctx.driver.lock(ns, name):
+        # Stopping the running VMM is the point of no return: after it, finishing the
+        # restore leaves the VM in a better state than stopping half way.
+        ctx.check_cancelled()
         pm.stop(ns, name)
         ctx.report(30, "previous VMM stopped")
         pm.spawn(ns, name)
@@ -172,8 +178,10 @@ def vm_restore(ctx: JobContext) -> dict[str, Any]:
 def vm_reboot(ctx: JobContext) -> dict[str, Any]:
     p: VmRebootV1 = ctx.payload
     with ctx.vmm() as vmm:
+        ctx.check_cancelled()
         if (vmm.info() or {}).get("state") != "Running":
             raise JobFailure("only a Running VM can be rebooted", retryable=False)
+        ctx.check_cancelled()
         vmm.put("vm.reboot")
         state = (vmm.info() or {}).get("state")
     return {"mode": p.mode, "state": state}
@@ -185,6 +193,17 @@ def vm_resize(ctx: JobContext) -> dict[str, Any]:
     p: VmResizeV1 = ctx.payload
     ns, name = ctx.vm
     spec: dict[str, Any] = {}
+    ctx.check_cancelled()
+    current = ctx.kube.get(VMS, name, ns)
+    if current is None:
+        raise JobFailure(f"VirtualMachine {ns}/{name} not found", retryable=False)
+    source = ((current.get("metadata") or {}).get("labels") or {}).get(OWNER_LABEL)
+    if source:
+        # Its spec is Git's: the GitSource would revert the resize at its next reconcile.
+        raise JobFailure(
+            f"VirtualMachine {ns}/{name} is managed by GitSource {source}: a resize here "
+            "would be reverted; change spec.cpus / spec.memory in Git instead",
+            retryable=False)
     if p.desired_cpus is not None:
         spec["cpus"] = p.desired_cpus
     if p.desired_memory is not None:
@@ -261,6 +280,7 @@ def vm_migrate(ctx: JobContext) -> dict[str, Any]:
     ctx.report(40, f"destination {p.destination_node} listening")
     pm = ctx.driver.pm
     with ctx.driver.lock(ns, name):
+        ctx.check_cancelled()  # last point before the VM leaves this node
         client = pm.client(ns, name, wait_socket=1)
         try:
             client.request("PUT", "vm.send-migration", {"destination_url": receiver})

@@ -58,6 +58,7 @@ __all__ = [
     "API_VERSION",
     "CAPABILITY_PATTERN",
     "KIND",
+    "MAX_BACKOFF_SECONDS",
     "OPERATION_PATTERN",
     "PROTOCOL_VERSION",
     "REGISTRY",
@@ -224,18 +225,25 @@ def _reject_non_string(value: object) -> object:
 _OPENAPI_V3_POSITIVE: dict[str, Any] = {"minimum": 0, "exclusiveMinimum": True}
 
 
+MAX_BACKOFF_SECONDS = 86400
+"""Longest retry delay (one day): longer waits belong to a deadline, and an unbounded
+value overflows the retry time (``now + delay``)."""
+
+
 class Backoff(CamelModel):
     """Retry delay policy: ``initialSeconds * multiplier**(attempt-1)``, capped, jittered."""
 
     initial_seconds: float = Field(
         default=1.0,
         gt=0,
+        le=MAX_BACKOFF_SECONDS,
         description="Delay before the 1st retry.",
         json_schema_extra=_OPENAPI_V3_POSITIVE,
     )
     max_seconds: float = Field(
         default=60.0,
         gt=0,
+        le=MAX_BACKOFF_SECONDS,
         description="Upper bound for any delay.",
         json_schema_extra=_OPENAPI_V3_POSITIVE,
     )
@@ -736,6 +744,11 @@ def _join_path(parts: Iterable[str | int]) -> str:
     return path
 
 
+def _bound(value: object) -> object:
+    """86400, not 86400.0: pydantic reports a float field's bound as a float."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _describe(error: Mapping[str, Any], path: str) -> str:
     """Translate a pydantic error into 'what is wrong; how to fix it'."""
     kind: str = error["type"]
@@ -745,13 +758,13 @@ def _describe(error: Mapping[str, Any], path: str) -> str:
         example = _EXAMPLES.get(path)
         return "required field is missing; " + (f"add {example}" if example else "add it")
     if kind == "greater_than":
-        return f"must be greater than {ctx['gt']} (got {got}); use a larger value"
+        return f"must be greater than {_bound(ctx['gt'])} (got {got}); use a larger value"
     if kind == "greater_than_equal":
-        return f"must be at least {ctx['ge']} (got {got}); use a larger value"
+        return f"must be at least {_bound(ctx['ge'])} (got {got}); use a larger value"
     if kind == "less_than":
-        return f"must be less than {ctx['lt']} (got {got}); use a smaller value"
+        return f"must be less than {_bound(ctx['lt'])} (got {got}); use a smaller value"
     if kind == "less_than_equal":
-        return f"must be at most {ctx['le']} (got {got}); use a smaller value"
+        return f"must be at most {_bound(ctx['le'])} (got {got}); use a smaller value"
     if kind == "string_too_short":
         return "must not be empty; set a value or remove the field"
     if kind == "string_too_long":
@@ -1011,6 +1024,10 @@ def to_manifest(job: JobDocument, name: str | None = None, namespace: str = "def
 
 def from_manifest(obj: Mapping[str, Any], registry: PayloadRegistry | None = None) -> JobDocument:
     """Parse the ``spec`` of a ``VmJob`` object; error paths are prefixed with ``spec.``."""
+    if not isinstance(obj, Mapping):
+        # A YAML file may hold any document (a list, a string); say so instead of crashing.
+        raise JobValidationError([("", f"a VmJob must be a mapping with apiVersion, kind, "
+                                        f"metadata and spec, got a {type(obj).__name__}")])
     errors: list[tuple[str, str]] = []
     if obj.get("apiVersion") != API_VERSION:
         errors.append(("apiVersion", f"must be {quote(API_VERSION)} (got {quote(obj.get('apiVersion'))})"))

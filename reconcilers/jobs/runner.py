@@ -1,7 +1,9 @@
 """Node side of VmJobs: claim a job routed here, run its handler, record the outcome.
 
 Blocking code, meant for a worker thread. Claiming is a resourceVersion-conditional
-status patch, so a job runs at most once per attempt even if two agents race.
+status patch, so a job runs at most once per attempt even if two agents race. Later
+writes (progress, outcome) re-read the job and go only over this node's own attempt:
+the controller may have handed it back or timed it out meanwhile.
 """
 
 from __future__ import annotations
@@ -11,33 +13,113 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..driver import VmDriver
-from ..kube import JOBS, Conflict, Kube
+from ..kube import JOBS, Conflict, Gone, Kube
 from ..models.common import now_utc
-from .dispatch import CANCEL_ANNOTATION, current_status, parse
-from .engine import JobError, JobPhase, JobStatus, advance, decide_after_failure
+from .dispatch import CANCEL_ANNOTATION, current_status, job_key, parse
+from .engine import (
+    JobError,
+    JobPhase,
+    JobStatus,
+    advance,
+    check_deadline,
+    decide_after_failure,
+    hand_back,
+)
 from .handlers import HANDLERS, Cancelled, JobContext, JobFailure
 from .protocol import JobDocument, JobValidationError
 
 log = logging.getLogger("hyperfleet.jobs")
+#: Seconds a receiving VMM waits for the whole incoming migration.
+RECEIVE_TIMEOUT = 600.0
+
+# Why a running handler was asked to stop; decides what its end is recorded as.
+CANCELLED = "cancelled"  # by the user (annotation) or the object's deletion
+TIMED_OUT = "timed out"
+SHUTDOWN = "agent shutdown"
+SUPERSEDED = "superseded"  # handed back, timed out or re-routed by the controller: not ours
 
 
 def _now() -> datetime:
     return now_utc()
 
 
+class JobLog(logging.LoggerAdapter[logging.Logger]):
+    """Stamps the job's identity (job, trace and correlation ids) on every record.
+
+    The stdlib adapter replaces a call's ``extra`` with its own, which dropped the
+    attempt, phase and error of the lines that carry them; this one merges the two,
+    the identity winning so a call cannot mislabel the job.
+    """
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]
+                ) -> tuple[Any, MutableMapping[str, Any]]:
+        kwargs["extra"] = {**(kwargs.get("extra") or {}), **(self.extra or {})}
+        return msg, kwargs
+
+
+def job_log(job: JobDocument | None, node: str, key: str) -> JobLog:
+    """The logger of one job; without a parsed document, only what the object says."""
+    if job is None:
+        return JobLog(log, {"job": key, "node": node})
+    obs = job.observability
+    return JobLog(log, {
+        "job": key, "jobId": job.job_id, "operation": job.operation, "traceId": obs.trace_id,
+        "spanId": obs.span_id, "correlationId": obs.correlation_id, "node": node,
+    })
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The attempt this agent claimed: only while the object still shows exactly this
+    attempt, Running here, may the agent write the job's status."""
+
+    uid: str | None
+    node: str
+    attempts: int
+    started_at: datetime | None
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any], status: JobStatus) -> Attempt:
+        return cls(body["metadata"].get("uid"), status.assigned_node or "", status.attempts,
+                   status.attempt_started_at)
+
+    def owns(self, body: Mapping[str, Any] | None) -> bool:
+        """Whether ``body`` (freshly read) still shows this attempt running here."""
+        if body is None or body["metadata"].get("uid") != self.uid:
+            return False
+        st = current_status(body)
+        return (st is not None and st.phase is JobPhase.RUNNING and st.assigned_node == self.node
+                and st.attempts == self.attempts and st.attempt_started_at == self.started_at)
+
+    def superseded_by(self, body: Mapping[str, Any]) -> bool:
+        """Whether a watch event shows this attempt ended by someone else. Events may be
+        older than the claim (fewer attempts): those say nothing."""
+        if body["metadata"].get("uid") != self.uid:
+            return True
+        st = current_status(body) or JobStatus()
+        if st.attempts != self.attempts:
+            return st.attempts > self.attempts
+        return not (st.phase is JobPhase.RUNNING and st.assigned_node == self.node
+                    and st.attempt_started_at == self.started_at)
+
+
 class JobRunner:
     def __init__(self, node: str, kube: Kube, driver: VmDriver,
-                 migration_address: str | None = None) -> None:
+                 migration_address: str | None = None, stop_grace: float = 10.0) -> None:
         self.node = node
         self.kube = kube
         self.driver = driver
         self.running: dict[str, threading.Event] = {}  # job key -> cancel flag
+        self.attempts: dict[str, Attempt] = {}  # job key -> the attempt running here
+        self.why: dict[str, str] = {}  # job key -> why its handler was asked to stop
+        self.stop_grace = stop_grace  # how long a stopping handler is waited for
         self.peers = MigrationPeers(self, migration_address)
         self.stopping = False
         self.on_finish: Callable[[JobDocument, JobStatus], None] | None = None  # metrics hook
@@ -48,63 +130,105 @@ class JobRunner:
         st = body.get("status") or {}
         return bool(st.get("assignedNode") == self.node and st.get("phase") == "Scheduled")
 
-    def cancel(self, key: str) -> None:
+    def cancel(self, key: str, why: str = CANCELLED) -> None:
+        """Ask the job's handler to stop; the first reason counts, except that a
+        superseded attempt never records anything."""
         flag = self.running.get(key)
-        if flag is not None:
-            flag.set()
+        if flag is None:
+            return
+        if why == SUPERSEDED:
+            self.why[key] = why
+        else:
+            self.why.setdefault(key, why)
+        flag.set()
+
+    def observe(self, body: Mapping[str, Any]) -> None:
+        """Watch-event hook: stop an attempt the object no longer assigns to this node.
+
+        The controller hands a job back from a node it thinks lost, or times it out,
+        without this agent's involvement; the handler here must not go on (a second
+        copy may already run elsewhere) and its outcome must not be written.
+        """
+        key = job_key(body)
+        attempt = self.attempts.get(key)
+        if attempt is not None and attempt.superseded_by(body):
+            self.cancel(key, SUPERSEDED)
 
     def run(self, body: Mapping[str, Any]) -> None:
-        """Claim and execute one job; once claimed, every exit path writes a status."""
-        meta = body["metadata"]
-        key = f"{meta.get('namespace') or 'default'}/{meta['name']}"
+        """Claim and execute one job; once claimed, every exit path writes a status
+        unless the attempt stopped being this node's."""
+        key = job_key(body)
         try:
             self._run(body)
         finally:
             self.running.pop(key, None)
+            self.attempts.pop(key, None)
+            self.why.pop(key, None)
 
     def _run(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
         ns, name = meta.get("namespace") or "default", meta["name"]
-        key = f"{ns}/{name}"
+        key = job_key(body)
+        flag = self.running.get(key)
+        if self.stopping or not self.wants(body) or (flag is not None and flag.is_set()):
+            return  # shutting down, not ours, or cancelled before it started
         try:
             job = parse(body)
         except JobValidationError:
             return  # the controller fails invalid jobs
         status = current_status(body) or JobStatus()
-        obs = job.observability
-        adapter = logging.LoggerAdapter(log, {
-            "jobId": job.job_id, "operation": job.operation, "traceId": obs.trace_id,
-            "spanId": obs.span_id, "correlationId": obs.correlation_id, "node": self.node,
-        })
+        adapter = job_log(job, self.node, key)
+        late = check_deadline(job, status, _now())
+        if late.phase is not status.phase:
+            # The same verdict the controller gives, in case the agent sees the job first
+            # (the controller was down, or this agent restarted).
+            try:
+                self._write(ns, name, late, body.get("status"), meta["resourceVersion"])
+                adapter.warning("deadline passed before the job could start",
+                                extra={"deadline": str(job.execution.deadline)})
+            except Conflict:
+                adapter.info("job changed before it could be failed; leaving it")
+            return
         try:
             running = advance(status, JobPhase.RUNNING, now=_now(), node=self.node,
                               message=f"attempt {status.attempts + 1} on {self.node}")
-            self._write(ns, name, running, meta["resourceVersion"])
+            self._write(ns, name, running, body.get("status"), meta["resourceVersion"])
         except Conflict:
             adapter.info("job changed before it could be claimed; leaving it")
             return
+        attempt = Attempt.of(body, running)
+        self.attempts[key] = attempt
         cancel = self.running.setdefault(key, threading.Event())
         if self.stopping:
-            cancel.set()
+            self.cancel(key, SHUTDOWN)
         adapter.info("job started", extra={"attempt": running.attempts})
         final = self._execute(job, running, ns, key, cancel, adapter)
+        if final is None:
+            adapter.info("job stopped; its outcome is not recorded",
+                         extra={"why": self.why.get(key)})
+            return
         adapter.info("job finished", extra={"phase": final.phase.value,
                                             "error": final.last_error})
         try:
-            self._write(ns, name, final)
+            recorded = self._record(ns, name, attempt, final)
         except Exception:
             adapter.exception("could not record the job outcome")
-        if self.on_finish is not None:
+            return
+        if not recorded:
+            adapter.warning("job no longer runs here (handed back, timed out or deleted); "
+                            "its outcome is not recorded", extra={"phase": final.phase.value})
+        elif self.on_finish is not None:
             self.on_finish(job, final)
 
     def _execute(self, job: JobDocument, st: JobStatus, ns: str, key: str,
-                 cancel: threading.Event,
-                 adapter: logging.LoggerAdapter[logging.Logger]) -> JobStatus:
+                 cancel: threading.Event, adapter: JobLog) -> JobStatus | None:
+        """Run the handler; the status to record, or None when nothing may be."""
         fn = HANDLERS.get(job.operation)
         if fn is None:
             return decide_after_failure(job, st, JobError(
                 f"no handler for operation {job.operation} on this agent", retryable=False),
                 _now())
+        attempt = self.attempts[key]
         last_report = [0.0]
 
         def report(percent: int, message: str) -> None:
@@ -113,8 +237,14 @@ class JobRunner:
             if now - last_report[0] < 0.2 and percent < 100:
                 return
             last_report[0] = now
-            patch = {"status": {"progress": {"percent": percent, "message": message}}}
             try:
+                fresh = self.kube.get(JOBS, key.split("/")[1], ns)
+                if not attempt.owns(fresh):
+                    self.cancel(key, SUPERSEDED)
+                    return
+                assert fresh is not None
+                patch = {"metadata": {"resourceVersion": fresh["metadata"]["resourceVersion"]},
+                         "status": {"progress": {"percent": percent, "message": message}}}
                 self.kube.patch(JOBS, key.split("/")[1], patch, ns, status=True)
             except Exception as exc:
                 adapter.debug("progress not recorded: %s", exc)
@@ -127,44 +257,93 @@ class JobRunner:
         remaining = job.execution.timeout_seconds - (_now() - started).total_seconds()
         future = self._pool.submit(fn, ctx)
         deadline = time.monotonic() + max(0.0, remaining)
+        give_up: float | None = None  # when waiting for a stopping handler ends
         while True:
-            try:
-                result = future.result(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
-                return advance(st, JobPhase.SUCCEEDED, now=_now(), result=result,
-                               message="succeeded")
-            except concurrent.futures.TimeoutError:
-                if cancel.is_set() and self.stopping:
-                    return advance(st, JobPhase.PENDING, now=_now(),
-                                   message=f"agent on {self.node} shutting down; handed back")
-                if cancel.is_set():
-                    return advance(st, JobPhase.CANCELLED, now=_now(),
-                                   message="cancelled while running")
-                if time.monotonic() >= deadline:
-                    cancel.set()  # ask the handler to stop; its result no longer counts
-                    return advance(st, JobPhase.TIMED_OUT, now=_now(),
-                                   message=f"no result within {job.execution.timeout_seconds}s",
-                                   error="timed out")
-            except Cancelled:
-                return advance(st, JobPhase.CANCELLED, now=_now(),
-                               message="cancelled while running")
-            except JobFailure as exc:
-                return decide_after_failure(job, st, exc.error, _now())
-            except Exception as exc:
-                adapter.exception("handler crashed")
-                return decide_after_failure(job, st, JobError(
-                    f"{type(exc).__name__}: {exc}", retryable=True), _now())
+            concurrent.futures.wait([future], timeout=0.1)
+            if future.done():
+                return self._outcome(job, st, future, self.why.get(key), adapter)
+            now = time.monotonic()
+            if now >= deadline and self.why.get(key) in (None, CANCELLED):
+                self.why[key] = TIMED_OUT
+                cancel.set()
+            if not cancel.is_set():
+                continue
+            why = self.why.setdefault(key, CANCELLED)
+            if why == CANCELLED and not self.stopping:
+                continue  # the attempt's timeout bounds how long a cancel is waited for
+            if give_up is None:
+                give_up = now + self.stop_grace
+            elif now >= give_up:
+                return self._abandon(job, st, why, adapter)
 
-    def _write(self, ns: str, name: str, st: JobStatus, rv: str | None = None) -> None:
-        patch: dict[str, Any] = {"status": st.to_status()}
-        if rv is not None:
-            patch["metadata"] = {"resourceVersion": rv}
+    def _outcome(self, job: JobDocument, st: JobStatus,
+                 future: concurrent.futures.Future[dict[str, Any]], why: str | None,
+                 adapter: JobLog) -> JobStatus | None:
+        """What the finished handler actually did, given why it was asked to stop."""
+        now = _now()
+        exc = future.exception()
+        if why == SUPERSEDED:
+            return None
+        if exc is None:
+            done = "succeeded" if why is None else f"succeeded; it finished before it stopped ({why})"
+            return advance(st, JobPhase.SUCCEEDED, now=now, result=future.result(), message=done)
+        if why == TIMED_OUT:
+            return advance(st, JobPhase.TIMED_OUT, now=now, error="timed out",
+                           message=f"no result within {job.execution.timeout_seconds}s")
+        if why == CANCELLED or (why is None and isinstance(exc, Cancelled)):
+            return advance(st, JobPhase.CANCELLED, now=now, message="cancelled while running")
+        if why == SHUTDOWN and isinstance(exc, Cancelled):
+            return hand_back(job, st, now, f"the agent on {self.node} shut down during the job; "
+                                           "it stopped and was handed back")
+        if isinstance(exc, JobFailure):
+            return decide_after_failure(job, st, exc.error, now)
+        adapter.error("handler crashed", exc_info=exc)
+        return decide_after_failure(job, st, JobError(f"{type(exc).__name__}: {exc}",
+                                                      retryable=True), now)
+
+    def _abandon(self, job: JobDocument, st: JobStatus, why: str,
+                 adapter: JobLog) -> JobStatus | None:
+        """The handler ignored a stop request for ``stop_grace`` seconds."""
+        adapter.warning("handler did not stop", extra={"why": why, "seconds": self.stop_grace})
+        if why == TIMED_OUT:  # the controller records the same once the time is up
+            return advance(st, JobPhase.TIMED_OUT, now=_now(), error="timed out",
+                           message=f"no result within {job.execution.timeout_seconds}s; the "
+                                   f"handler had not stopped {self.stop_grace:g}s later")
+        # Shutdown (or a cancel during it): handing back now could run the job twice. Left
+        # Running, it is handed back once this node's lease lapses (or times out), counting
+        # the attempt.
+        return None
+
+    def _record(self, ns: str, name: str, attempt: Attempt, final: JobStatus) -> bool:
+        """Write the outcome only over this node's attempt, never over a later one or a
+        controller verdict (TimedOut, hand-back). False when it was not ours to write."""
+        for _ in range(5):
+            fresh = self.kube.get(JOBS, name, ns)
+            if not attempt.owns(fresh):
+                return False
+            assert fresh is not None
+            try:
+                self._write(ns, name, final, fresh.get("status"),
+                            fresh["metadata"]["resourceVersion"])
+                return True
+            except Gone:
+                return False
+            except Conflict:
+                continue  # e.g. the migration receiver wrote meanwhile: look again
+        raise Conflict(f"vmjobs/{ns}/{name} kept changing; outcome not recorded")
+
+    def _write(self, ns: str, name: str, st: JobStatus, current: Mapping[str, Any] | None,
+               rv: str) -> None:
+        patch: dict[str, Any] = {"status": st.to_patch(current),
+                                 "metadata": {"resourceVersion": rv}}
         self.kube.patch(JOBS, name, patch, ns, status=True)
 
     def hand_back(self, grace: float = 20.0) -> None:
-        """Graceful shutdown: running jobs stop and go back to the queue (Pending)."""
+        """Graceful shutdown: running jobs are asked to stop, and each goes back to the
+        queue once its handler has stopped (see ``stop_grace``)."""
         self.stopping = True
-        for flag in self.running.values():
-            flag.set()
+        for key in list(self.running):
+            self.cancel(key, SHUTDOWN)
         deadline = time.monotonic() + grace
         while self.running and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -255,6 +434,11 @@ class MigrationPeers:
         ns = meta.get("namespace") or "default"
         key = f"{ns}/{meta['name']}"
         self.receiving.add(key)
+        try:
+            job: JobDocument | None = parse(body)
+        except JobValidationError:
+            job = None
+        adapter = job_log(job, self.runner.node, key)
         target = ((body.get("spec") or {}).get("routing") or {}).get("targetVm") or {}
         vm_ns, vm_name = target.get("namespace") or ns, target["name"]
         pm = self.runner.driver.pm
@@ -267,7 +451,7 @@ class MigrationPeers:
             listen, publish, ready = receiver_urls(
                 self.address, pm.paths(vm_ns, vm_name).socket.with_suffix(".migration"))
             client = pm.client(vm_ns, vm_name)
-            thread = threading.Thread(target=self._listen, args=(client, listen, key),
+            thread = threading.Thread(target=self._listen, args=(client, listen, key, adapter),
                                       daemon=True)
             thread.start()
             deadline = time.monotonic() + 10
@@ -278,18 +462,18 @@ class MigrationPeers:
             self.runner.kube.patch(JOBS, meta["name"], {"status": {"migration": {
                 "node": self.runner.node, "receiverUrl": publish}}}, ns, status=True)
         except Exception as exc:
-            log.warning("cannot receive migration", extra={"job": key, "error": str(exc)})
+            adapter.warning("cannot receive migration", extra={"error": str(exc)})
             self.runner.kube.patch(JOBS, meta["name"], {"status": {"migration": {
                 "node": self.runner.node, "error": str(exc)}}}, ns, status=True)
             self.receiving.discard(key)
 
-    def _listen(self, client: Any, url: str, key: str) -> None:
+    def _listen(self, client: Any, url: str, key: str, adapter: JobLog) -> None:
         try:
-            client.timeout = 600
+            client.timeout = RECEIVE_TIMEOUT
             client.request("PUT", "vm.receive-migration", {"receiver_url": url})
-            log.info("migration received", extra={"job": key})
+            adapter.info("migration received")
         except Exception as exc:
-            log.warning("migration receive failed", extra={"job": key, "error": str(exc)})
+            adapter.warning("migration receive failed", extra={"error": str(exc)})
         finally:
             client.close()
             self.receiving.discard(key)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
+
+import pytest
 
 from hyperfleet.reconcilers.jobs.dispatch import dispatch, parse
 from hyperfleet.reconcilers.jobs.engine import WorkerView
@@ -76,7 +79,8 @@ def test_running_job_times_out_and_lost_node_hands_back() -> None:
     ds = by_name(dispatch([slow, lost], NODES, {}, NOW + timedelta(seconds=11)))
     assert ds["slow"].status["phase"] == "TimedOut"
     assert ds["lost"].status["phase"] == "Pending"
-    assert "assignedNode" not in ds["lost"].status
+    # An explicit null: the controller's merge patch would otherwise keep the old node.
+    assert "assignedNode" in ds["lost"].status and ds["lost"].status["assignedNode"] is None
 
 
 def test_terminal_jobs_are_left_alone_and_ids_are_stable() -> None:
@@ -107,3 +111,190 @@ def test_migration_receiver_urls_unix_on_one_host_tcp_between_hosts(tmp_path: An
         srv.bind(("127.0.0.1", port))
         srv.listen(1)
         assert ready()
+
+
+# --------------------------------------------------------------------------- cordoned nodes
+
+RUNNING_ON_A = {"phase": "Running", "attempts": 1, "assignedNode": "a",
+                "attemptStartedAt": NOW.isoformat(), "startedAt": NOW.isoformat()}
+
+
+def test_cordoned_node_keeps_its_jobs_and_its_vms_jobs_but_gets_no_new_ones() -> None:
+    nodes = [WorkerView("a", "default", frozenset({"migration"}), True, schedulable=False),
+             WorkerView("b", "default", frozenset({"migration"}), True)]
+    running = obj(JobBuilder("system.health-check"), "running", dict(RUNNING_ON_A))
+    waiting = obj(JobBuilder("system.health-check"), "waiting",
+                  {"phase": "Scheduled", "assignedNode": "a"})
+    migrate = obj(JobBuilder("vm.migrate").payload(destination_node="b").target("web", "ns"),
+                  "migrate")
+    new = obj(JobBuilder("system.health-check"), "new")
+    ds = by_name(dispatch([running, waiting, migrate, new], nodes, {"ns/web": "a"}, NOW))
+    assert "running" not in ds and "waiting" not in ds  # not handed back
+    assert ds["migrate"].status["assignedNode"] == "a"  # off the draining node
+    assert ds["new"].status["assignedNode"] == "b"  # a is less busy, but cordoned
+
+
+def test_no_schedulable_node_leaves_a_new_job_pending_saying_so() -> None:
+    nodes = [WorkerView("a", schedulable=False), WorkerView("b", schedulable=False)]
+    d = by_name(dispatch([obj(JobBuilder("system.health-check"), "j")], nodes, {}, NOW))["j"]
+    assert d.status["phase"] == "Pending"
+    cond = {c["type"]: c for c in d.status["conditions"]}["Scheduled"]
+    assert "cordoned" in cond["message"] and "a, b" in cond["message"]
+
+
+def test_controller_passes_cordoned_nodes_as_ready_but_unschedulable() -> None:
+    import asyncio
+
+    from hyperfleet.operator.controller import Controller
+    from hyperfleet.operator.settings import ControllerConfig
+    from hyperfleet.reconcilers.models.common import rfc3339
+    from hyperfleet.reconcilers.nodes import node_view
+
+    class Kube:
+        def __init__(self) -> None:
+            self.patches: dict[str, dict[str, Any]] = {}
+
+        def patch(self, res: Any, name: str, patch: dict[str, Any], ns: str | None = None,
+                  status: bool = False) -> dict[str, Any]:
+            self.patches[name] = patch["status"]
+            body = dict(ctl.jobs[f"{ns}/{name}"])
+            return {**body, "metadata": {**body["metadata"], "resourceVersion": "2"},
+                    "status": patch["status"]}
+
+        def event(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    def node(name: str, cordoned: bool) -> dict[str, Any]:
+        return {"metadata": {"name": name}, "spec": {"unschedulable": cordoned},
+                "status": {"heartbeatTime": rfc3339(NOW), "capabilities": ["migration"],
+                           "providers": [{"name": "cloud-hypervisor", "available": True,
+                                          "healthy": True}]}}
+
+    kube = Kube()
+    ctl = Controller(ControllerConfig(), cast(Any, kube))
+    ctl.vms = {"ns/web": {"metadata": {"name": "web", "namespace": "ns"},
+                          "status": {"nodeName": "a", "hypervisor": {"state": "Running"}}}}
+    ctl.jobs = {
+        "ns/running": obj(JobBuilder("system.health-check"), "running", dict(RUNNING_ON_A)),
+        "ns/migrate": obj(JobBuilder("vm.migrate").payload(destination_node="b")
+                          .target("web", "ns"), "migrate"),
+    }
+    nodes = [node_view(node("a", True), NOW), node_view(node("b", False), NOW)]
+    assert [n.ready for n in nodes] == [True, True]
+
+    async def main() -> None:
+        await ctl._dispatch_jobs(NOW, nodes)
+        await asyncio.gather(*ctl._background)
+
+    asyncio.run(main())
+    assert "running" not in kube.patches
+    assert kube.patches["migrate"]["phase"] == "Scheduled"
+    assert kube.patches["migrate"]["assignedNode"] == "a"
+
+
+# --------------------------------------------------------------------------- hand-back limits
+
+
+@pytest.mark.parametrize(("max_attempts", "phase", "reason"),
+                         [(1, "Failed", "AttemptsExhausted"), (2, "Pending", "HandedBack")])
+def test_hand_back_from_a_lost_node_counts_against_max_attempts(
+        max_attempts: int, phase: str, reason: str) -> None:
+    job = obj(JobBuilder("system.health-check").max_attempts(max_attempts), "j",
+              dict(RUNNING_ON_A))
+    d = by_name(dispatch([job], [WorkerView("a", ready=False), WorkerView("b")], {}, NOW))["j"]
+    assert (d.status["phase"], d.status["reason"]) == (phase, reason)
+    assert d.status["attempts"] == 1
+
+
+# --------------------------------------------------------------------------- idempotency owner
+
+
+def _raw(builder: JobBuilder, name: str, created: datetime,
+         audit: dict[str, Any] | None = None, status: dict[str, Any] | None = None
+         ) -> dict[str, Any]:
+    """A VmJob applied as plain YAML: no jobId, and audit only as the user wrote it."""
+    spec = builder.to_mapping()
+    if audit is not None:
+        spec["audit"] = audit
+    m: dict[str, Any] = {"apiVersion": "hyperfleet.dev/v1alpha1", "kind": "VmJob",
+                         "metadata": {"name": name, "namespace": "ns", "resourceVersion": "1",
+                                      "uid": str(uuid.uuid4()), "generation": 1,
+                                      "creationTimestamp": created.isoformat()},
+                         "spec": spec}
+    if status:
+        m["status"] = status
+    return m
+
+
+def _snap() -> JobBuilder:
+    return JobBuilder("vm.snapshot").target("web", "ns").idempotency_key("nightly")
+
+
+@pytest.mark.parametrize("audit", [None, {"submittedAt": "2029-01-01T00:00:00Z"}],
+                         ids=["no-submittedAt", "backdated-submittedAt"])
+def test_idempotency_owner_is_by_creation_not_by_submitted_at(
+        audit: dict[str, Any] | None) -> None:
+    owner = obj(_snap(), "owner", dict(RUNNING_ON_A), created=NOW - timedelta(minutes=1))
+    later = _raw(_snap(), "later", NOW, audit)
+    d = by_name(dispatch([later, owner], NODES, {"ns/web": "a"}, NOW))["later"]
+    assert d.status["phase"] == "Pending" and d.status["reason"] == "WaitingForDuplicate"
+    assert d.status["duplicateOf"] == owner["spec"]["jobId"]
+
+
+def test_a_started_job_keeps_its_key_over_an_older_unseen_one() -> None:
+    started = obj(_snap(), "started", {"phase": "Scheduled", "assignedNode": "a"})
+    unseen = _raw(_snap(), "unseen", NOW - timedelta(minutes=5))
+    d = by_name(dispatch([unseen, started], NODES, {"ns/web": "a"}, NOW))["unseen"]
+    assert d.status["duplicateOf"] == started["spec"]["jobId"]
+
+
+def test_of_two_new_jobs_with_one_key_the_first_created_runs() -> None:
+    first = _raw(_snap(), "first", NOW - timedelta(seconds=2),
+                 {"submittedAt": "2030-06-01T00:00:00Z"})
+    second = _raw(_snap(), "second", NOW, {"submittedAt": "2029-01-01T00:00:00Z"})
+    ds = by_name(dispatch([second, first], NODES, {"ns/web": "a"}, NOW))
+    assert ds["first"].status["phase"] == "Scheduled"
+    assert ds["second"].status["reason"] == "WaitingForDuplicate"
+
+
+# --------------------------------------------------------------------------- jobId reuse
+
+
+def _copies(*where: tuple[str, str, datetime]) -> list[dict[str, Any]]:
+    """One manifest (hence one spec.jobId) applied under several namespaces/names."""
+    base = to_manifest(JobBuilder("system.health-check").build(now=NOW), namespace="ns")
+    out = []
+    for ns, name, created in where:
+        m = copy.deepcopy(base)
+        m["metadata"].update(namespace=ns, name=name, resourceVersion="1",
+                             uid=str(uuid.uuid4()), generation=1,
+                             creationTimestamp=created.isoformat())
+        out.append(m)
+    return out
+
+
+def _apply(bodies: list[dict[str, Any]], decisions: list[Any]) -> None:
+    for d in decisions:
+        body = next(b for b in bodies if (b["metadata"]["namespace"], b["metadata"]["name"])
+                    == (d.namespace, d.name))
+        body["status"] = {k: v for k, v in d.status.items() if v is not None}
+        body["metadata"]["resourceVersion"] = str(int(body["metadata"]["resourceVersion"]) + 1)
+
+
+def test_one_job_id_in_two_namespaces_is_two_jobs() -> None:
+    jobs = _copies(("team-a", "hc", NOW), ("team-b", "hc", NOW))
+    ds = dispatch(jobs, NODES, {}, NOW)
+    assert sorted((d.namespace, d.status["phase"]) for d in ds) == \
+        [("team-a", "Scheduled"), ("team-b", "Scheduled")]
+
+
+def test_a_reused_job_id_in_one_namespace_is_refused_naming_it() -> None:
+    jobs = _copies(("ns", "first", NOW - timedelta(seconds=5)), ("ns", "again", NOW))
+    job_id = jobs[0]["spec"]["jobId"]
+    for _ in range(3):  # stable: the refused one never takes the jobId back
+        ds = dispatch(jobs, NODES, {}, NOW)
+        _apply(jobs, ds)
+    first, again = (j["status"] for j in jobs)
+    assert first["phase"] == "Scheduled"
+    assert again["phase"] == "Failed" and again["reason"] == "DuplicateJobId"
+    assert f"spec.jobId {job_id}" in again["lastError"] and "ns/first" in again["lastError"]

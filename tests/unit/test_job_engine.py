@@ -20,6 +20,7 @@ from hyperfleet.reconcilers.jobs.engine import (
     JobStatus,
     Reason,
     Resolution,
+    StoredJob,
     WorkerView,
     advance,
     apply_resolution,
@@ -28,6 +29,7 @@ from hyperfleet.reconcilers.jobs.engine import (
     check_timeout,
     deadline_passed,
     decide_after_failure,
+    hand_back,
     next_backoff,
     next_check_at,
     order_queue,
@@ -37,7 +39,14 @@ from hyperfleet.reconcilers.jobs.engine import (
     timeout_at,
     transition,
 )
-from hyperfleet.reconcilers.jobs.protocol import Backoff, Execution, JobBuilder, JobDocument
+from hyperfleet.reconcilers.jobs.protocol import (
+    MAX_BACKOFF_SECONDS,
+    Affinity,
+    Backoff,
+    Execution,
+    JobBuilder,
+    JobDocument,
+)
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 P = JobPhase
@@ -658,3 +667,69 @@ def test_idempotency_rebuild_from_stored_jobs() -> None:
     assert record.job_id == owner.job_id
     assert record.phase is P.SUCCEEDED and record.result == {"x": 1}
     assert index.claim(later).kind is Resolution.DUPLICATE
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_backoff_is_clamped_even_for_an_unvalidated_policy() -> None:
+    huge = Backoff.model_construct(initial_seconds=1.0, max_seconds=1e300, multiplier=1e300,
+                                   jitter=False)
+    assert next_backoff(huge, 3, random.Random(0)) == MAX_BACKOFF_SECONDS
+    job = make_job(max_attempts=5)
+    job.execution.backoff = huge
+    status = running(attempts=2)
+    retry = decide_after_failure(job, status, JobError("EIO"), NOW)  # no OverflowError
+    assert retry.next_attempt_at == NOW + timedelta(seconds=MAX_BACKOFF_SECONDS)
+
+
+def test_route_cordoned_node_gets_no_new_job_but_keeps_its_vms() -> None:
+    nodes = [WorkerView("a", schedulable=False), WorkerView("b", active_jobs=5)]
+    assert route(make_job("system.health-check", target=None), nodes).node == "b"
+    assert route(make_job("vm.reboot"), nodes, {"default/web-1": "a"}).node == "a"
+    pinned = make_job("system.health-check", target=None)
+    pinned.routing.affinity = Affinity(node_names=["a"])
+    decision = route(pinned, nodes)
+    assert decision.node is None and "cordoned" in decision.reason
+
+
+def test_hand_back_counts_a_started_attempt() -> None:
+    job = make_job(max_attempts=2)
+    first = hand_back(job, running(attempts=1), NOW, "node n1 lost")
+    assert first.phase is P.PENDING and first.reason == "HandedBack" and first.assigned_node is None
+    last = hand_back(job, running(attempts=2), NOW, "node n1 lost")
+    assert last.phase is P.FAILED and last.reason == "AttemptsExhausted"
+    assert "2/2" in (last.history[-1].message or "")
+    scheduled = advance(JobStatus(), P.SCHEDULED, now=NOW, node="n1")
+    assert hand_back(make_job(max_attempts=1), scheduled, NOW, "x").phase is P.PENDING
+
+
+def test_to_patch_nulls_what_the_status_cleared_but_not_unknown_fields() -> None:
+    stored = {**running().to_status(), "migration": {"receiverUrl": "unix:/x"},
+              "nextAttemptAt": "2030-01-01T00:00:00Z"}
+    back = advance(JobStatus.model_validate(stored), P.PENDING, now=NOW)
+    patch = back.to_patch(stored)
+    assert patch["assignedNode"] is None and patch["attemptStartedAt"] is None
+    assert patch["nextAttemptAt"] == "2030-01-01T00:00:00Z"  # still set: not cleared
+    assert "migration" in patch  # kept as an unknown field, never nulled
+    assert JobStatus().to_patch(None) == JobStatus().to_status()
+
+
+def test_idempotency_rebuild_owner_by_start_then_creation_then_name() -> None:
+    early, late = NOW - timedelta(minutes=5), NOW
+    a = make_job(key="k", submitted=NOW + timedelta(days=1))  # submittedAt is not consulted
+    b = make_job(key="k", submitted=NOW - timedelta(days=1))
+    index = IdempotencyIndex.rebuild([StoredJob(b, None, "ns", "ns/b", late),
+                                      StoredJob(a, None, "ns", "ns/a", early)])
+    record = index.get("k", "ns")
+    assert record is not None and record.job_id == a.job_id
+    started = advance(JobStatus(), P.SCHEDULED, now=NOW, node="n1")
+    index = IdempotencyIndex.rebuild([StoredJob(a, None, "ns", "ns/a", early),
+                                      StoredJob(b, started, "ns", "ns/b", late)])
+    record = index.get("k", "ns")
+    assert record is not None and record.job_id == b.job_id
+    refused = advance(JobStatus(), P.FAILED, now=NOW, reason=Reason.DUPLICATE_JOB_ID)
+    index = IdempotencyIndex.rebuild([StoredJob(b, refused, "ns", "ns/b", early),
+                                      StoredJob(a, None, "ns", "ns/a", late)])
+    record = index.get("k", "ns")
+    assert record is not None and record.job_id == a.job_id

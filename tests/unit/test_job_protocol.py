@@ -390,6 +390,12 @@ def test_health_check_default_and_empty_name() -> None:
             "execution.backoff.maxSeconds",
             "must be >= initialSeconds (10), got 5",
         ),
+        ({"backoff": {"maxSeconds": 1e12}}, "execution.backoff.maxSeconds", "must be at most 86400"),
+        (
+            {"backoff": {"initialSeconds": 86401, "maxSeconds": 86400}},
+            "execution.backoff.initialSeconds",
+            "must be at most 86400 (got 86401)",
+        ),
     ],
 )
 def test_execution_rules(execution: dict[str, Any], path: str, fragment: str) -> None:
@@ -880,3 +886,11 @@ def test_json_schema_is_crd_friendly() -> None:
     # Unknown fields are allowed everywhere (rendered as preserve-unknown-fields by crdgen).
     assert schema["additionalProperties"] is True
     assert all(d.get("additionalProperties") is True for d in defs.values() if "properties" in d)
+
+
+@pytest.mark.parametrize("document", [[{"kind": "VmJob"}], "VmJob", 3])
+def test_from_manifest_rejects_a_document_that_is_not_a_mapping(document: Any) -> None:
+    with pytest.raises(JobValidationError) as info:
+        from_manifest(document)
+    ((path, message),) = info.value.errors
+    assert path == "" and type(document).__name__ in message and "mapping" in message

@@ -1,0 +1,399 @@
+"""Node side of VmJobs: an agent writes a job's status only over its own attempt, and only
+once its handler has really stopped."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, cast
+
+import pytest
+
+from hyperfleet.reconcilers.jobs import runner as runner_mod
+from hyperfleet.reconcilers.jobs.dispatch import dispatch
+from hyperfleet.reconcilers.jobs.engine import WorkerView
+from hyperfleet.reconcilers.jobs.handlers import HANDLERS, JobContext
+from hyperfleet.reconcilers.jobs.protocol import JobBuilder, to_manifest
+from hyperfleet.reconcilers.jobs.runner import JobRunner, MigrationPeers
+from hyperfleet.reconcilers.kube import Conflict, Gone, Kube, Resource
+from hyperfleet.reconcilers.models.common import now_utc
+
+OP = "system.health-check"
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if v is None:
+            dst.pop(k, None)
+        elif isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+
+
+class FakeKube:
+    """One VmJob on an API server: JSON merge patch, resourceVersion preconditions."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body: dict[str, Any] | None = copy.deepcopy(body)
+        self.writes: list[tuple[float, str, dict[str, Any]]] = []  # (time, thread, status)
+        self._lock = threading.Lock()
+
+    def get(self, res: Resource, name: str, namespace: str | None = None
+            ) -> dict[str, Any] | None:
+        with self._lock:
+            return copy.deepcopy(self.body)
+
+    def patch(self, res: Resource, name: str, patch: dict[str, Any],
+              namespace: str | None = None, status: bool = False) -> dict[str, Any]:
+        with self._lock:
+            if self.body is None:
+                raise Gone("gone")
+            meta = self.body["metadata"]
+            rv = (patch.get("metadata") or {}).get("resourceVersion")
+            if rv is not None and rv != meta["resourceVersion"]:
+                raise Conflict("409")
+            _merge(self.body.setdefault("status", {}), patch.get("status") or {})
+            meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
+            self.writes.append((time.monotonic(), threading.current_thread().name,
+                                copy.deepcopy(self.body["status"])))
+            return copy.deepcopy(self.body)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        assert self.body is not None
+        return cast(dict[str, Any], self.body.get("status") or {})
+
+
+def scheduled(builder: JobBuilder, node: str = "a") -> FakeKube:
+    """A job the controller routed to ``node``, as stored."""
+    now = now_utc()
+    m = to_manifest(builder.build(now=now), name="j", namespace="ns")
+    m["metadata"].update(resourceVersion="1", uid=str(uuid.uuid4()), generation=1,
+                         creationTimestamp=now.isoformat())
+    kube = FakeKube(m)
+    controller_pass(kube, [WorkerView(node)])
+    assert kube.status["phase"] == "Scheduled" and kube.status["assignedNode"] == node
+    return kube
+
+
+def controller_pass(kube: FakeKube, nodes: list[WorkerView], later: float = 0.0) -> None:
+    """What the controller writes in one pass (conditional, like Controller._write_status)."""
+    body = kube.get(cast(Resource, None), "j")
+    assert body is not None
+    for d in dispatch([body], nodes, {}, now_utc() + timedelta(seconds=later)):
+        kube.patch(cast(Resource, None), d.name,
+                   {"metadata": {"resourceVersion": d.resource_version}, "status": d.status})
+
+
+def agent(node: str, kube: FakeKube, stop_grace: float = 5.0) -> JobRunner:
+    r = JobRunner(node, cast(Kube, kube), driver=cast(Any, None))
+    r.stop_grace = stop_grace
+    return r
+
+
+def start(r: JobRunner, kube: FakeKube) -> threading.Thread:
+    body = kube.get(cast(Resource, None), "j")
+    t = threading.Thread(target=r.run, args=(body,), name=f"agent-{r.node}", daemon=True)
+    t.start()
+    return t
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)
+
+
+def handler(monkeypatch: pytest.MonkeyPatch, fn: Callable[[JobContext], dict[str, Any]]) -> None:
+    monkeypatch.setitem(HANDLERS, OP, fn)
+
+
+def writes_by(kube: FakeKube, thread: str) -> list[dict[str, Any]]:
+    return [st for _, who, st in kube.writes if who == thread]
+
+
+# --------------------------------------------------------------------------- superseded attempts
+
+
+def test_outcome_is_not_written_over_the_attempt_on_another_node(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        if ctx.node == "a":
+            release.wait(5)
+        return {"node": ctx.node}
+
+    handler(monkeypatch, run)
+    kube = scheduled(JobBuilder(OP).timeout(60))
+    ta = start(agent("a", kube), kube)
+    wait_until(lambda: kube.status.get("phase") == "Running")
+    # a's lease lapses: the controller hands the job back and routes it to b, which runs it.
+    controller_pass(kube, [WorkerView("a", ready=False), WorkerView("b")])
+    assert kube.status["phase"] == "Pending" and "assignedNode" not in kube.status
+    controller_pass(kube, [WorkerView("a", ready=False), WorkerView("b")])
+    start(agent("b", kube), kube).join(5)
+    assert kube.status["phase"] == "Succeeded" and kube.status["result"] == {"node": "b"}
+    release.set()
+    ta.join(5)
+    assert kube.status["result"] == {"node": "b"} and kube.status["assignedNode"] == "b"
+    assert [st["phase"] for st in writes_by(kube, "agent-a")] == ["Running"]  # the claim only
+
+
+def test_controller_timeout_is_not_overwritten_by_a_late_result(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+
+    def late(ctx: JobContext) -> dict[str, Any]:
+        release.wait(5)
+        return {"late": True}
+
+    handler(monkeypatch, late)
+    kube = scheduled(JobBuilder(OP).timeout(60))
+    t = start(agent("a", kube), kube)
+    wait_until(lambda: kube.status.get("phase") == "Running")
+    controller_pass(kube, [WorkerView("a")], later=61)
+    assert kube.status["phase"] == "TimedOut"
+    release.set()
+    t.join(5)
+    assert kube.status["phase"] == "TimedOut" and "result" not in kube.status
+
+
+def test_observe_stops_an_attempt_handed_back_but_not_on_a_stale_event(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    stopped = threading.Event()
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        try:
+            while True:
+                ctx.check_cancelled()
+                time.sleep(0.01)
+        finally:
+            stopped.set()
+
+    handler(monkeypatch, run)
+    kube = scheduled(JobBuilder(OP).timeout(60))
+    pre_claim = kube.get(cast(Resource, None), "j")
+    assert pre_claim is not None
+    r = agent("a", kube)
+    t = start(r, kube)
+    wait_until(lambda: kube.status.get("phase") == "Running")
+    r.observe(pre_claim)  # an event older than the claim says nothing about it
+    time.sleep(0.1)
+    assert not stopped.is_set()
+    controller_pass(kube, [WorkerView("a", ready=False)])
+    handed_back = kube.get(cast(Resource, None), "j")
+    assert handed_back is not None
+    r.observe(handed_back)
+    t.join(5)
+    assert stopped.is_set() and not t.is_alive()
+    assert kube.status["phase"] == "Pending"  # the hand-back stands
+    assert [st["phase"] for st in writes_by(kube, "agent-a")] == ["Running"]
+
+
+def test_progress_is_not_written_once_the_attempt_is_not_ours(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    handed_back = threading.Event()
+    seen_cancel: list[bool] = []
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        handed_back.wait(5)
+        ctx.report(100, "done")
+        seen_cancel.append(ctx.cancelled.is_set())
+        return {}
+
+    handler(monkeypatch, run)
+    kube = scheduled(JobBuilder(OP).timeout(60))
+    t = start(agent("a", kube), kube)
+    wait_until(lambda: kube.status.get("phase") == "Running")
+    controller_pass(kube, [WorkerView("a", ready=False)])
+    handed_back.set()
+    t.join(5)
+    assert [st["phase"] for st in writes_by(kube, "agent-a")] == ["Running"]
+    assert "percent" not in (kube.status.get("progress") or {}) or \
+        kube.status["progress"]["percent"] != 100
+    assert seen_cancel == [True]  # the runner learned it from the progress write
+
+
+# --------------------------------------------------------------------------- stopping a handler
+
+
+def _stoppable(cleanup: float, stopped_at: list[float]) -> Callable[[JobContext], dict[str, Any]]:
+    """A handler that honours cancellation, taking ``cleanup`` seconds to stop."""
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        while not ctx.cancelled.is_set():
+            time.sleep(0.01)
+        time.sleep(cleanup)
+        stopped_at.append(time.monotonic())
+        ctx.check_cancelled()
+        return {}
+
+    return run
+
+
+def test_cancel_is_recorded_after_the_handler_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    stopped_at: list[float] = []
+    handler(monkeypatch, _stoppable(0.4, stopped_at))
+    kube = scheduled(JobBuilder(OP).timeout(60))
+    r = agent("a", kube)
+    t = start(r, kube)
+    wait_until(lambda: kube.status.get("phase") == "Running")
+    r.cancel("ns/j")
+    t.join(5)
+    when, _, st = kube.writes[-1]
+    assert st["phase"] == "Cancelled"
+    assert stopped_at and when >= stopped_at[0]
+
+
+def test_a_handler_that_finished_despite_a_cancel_is_recorded_as_done(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like a restore: the cancel came during a step that cannot stop half way."""
+    def run(ctx: JobContext) -> dict[str, Any]:
+        time.sleep(0.4)
+        return {"restored": True}
+
+    handler(monkeypatch, run)
+    kube = scheduled(JobBuilder(OP).timeout(60))
+    r = agent("a", kube)
+    t = start(r, kube)
+    wait_until(lambda: kube.status.get("phase") == "Running")
+    r.cancel("ns/j")
+    t.join(5)
+    assert kube.status["phase"] == "Succeeded" and kube.status["result"] == {"restored": True}
+
+
+def test_timeout_is_recorded_after_the_handler_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    stopped_at: list[float] = []
+    handler(monkeypatch, _stoppable(0.3, stopped_at))
+    kube = scheduled(JobBuilder(OP).timeout(1))
+    start(agent("a", kube), kube).join(5)
+    when, _, st = kube.writes[-1]
+    assert st["phase"] == "TimedOut"
+    assert stopped_at and when >= stopped_at[0]
+
+
+def test_shutdown_waits_for_the_handler_then_hands_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    stopped_at: list[float] = []
+    handler(monkeypatch, _stoppable(0.4, stopped_at))
+    kube = scheduled(JobBuilder(OP).timeout(60).max_attempts(2))
+    r = agent("a", kube)
+    t = start(r, kube)
+    wait_until(lambda: kube.status.get("phase") == "Running")
+    r.hand_back(grace=5)
+    t.join(5)
+    when, _, st = kube.writes[-1]
+    assert st["phase"] == "Pending" and st["reason"] == "HandedBack"
+    assert "assignedNode" not in st
+    assert stopped_at and when >= stopped_at[0]
+
+
+def test_shutdown_hand_back_counts_against_max_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
+    handler(monkeypatch, _stoppable(0.0, []))
+    kube = scheduled(JobBuilder(OP).timeout(60).max_attempts(1))
+    r = agent("a", kube)
+    t = start(r, kube)
+    wait_until(lambda: kube.status.get("phase") == "Running")
+    r.hand_back(grace=5)
+    t.join(5)
+    assert kube.status["phase"] == "Failed" and kube.status["reason"] == "AttemptsExhausted"
+
+
+def test_shutdown_leaves_a_handler_that_does_not_stop_running(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    done = threading.Event()
+
+    def stubborn(ctx: JobContext) -> dict[str, Any]:
+        time.sleep(1.0)
+        done.set()
+        return {}
+
+    handler(monkeypatch, stubborn)
+    kube = scheduled(JobBuilder(OP).timeout(60))
+    r = agent("a", kube, stop_grace=0.2)
+    t = start(r, kube)
+    wait_until(lambda: kube.status.get("phase") == "Running")
+    r.hand_back(grace=5)
+    t.join(5)
+    # Handing back now could run it twice; the controller hands it back once the lease lapses.
+    assert kube.status["phase"] == "Running" and kube.status["assignedNode"] == "a"
+    done.wait(5)
+
+
+# --------------------------------------------------------------------------- claiming
+
+
+def test_deadline_passed_before_the_claim_fails_the_job_without_running_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        ran.append(ctx.node)
+        return {}
+
+    handler(monkeypatch, run)
+    kube = scheduled(JobBuilder(OP).deadline(now_utc() + timedelta(seconds=30)))
+    later = now_utc() + timedelta(minutes=10)  # the agent sees it late (it restarted)
+    monkeypatch.setattr(runner_mod, "_now", lambda: later)
+    body = kube.get(cast(Resource, None), "j")
+    assert body is not None
+    controller = dispatch([body], [WorkerView("a")], {}, later)[0].status
+    agent("a", kube).run(body)
+    assert ran == []
+    assert kube.status["phase"] == "Failed"
+    assert (kube.status["reason"], kube.status["lastError"]) == \
+        (controller["reason"], controller["lastError"]) == ("DeadlineExceeded", "deadline exceeded")
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def test_log_lines_keep_their_own_fields_and_the_job_ids(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    handler(monkeypatch, lambda ctx: {})
+    kube = scheduled(JobBuilder(OP).trace(correlation_id="change-7"))
+    body = kube.get(cast(Resource, None), "j")
+    assert body is not None
+    trace = body["spec"]["observability"]["traceId"]
+    with caplog.at_level(logging.INFO, logger="hyperfleet.jobs"):
+        agent("a", kube).run(body)
+    lines = {r.getMessage(): r.__dict__ for r in caplog.records}
+    started, finished = lines["job started"], lines["job finished"]
+    assert started["attempt"] == 1 and finished["phase"] == "Succeeded"
+    for rec in (started, finished):
+        assert rec["traceId"] == trace and rec["correlationId"] == "change-7"
+
+
+def test_migration_receiver_logs_carry_the_job_trace_ids(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class Driver:
+        class pm:
+            @staticmethod
+            def pid(ns: str, name: str) -> int:
+                return 42  # a VMM already runs here: the receiver refuses
+
+        def expect(self, key: str) -> None:
+            pass
+
+        def lock(self, ns: str, name: str) -> threading.Lock:
+            return threading.Lock()
+
+    job = JobBuilder("vm.migrate").payload(destination_node="b").target("web") \
+        .trace(correlation_id="move-1").build(now=now_utc())
+    m = to_manifest(job, name="mig", namespace="ns")
+    m["metadata"].update(resourceVersion="1", uid="u1", generation=1)
+    m["status"] = {"phase": "Running", "assignedNode": "a", "attempts": 1}
+    kube = FakeKube(m)
+    r = JobRunner("b", cast(Kube, kube), driver=cast(Any, Driver()))
+    with caplog.at_level(logging.INFO, logger="hyperfleet.jobs"):
+        MigrationPeers(r).receive(m)
+    rec = next(r.__dict__ for r in caplog.records if r.getMessage() == "cannot receive migration")
+    assert rec["traceId"] == job.observability.trace_id and rec["correlationId"] == "move-1"
+    assert "already runs here" in rec["error"]
