@@ -107,6 +107,9 @@ def controller(
         help="File with the webhook secret (or set HYPERFLEET_WEBHOOK_SECRET)")] = None,
     apply_workers: Annotated[int, typer.Option(
         help="Concurrent API calls per GitSource apply")] = 16,
+    cross_namespace: Annotated[bool, typer.Option(
+        help="Let a GitSource apply into other namespaces and WorkerNodes (as Flux does); "
+             "--no-cross-namespace confines each to its own namespace")] = True,
     log_format: LogFormatOpt = "json",
     metrics_port: MetricsOpt = 0,
     metrics_address: MetricsAddrOpt = "0.0.0.0",
@@ -137,16 +140,19 @@ def controller(
                   else os.environ.get(gitsource.WEBHOOK_SECRET_ENV))
         git_cfg = gitsource.GitOpsConfig(cache_dir=git_cache_dir, webhook_port=webhook_port,
                                          webhook_host=webhook_host, webhook_secret=secret,
-                                         apply_workers=apply_workers)
+                                         apply_workers=apply_workers,
+                                         cross_namespace=cross_namespace)
         try:
             git_cfg.check()
         except ValueError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
     registry, kube = _prepare(log_format, metrics_port, metrics_address, kubeconfig)
-    ctl.register(registry, cfg, kube)
+    scheduler = ctl.register(registry, cfg, kube)
     if git_cfg is not None:
-        gitsource.register(registry, git_cfg, kube)
+        # GitOps follows the same peering role as the scheduling loop: only the active
+        # replica fetches, applies, prunes and takes webhooks.
+        gitsource.register(registry, git_cfg, kube, active=lambda: scheduler.active)
     _run_kopf(registry, peer)
 
 

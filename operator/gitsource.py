@@ -5,6 +5,10 @@ Triggers: a spec change (generation), a new ``hyperfleet.dev/reconcile-now`` val
 ``hyperfleet.dev/confirm-deletion`` value, and an authenticated push webhook for a tracked
 repository. Reconciles run in threads (git, YAML and API calls are blocking) so kopf's event
 loop keeps serving watch events and webhooks.
+
+With several controller replicas only the active one (kopf peering) may reconcile: the
+workers are plain asyncio tasks kopf does not pause, so they ask ``active`` before every
+reconcile, and a standby's webhook receiver answers 503.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +54,11 @@ log = logging.getLogger("hyperfleet.gitops")
 
 WEBHOOK_SECRET_ENV = "HYPERFLEET_WEBHOOK_SECRET"
 MAX_WEBHOOK_BODY = 25 * 1024 * 1024  # GitHub's payload cap
+STANDBY_RECHECK = 1.0  # seconds between two questions "am I the active replica now?"
+
+
+def _always() -> bool:
+    return True
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,8 @@ class GitOpsConfig:
     max_concurrent: int = 4  # GitSources reconciled at the same time
     server_dry_run: bool = True
     nix: str | None = None  # path of `nix`; None: look it up on PATH
+    # False: a GitSource applies only into its own namespace (multi-tenant clusters).
+    cross_namespace: bool = True
 
     def check(self) -> None:
         """Refuse a receiver that anyone could trigger."""
@@ -99,16 +110,22 @@ def why_run(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
 
 
 class GitOps:
-    """The set of known GitSources (from watch events), their workers and the receiver."""
+    """The set of known GitSources (from watch events), their workers and the receiver.
+
+    ``active``: whether this replica may reconcile now (kopf peering's active replica);
+    called on the event loop, so it must answer at once. Default: always."""
 
     def __init__(self, cfg: GitOpsConfig, kube: Kube,
-                 reconciler: GitSourceReconciler | None = None) -> None:
+                 reconciler: GitSourceReconciler | None = None,
+                 active: Callable[[], bool] | None = None) -> None:
         cfg.check()
         self.cfg = cfg
+        self.active = active or _always
         self.applier = Applier(kube, workers=cfg.apply_workers)
         self.reconciler = reconciler or GitSourceReconciler(
             kube, GitFetcher(Path(cfg.cache_dir)), self.applier,
-            nix=cfg.nix or shutil.which("nix"), server_dry_run=cfg.server_dry_run)
+            nix=cfg.nix or shutil.which("nix"), server_dry_run=cfg.server_dry_run,
+            cross_namespace=cfg.cross_namespace)
         self.sources: dict[str, dict[str, Any]] = {}
         self.wakeups: dict[str, asyncio.Event] = {}
         self.reasons: dict[str, str] = {}
@@ -150,11 +167,38 @@ class GitOps:
             self.reasons[key] = reason
             wake.set()
 
+    def is_active(self) -> bool:
+        """``active()``, where an error counts as standby: two replicas applying (and pruning)
+        from different views is worse than a delayed reconcile."""
+        try:
+            return bool(self.active())
+        except Exception:
+            log.exception("cannot tell whether this replica is active; standing by")
+            return False
+
+    async def _standby(self, key: str, wake: asyncio.Event) -> bool:
+        """Wait until this replica is the active one; False if the GitSource went meanwhile.
+        Triggers arriving meanwhile are dropped: the first reconcile as active covers them."""
+        said = False
+        while not self.is_active():
+            if not said:
+                log.info("standby replica: not reconciling", extra={"gitsource": key})
+                said = True
+            wake.clear()
+            await asyncio.sleep(STANDBY_RECHECK)
+            if key not in self.sources:
+                return False
+        return True
+
     async def _worker(self, key: str) -> None:
         wake = self.wakeups[key]
         reason = "startup"
         loop = asyncio.get_running_loop()
         while key in self.sources:
+            if not self.is_active():
+                if not await self._standby(key, wake):
+                    return
+                reason = "became-active"
             try:
                 result = await loop.run_in_executor(self.executor, self.reconciler.reconcile, key, reason)
             except Exception:
@@ -187,6 +231,11 @@ class GitOps:
         return sorted(out)
 
     async def handle_webhook(self, request: web.Request) -> web.Response:
+        if not self.is_active():
+            # Before reading or authenticating anything: a load balancer retries elsewhere.
+            return web.json_response(
+                {"error": "standby replica: another controller replica is active; retry"},
+                status=503, headers={"Retry-After": "1"})
         body = await request.read()
         secret = (self.cfg.webhook_secret or "").encode()
         try:
@@ -242,9 +291,11 @@ async def _healthz(_: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
-def register(registry: kopf.OperatorRegistry, cfg: GitOpsConfig, kube: Kube) -> GitOps:
-    """Add the GitSource handlers and the webhook receiver to a kopf registry."""
-    ops = GitOps(cfg, kube)
+def register(registry: kopf.OperatorRegistry, cfg: GitOpsConfig, kube: Kube,
+             active: Callable[[], bool] | None = None) -> GitOps:
+    """Add the GitSource handlers and the webhook receiver to a kopf registry. ``active``:
+    whether this replica is the active one (see GitOps); default always."""
+    ops = GitOps(cfg, kube, active=active)
 
     @kopf.on.startup(registry=registry, id="gitops-startup")
     async def gitops_startup(**_: Any) -> None:
@@ -274,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--webhook-secret-file", type=Path,
                    help=f"file holding the webhook secret (or set {WEBHOOK_SECRET_ENV})")
     p.add_argument("--apply-workers", type=int, default=GitOpsConfig.apply_workers)
+    p.add_argument("--no-cross-namespace", action="store_true",
+                   help="apply only into each GitSource's own namespace (multi-tenant clusters)")
     p.add_argument("--log-format", default="json", choices=["json", "text"])
     args = p.parse_args(argv)
 
@@ -289,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         secret = args.webhook_secret_file.read_text().strip()
     cfg = GitOpsConfig(cache_dir=args.cache_dir, webhook_port=args.webhook_port,
                        webhook_host=args.webhook_host, webhook_secret=secret,
-                       apply_workers=args.apply_workers)
+                       apply_workers=args.apply_workers, cross_namespace=not args.no_cross_namespace)
     try:
         cfg.check()
     except ValueError as exc:

@@ -2,7 +2,8 @@
 
 SSA means the reconciler owns exactly the fields Git sets: status and anything controllers
 or agents write stay theirs, a hand edit of a Git-owned field is taken back on the next
-apply, and a field removed from Git is removed from the object.
+apply, and a field removed from Git is removed from the object. ``force`` only ever reaches
+objects the plan found to be ours (or annotated for adoption): anything else is a conflict.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 from hyperfleet.reconcilers.kube import Kube, api_retry
 from hyperfleet.reconcilers.models.common import GROUP, VERSION
 
-from .types import FIELD_MANAGER, KINDS, OWNER_LABEL, ObjectRef
+from .types import FIELD_MANAGER, KINDS, ObjectRef
 
 log = logging.getLogger("hyperfleet.gitops.apply")
 
@@ -75,11 +76,13 @@ class Applier:
 
     @api_retry
     def _list(self, plural: str) -> list[dict[str, Any]]:
-        out = self.api.list_cluster_custom_object(GROUP, VERSION, plural, label_selector=OWNER_LABEL)
+        out = self.api.list_cluster_custom_object(GROUP, VERSION, plural)
         return list(out.get("items", []))
 
-    def list_owned(self, kinds: Iterable[str]) -> dict[ObjectRef, dict[str, Any]]:
-        """Every object of these kinds that carries an ownership label (any GitSource's).
+    def list_live(self, kinds: Iterable[str]) -> dict[ObjectRef, dict[str, Any]]:
+        """Every object of these kinds, labelled or not: one list call per kind (not a GET per
+        object, which a 1,000-object commit could not afford), so the plan can tell objects
+        made by hand or by an agent from ours and leave them alone.
 
         A kind whose CRD is not installed has no objects; any other error propagates, since
         an incomplete view must never be mistaken for "deleted"."""

@@ -57,6 +57,15 @@ class PathNotFound(GitOpsError):
     """spec.path is missing (or not a directory) in the fetched commit."""
 
 
+class ExportError(GitOpsError):
+    """A file of the commit cannot be written out for ``nix eval``; ``file`` names it."""
+
+    def __init__(self, file: str, message: str) -> None:
+        super().__init__(f"{file}: {message}")
+        self.file = file
+        self.message = message
+
+
 @dataclass(frozen=True)
 class Credentials:
     """What a GitSource's Secret provides; ``repr`` never shows the secret values."""
@@ -118,11 +127,19 @@ def _remote_url(url: str) -> str:
 
 class GitFetcher:
     """Per-GitSource bare repositories under ``cache_root``; not thread-safe per key
-    (the operator runs one worker per GitSource)."""
+    (the operator runs one worker per GitSource).
 
-    def __init__(self, cache_root: Path | str, git_binary: str = "git") -> None:
+    Fetches pass ``--no-auto-gc`` (git's own thresholds would let a force-pushed history
+    linger for thousands of objects); instead ``fetch`` runs ``git gc --prune=now`` after a
+    history rewrite or once ``gc_loose_objects`` loose objects or ``gc_packs`` packs piled up.
+    """
+
+    def __init__(self, cache_root: Path | str, git_binary: str = "git", *,
+                 gc_loose_objects: int = 500, gc_packs: int = 20) -> None:
         self.root = Path(cache_root)
         self.git_binary = git_binary
+        self.gc_loose_objects = gc_loose_objects
+        self.gc_packs = gc_packs
 
     def cache_path(self, key: str, url: str) -> Path:
         """A new URL gets a new cache, so a changed spec.url never mixes histories."""
@@ -130,10 +147,28 @@ class GitFetcher:
         digest = hashlib.sha256(url.encode()).hexdigest()[:12]
         return self.root / ns / f"{name}-{digest}"
 
-    def remove(self, key: str) -> None:
+    def caches(self, key: str) -> list[Path]:
+        """Every cache of this GitSource (one per URL it used); matched exactly, so GitSource
+        ``prod`` never claims ``prod-eu``'s caches."""
         ns, _, name = key.partition("/")
-        for p in (self.root / ns).glob(f"{name}-*"):
+        own = re.compile(re.escape(name) + r"-[0-9a-f]{12}")
+        base = self.root / ns
+        if not base.is_dir():
+            return []
+        return sorted(p for p in base.iterdir() if own.fullmatch(p.name) and p.is_dir())
+
+    def remove(self, key: str) -> None:
+        for p in self.caches(key):
             shutil.rmtree(p, ignore_errors=True)
+
+    def _drop_other_urls(self, key: str, url: str) -> None:
+        """spec.url changed: the caches of the old URLs are never read again."""
+        keep = self.cache_path(key, url)
+        for p in self.caches(key):
+            if p != keep:
+                log.info("removing the git cache of a previous spec.url",
+                         extra={"gitsource": key, "cache": p.name})
+                shutil.rmtree(p, ignore_errors=True)
 
     def repo(self, key: str, url: str) -> git.Repo:
         path = self.cache_path(key, url)
@@ -193,6 +228,7 @@ class GitFetcher:
         ref = ref or GitRef()
         if ref.commit and self._rev(repo, ref.commit) == ref.commit:
             repo.git.update_ref(TARGET_REF, ref.commit)
+            self._drop_other_urls(key, url)
             return Fetched(ref.commit, previous, False)
         src = (f"refs/heads/{ref.branch}" if ref.branch else f"refs/tags/{ref.tag}" if ref.tag
                else ref.commit or "HEAD")
@@ -228,7 +264,26 @@ class GitFetcher:
         if rewritten:
             log.warning("history rewritten (force-push)",
                         extra={"gitsource": key, "previous": previous, "commit": commit})
+        self._maybe_gc(repo, key, rewritten, timeout)
+        self._drop_other_urls(key, url)
         return Fetched(commit, previous, rewritten)
+
+    def _maybe_gc(self, repo: git.Repo, key: str, rewritten: bool, timeout: float) -> None:
+        """Bound the cache: a rewritten history leaves the old one unreachable, and every
+        small fetch leaves loose objects. A failed gc is logged, never fails the fetch."""
+        try:
+            counts = dict(line.split(": ", 1) for line in
+                          str(repo.git.count_objects("-v")).splitlines() if ": " in line)
+            loose, packs = int(counts.get("count", 0)), int(counts.get("packs", 0))
+            if not (rewritten or loose >= self.gc_loose_objects or packs >= self.gc_packs):
+                return
+            repo.git.execute([self.git_binary, "-c", "gc.auto=0", "gc", "--prune=now", "--quiet"],
+                             kill_after_timeout=max(timeout, 60.0))
+            log.info("git cache compacted", extra={"gitsource": key, "loose": loose, "packs": packs,
+                                                   "rewritten": rewritten})
+        except (git.GitCommandError, ValueError) as exc:
+            log.warning("git gc failed; the cache keeps its garbage until the next try",
+                        extra={"gitsource": key, "error": str(exc)[-500:]})
 
     def _is_ancestor(self, repo: git.Repo, old: str, new: str) -> bool:
         try:
@@ -272,13 +327,36 @@ class GitFetcher:
         except KeyError:
             return False
 
-    def export(self, key: str, url: str, commit: str, dest: Path) -> None:
-        """The whole tree of ``commit`` as plain files (for ``nix eval``)."""
+    def export(self, key: str, url: str, commit: str, dest: Path, path: str = ".") -> list[str]:
+        """``path`` of ``commit`` as plain files under ``dest/path`` (for ``nix eval``, which
+        reads nothing outside it). Returns the symlinks left out: absolute ones or ones leaving
+        the tree (a committed ``result`` link of ``nix build``) could only point at files of
+        the reconciler's host. Anything else that cannot be written raises ExportError."""
         repo = self.repo(key, url)
-        data = subprocess.run([self.git_binary, "-C", str(repo.git_dir), "archive", "--format=tar",
-                               commit], capture_output=True, check=True).stdout
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            tar.extractall(dest, filter="data")
+        self._subtree(repo, commit, path)  # PathNotFound with the usual message
+        spec = [] if path in ("", ".") else ["--", path]
+        r = subprocess.run([self.git_binary, "--literal-pathspecs", "-C", str(repo.git_dir), "archive",
+                            "--format=tar", commit, *spec], capture_output=True, check=False)
+        if r.returncode != 0:
+            raise ExportError(path, f"git archive failed: {r.stderr.decode(errors='replace').strip()}")
+        skipped: list[str] = []
+
+        def only_safe(member: tarfile.TarInfo, where: str) -> tarfile.TarInfo | None:
+            try:
+                return tarfile.data_filter(member, where)
+            except (tarfile.AbsoluteLinkError, tarfile.LinkOutsideDestinationError):
+                skipped.append(member.name)
+                return None
+            except tarfile.FilterError as exc:
+                raise ExportError(member.name, f"cannot be exported for nix eval ({exc}); "
+                                  "remove it from the repository") from None
+
+        with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
+            tar.extractall(dest, filter=only_safe)
+        if skipped:
+            log.info("symlinks pointing outside the repository were not exported",
+                     extra={"gitsource": key, "commit": commit, "files": skipped[:20]})
+        return skipped
 
 
 def _classify(exc: git.GitCommandError, url: str, ref: GitRef, secrets: list[str]) -> FetchError:

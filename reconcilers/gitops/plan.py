@@ -13,8 +13,10 @@ from enum import StrEnum
 from typing import Any
 
 from .types import (
+    ADOPT_ANNOTATION,
     COMMIT_ANNOTATION,
     DIGEST_ANNOTATION,
+    KINDS,
     OWNER_LABEL,
     PATH_ANNOTATION,
     SOURCE_ANNOTATION,
@@ -27,6 +29,7 @@ class Reason(StrEnum):
     CREATE = "create"
     UPDATE = "update"  # Git changed the object
     DRIFT = "drift"  # Git did not change, the live object did: put it back
+    ADOPT = "adopt"  # existed without us; its owner annotated it hyperfleet.dev/adopt
 
 
 @dataclass(frozen=True)
@@ -38,12 +41,27 @@ class Apply:
 
 @dataclass(frozen=True)
 class Conflict:
+    """Git defines an object that exists but is not ours: made by hand, registered by an agent
+    (``other_owner`` None), or managed by another GitSource. It is left alone."""
+
     manifest: Manifest
-    other_owner: str
+    other_owner: str | None
+    source: str = ""  # this GitSource, "<namespace>/<name>"
+
+    def _adopt(self, value: str) -> str:
+        ref = self.manifest.ref
+        where = f" -n {ref.namespace}" if ref.namespace else ""
+        plural = KINDS[ref.kind].plural if ref.kind in KINDS else ref.kind.lower()
+        return f"kubectl annotate {plural}{where} {ref.name} {ADOPT_ANNOTATION}={value}"
 
     def __str__(self) -> str:
-        return (f"{self.manifest.ref} ({self.manifest.where}) is managed by GitSource "
-                f"{self.other_owner}; remove it from one of the two sources")
+        m = self.manifest
+        if self.other_owner is None:
+            return (f"{m.ref} ({m.where}) already exists and was not created by a GitSource; it is "
+                    f"left alone. Rename it in Git, or let this GitSource take it over: "
+                    f"{self._adopt('true')}")
+        return (f"{m.ref} ({m.where}) is managed by GitSource {self.other_owner}; remove it from one "
+                f"of the two sources, or move it here: {self._adopt(self.source or 'NAMESPACE/NAME')}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +153,17 @@ def _owner_of(body: Mapping[str, Any]) -> str | None:
     return str(value) if value is not None else None
 
 
+def may_adopt(body: Mapping[str, Any], source: str) -> bool:
+    """Whether the live object's own annotation hands it to GitSource ``source``: "true" for an
+    object no GitSource owns, or the GitSource's "<namespace>/<name>" (needed to take it from
+    another GitSource, so two sources never hand it back and forth)."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    value = str(annotations.get(ADOPT_ANNOTATION) or "").strip()
+    if value == source:
+        return True
+    return value.lower() == "true" and _owner_of(body) is None
+
+
 def make_plan(
     desired: Iterable[Manifest],
     inventory: Iterable[ObjectRef],
@@ -147,15 +176,18 @@ def make_plan(
     max_deletion_ratio: float = 0.5,
     confirmed: str | None = None,
 ) -> Plan:
-    """Diff Git (``desired``) against what we applied before (``inventory``) and what carries
-    an ownership label in the cluster now (``live``, any owner).
+    """Diff Git (``desired``) against what we applied before (``inventory``) and what is in
+    the cluster now (``live``: every object of these kinds, whoever made it).
 
     ``live`` must be complete for every kind in ``desired`` and ``inventory``: an object
-    missing from it is taken as gone (never deleted, just dropped from the inventory).
+    missing from it is taken as gone (never deleted, just dropped from the inventory), and
+    an object in it that is not ours (no label, and not in the inventory; or another
+    GitSource's label) is a conflict unless it is annotated for adoption.
     """
     plan = Plan()
     desired = list(desired)
     inventory = list(dict.fromkeys(inventory))
+    known = set(inventory)
     wanted = {m.ref for m in desired}
     for m in desired:
         have = live.get(m.ref)
@@ -164,8 +196,14 @@ def make_plan(
             plan.applies.append(Apply(m, body, Reason.CREATE))
             continue
         other = _owner_of(have)
-        if other is not None and other != owner:
-            plan.conflicts.append(Conflict(m, _source_name(have, other)))
+        # Ours: our label, or no label on an object we applied before (removed by hand).
+        if other != owner and not (other is None and m.ref in known):
+            if may_adopt(have, source):
+                body = with_provenance(m, owner=owner, source=source, commit=commit)
+                plan.applies.append(Apply(m, body, Reason.ADOPT))
+            else:
+                plan.conflicts.append(Conflict(m, None if other is None else _source_name(have, other),
+                                               source))
             continue
         annotations = (have.get("metadata") or {}).get("annotations") or {}
         same_git = annotations.get(DIGEST_ANNOTATION) == m.digest
@@ -190,7 +228,8 @@ def make_plan(
         ratio = len(plan.prunes) / len(inventory)
         if ratio > max_deletion_ratio and not confirms(confirmed, commit):
             plan.hold = Hold(commit, list(plan.prunes), len(inventory), max_deletion_ratio)
-    plan.inventory = sorted(wanted, key=lambda r: r.sort_key())
+    # What is not ours never enters the inventory, so no later commit can prune it.
+    plan.inventory = sorted(wanted - {c.manifest.ref for c in plan.conflicts}, key=lambda r: r.sort_key())
     return plan
 
 

@@ -32,7 +32,7 @@ from hyperfleet.reconcilers.models.gitsource import (
 )
 
 from .apply import Applier, api_message
-from .fetch import Credentials, FetchError, GitFetcher, PathNotFound, scrub
+from .fetch import Credentials, ExportError, FetchError, GitFetcher, PathNotFound, scrub
 from .plan import Plan, Reason, make_plan
 from .render import NixUnavailable, RenderResult, pydantic_messages, render_nix, render_yaml
 from .types import (
@@ -40,6 +40,7 @@ from .types import (
     RECONCILE_NOW_ANNOTATION,
     ObjectRef,
     RenderError,
+    SourceLocation,
     owner_value,
 )
 
@@ -82,15 +83,19 @@ class GitSourceReconciler:
     """Stateless between calls: everything it needs is in the GitSource, Git and the cluster.
 
     ``nix``: path of the nix binary, or None where Nix is not installed (flakes then stall
-    with a clear condition; YAML sources are unaffected)."""
+    with a clear condition; YAML sources are unaffected). ``cross_namespace``: False confines
+    every GitSource to its own namespace (for clusters where tenants create GitSources: the
+    reconciler's rights are cluster-wide, theirs are not)."""
 
     def __init__(self, kube: Kube, fetcher: GitFetcher, applier: Applier, *,
-                 nix: str | None = None, server_dry_run: bool = True) -> None:
+                 nix: str | None = None, server_dry_run: bool = True,
+                 cross_namespace: bool = True) -> None:
         self.kube = kube
         self.fetcher = fetcher
         self.applier = applier
         self.nix = nix
         self.server_dry_run = server_dry_run
+        self.cross_namespace = cross_namespace
         # Last render per GitSource: an unchanged commit is not parsed again every interval.
         self.rendered: dict[str, tuple[tuple[Any, ...], RenderResult]] = {}
 
@@ -186,6 +191,10 @@ class _Run:
         return result
 
     def _sync(self, spec: GitSourceSpec) -> Result:
+        if self._home() is not None and spec.target_namespace not in (None, self.namespace):
+            raise _Stop("InvalidSpec", f"spec.targetNamespace {spec.target_namespace!r} is not the "
+                        f"GitSource's namespace {self.namespace!r}, and this reconciler applies only "
+                        "into a GitSource's own namespace: remove spec.targetNamespace", True)
         creds = self.r.credentials(self.namespace, spec)
         self.secrets = creds.secrets() if creds else []
         fetched = self.r.fetcher.fetch(self.key, spec.url, spec.ref, creds, spec.timeout_seconds)
@@ -200,7 +209,7 @@ class _Run:
             raise _Stop("ValidationFailed", self._not_applied(_summary(rendered.errors)), True)
         inventory = [ObjectRef.from_inventory(e.wire()) for e in self.status.inventory]
         kinds = {m.ref.kind for m in rendered.manifests} | {r.kind for r in inventory}
-        live = self.r.applier.list_owned(kinds)
+        live = self.r.applier.list_live(kinds)
         plan = make_plan(
             rendered.manifests, inventory, live,
             owner=owner_value(self.namespace, self.name), source=self.key, commit=fetched.commit,
@@ -218,9 +227,12 @@ class _Run:
         self.status.held_deletion = None
         return self._carry_out(plan, live, spec, len(rendered.manifests))
 
+    def _home(self) -> str | None:
+        return None if self.r.cross_namespace else self.namespace
+
     def _render(self, spec: GitSourceSpec, commit: str) -> RenderResult:
         inputs = (commit, spec.path, spec.renderer, spec.target_namespace, self.namespace,
-                  self.r.nix is not None)
+                  self.r.nix is not None, self.r.cross_namespace)
         cached = self.r.rendered.get(self.key)
         if cached is not None and cached[0] == inputs:
             return cached[1]
@@ -235,15 +247,19 @@ class _Run:
                 spec.renderer == Renderer.AUTO and f.has_file(key, spec.url, commit, spec.path, "flake.nix"))
             if not use_nix:
                 return render_yaml(f.manifest_files(key, spec.url, commit, spec.path),
-                                   self.namespace, spec.target_namespace)
+                                   self.namespace, spec.target_namespace, self._home())
             with tempfile.TemporaryDirectory(prefix="hf-nix-") as tmp:
-                f.export(key, spec.url, commit, Path(tmp))
+                # Only spec.path: nix can read nothing else of the repository (or the host).
+                f.export(key, spec.url, commit, Path(tmp), spec.path)
                 flake_dir = Path(tmp) if spec.path == "." else Path(tmp) / spec.path
                 if not (flake_dir / "flake.nix").is_file():
                     raise PathNotFound(f"spec.renderer is Nix but {spec.path}/flake.nix does not exist "
                                        f"in commit {commit[:12]}")
                 return render_nix(flake_dir, spec.path, self.namespace, spec.target_namespace,
-                                  timeout=spec.timeout_seconds, nix=self.r.nix)
+                                  timeout=spec.timeout_seconds, nix=self.r.nix,
+                                  home_namespace=self._home())
+        except ExportError as exc:
+            return RenderResult(errors=[RenderError(SourceLocation(exc.file), exc.message)])
         except PathNotFound as exc:
             raise _Stop("PathNotFound", self._not_applied(str(exc)), True) from None
         except NixUnavailable as exc:
@@ -371,6 +387,10 @@ class _Run:
             drifted = [str(a.manifest.ref) for a in plan.applies
                        if a.reason == Reason.DRIFT and a.manifest.ref in done]
             parts.append(f"reverted drift on {counts[Reason.DRIFT]} ({', '.join(drifted[:10])})")
+        if counts[Reason.ADOPT]:
+            adopted = [str(a.manifest.ref) for a in plan.applies
+                       if a.reason == Reason.ADOPT and a.manifest.ref in done]
+            parts.append(f"adopted {counts[Reason.ADOPT]} ({', '.join(adopted[:10])})")
         self._event("Applied", f"commit {(self.commit or '')[:12]}: {', '.join(parts)}")
         log.info("applied", extra={"gitsource": self.key, "commit": self.commit,
                                    **{str(k): v for k, v in counts.items()}})

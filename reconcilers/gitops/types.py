@@ -19,6 +19,9 @@ DIGEST_ANNOTATION = f"gitops.{GROUP}/digest"
 #: User-facing annotations on the GitSource.
 RECONCILE_NOW_ANNOTATION = f"{GROUP}/reconcile-now"
 CONFIRM_DELETION_ANNOTATION = f"{GROUP}/confirm-deletion"
+#: Set by a user on a live object that exists without a GitSource's label: "true" lets the
+#: GitSource defining it take it over, "<namespace>/<name>" also takes it from another one.
+ADOPT_ANNOTATION = f"{GROUP}/adopt"
 
 FIELD_MANAGER = "hyperfleet-gitops"
 

@@ -264,6 +264,30 @@ def test_hand_edit_is_reverted_and_other_fields_kept(cluster: Cluster, gitops: G
              "drift event", cluster)
 
 
+def test_an_object_made_by_hand_is_left_alone_until_annotated(cluster: Cluster, gitops: GitOpsProc,
+                                                              repo: Repo) -> None:
+    assert cluster.apply(vm("db", cpus=3)).returncode == 0  # kubectl apply, no GitSource label
+    repo.write("fleet/vms.yaml", vm("db") + "---\n" + vm("web-1"))
+    sha = repo.push("db and web-1")
+    gitsource(cluster, "fleet", str(repo.remote))
+    wait_for(lambda: condition(cluster, "Ready").get("reason") == "OwnershipConflict", 30,
+             "conflict reported", cluster)
+    msg = condition(cluster, "Ready")["message"]
+    assert f"VirtualMachine/{cluster.namespace}/db (fleet/vms.yaml:1 (document 0)) already exists" in msg
+    assert f"kubectl annotate virtualmachines -n {cluster.namespace} db hyperfleet.dev/adopt=true" in msg
+    db = cluster.get("hvm", "db")
+    assert db is not None and OWNER_LABEL not in db["metadata"].get("labels", {})
+    assert cpus(cluster, "db") == 3 and names(cluster) == {"db"}  # nothing of the commit applied
+
+    cluster.kubectl("annotate", "hvm", "db", "hyperfleet.dev/adopt=true")
+    cluster.kubectl("annotate", "gitsource", "fleet", "--overwrite", "hyperfleet.dev/reconcile-now=1")
+    wait_for(lambda: applied(cluster, sha), 30, "applied once adopted", cluster)
+    db = cluster.get("hvm", "db")
+    assert db is not None and db["metadata"]["labels"][OWNER_LABEL] == f"{cluster.namespace}.fleet"
+    assert cpus(cluster, "db") == 1 and names(cluster) == {"db", "web-1"}
+    assert any("adopted 1" in m for m in events(cluster, "Applied"))
+
+
 def test_bad_commit_applies_nothing_and_names_the_file(cluster: Cluster, gitops: GitOpsProc,
                                                        repo: Repo) -> None:
     repo.write("fleet/web.yaml", vm("web-1"))

@@ -298,3 +298,80 @@ def test_anonymous_http(http_remote: tuple[Remote, str], fetcher: GitFetcher) ->
     remote, url = http_remote
     c = remote.commit({"a.yaml": "x\n"})
     assert fetcher.fetch("ns/f", url, None).commit == c
+
+
+def test_remove_spares_gitsources_whose_name_starts_alike(remote: Remote, fetcher: GitFetcher) -> None:
+    remote.commit({"a.yaml": "x\n"})
+    url = str(remote.bare)
+    for key in ("team/prod", "team/prod-eu", "team/prod-abcdef012345"):
+        fetcher.fetch(key, url, None)
+    fetcher.remove("team/prod")
+    assert not fetcher.cache_path("team/prod", url).exists()
+    assert fetcher.cache_path("team/prod-eu", url).exists()
+    assert fetcher.cache_path("team/prod-abcdef012345", url).exists()
+
+
+def test_a_changed_url_drops_the_old_cache(remote: Remote, fetcher: GitFetcher) -> None:
+    remote.commit({"a.yaml": "x\n"})
+    old, new = str(remote.bare), f"file://{remote.bare}"
+    fetcher.fetch("ns/f", old, None)
+    fetcher.fetch("ns/other", old, None)
+    fetcher.fetch("ns/f", new, None)
+    assert fetcher.cache_path("ns/f", new).exists() and not fetcher.cache_path("ns/f", old).exists()
+    assert fetcher.cache_path("ns/other", old).exists()  # another GitSource's cache stays
+
+
+def _garbage(cache: Path) -> tuple[int, int]:
+    """(loose objects, unreachable objects) of a cache."""
+    counts = dict(ln.split(": ") for ln in git("count-objects", "-v", cwd=cache).splitlines())
+    unreachable = git("fsck", "--unreachable", "--no-reflogs", cwd=cache).splitlines()
+    return int(counts["count"]), len(unreachable)
+
+
+def test_cache_is_compacted_after_a_force_push(remote: Remote, fetcher: GitFetcher) -> None:
+    base = remote.commit({"a.yaml": "x: 0\n"})
+    fetcher.fetch("ns/f", str(remote.bare), None)
+    for i in range(3):
+        remote.commit({f"blob{i}.txt": os.urandom(2000).hex()})
+        fetcher.fetch("ns/f", str(remote.bare), None)
+    git("reset", "-q", "--hard", base, cwd=remote.work)
+    remote.commit({"a.yaml": "x: 1\n"}, force=True)
+    assert fetcher.fetch("ns/f", str(remote.bare), None).rewritten
+    assert _garbage(fetcher.cache_path("ns/f", str(remote.bare))) == (0, 0)
+
+
+def test_cache_is_compacted_past_the_loose_object_threshold(remote: Remote, tmp_path: Path) -> None:
+    fetcher = GitFetcher(tmp_path / "cache", gc_loose_objects=10)
+    remote.commit({"a.yaml": "x\n"})
+    fetcher.fetch("ns/f", str(remote.bare), None)
+    cache = fetcher.cache_path("ns/f", str(remote.bare))
+    remote.commit({f"f{i}.txt": f"{i}\n" for i in range(4)})  # 4 blobs, a tree, a commit
+    fetcher.fetch("ns/f", str(remote.bare), None)
+    assert _garbage(cache)[0] == 9  # (3 from the first fetch) below the threshold: left alone
+    remote.commit({f"g{i}.txt": f"{i}\n" for i in range(4)})
+    fetcher.fetch("ns/f", str(remote.bare), None)
+    assert _garbage(cache)[0] == 0
+    assert fetcher.manifest_files("ns/f", str(remote.bare), git("rev-parse", "HEAD", cwd=remote.work),
+                                  ".") == {"a.yaml": b"x\n"}
+
+
+def test_export_only_the_path_and_leaves_out_links_to_the_host(remote: Remote, fetcher: GitFetcher,
+                                                               tmp_path: Path) -> None:
+    remote.commit({"fleet/flake.nix": "{ }\n", "fleet/lib/a.nix": "1\n", "other/secret.txt": "s\n"})
+    os.symlink("/nix/store/abc-result", remote.work / "result")  # a committed `nix build` link
+    os.symlink("/var/run/secrets/token", remote.work / "fleet" / "token")
+    os.symlink("../../../../etc/passwd", remote.work / "fleet" / "passwd")
+    os.symlink("lib/a.nix", remote.work / "fleet" / "a.nix")  # stays inside: kept
+    c = remote.commit({}, "links")
+    url = str(remote.bare)
+    fetcher.fetch("ns/f", url, None)
+    out = tmp_path / "out"
+    skipped = fetcher.export("ns/f", url, c, out, "fleet")
+    assert sorted(skipped) == ["fleet/passwd", "fleet/token"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "fleet", "fleet/a.nix", "fleet/flake.nix", "fleet/lib", "fleet/lib/a.nix"]
+    assert (out / "fleet" / "a.nix").read_text() == "1\n"
+    assert sorted(fetcher.export("ns/f", url, c, tmp_path / "all")) == [
+        "fleet/passwd", "fleet/token", "result"]  # the whole tree
+    with pytest.raises(PathNotFound, match="'nope' does not exist"):
+        fetcher.export("ns/f", url, c, tmp_path / "x", "nope")

@@ -10,6 +10,7 @@ import pytest
 from hyperfleet.reconcilers.gitops.plan import Reason, confirms, is_subset, make_plan, with_provenance
 from hyperfleet.reconcilers.gitops.render import render_yaml
 from hyperfleet.reconcilers.gitops.types import (
+    ADOPT_ANNOTATION,
     COMMIT_ANNOTATION,
     OWNER_LABEL,
     Manifest,
@@ -177,3 +178,55 @@ def test_owner_value_fits_a_label() -> None:
     long = owner_value("n" * 63, "f" * 200)
     assert len(long) <= 63 and long[-1].isalnum()
     assert long != owner_value("n" * 63, "f" * 199)
+
+
+NODE = ("apiVersion: hyperfleet.dev/v1alpha1\nkind: WorkerNode\nmetadata: {name: worker-1}\n"
+        "spec: {pool: general}\n")
+
+
+def hand_made(ms: list[Manifest],
+              annotations: dict[str, str] | None = None) -> dict[ObjectRef, dict[str, Any]]:
+    """Objects with the same names made by kubectl or registered by an agent: no label."""
+    out = {}
+    for m in ms:
+        body = copy.deepcopy(m.body)
+        body["metadata"]["uid"] = f"uid-{m.ref.name}"
+        if annotations:
+            body["metadata"]["annotations"] = dict(annotations)
+        out[m.ref] = body
+    return out
+
+
+def test_objects_made_by_hand_or_by_an_agent_are_conflicts_not_creates() -> None:
+    ms = desired(NODE, vm("db"), vm("new"))
+    live = hand_made(ms[:2])
+    p = plan(ms, [], live)
+    assert [a.manifest.ref.name for a in p.applies] == ["new"]
+    assert {c.manifest.ref.name for c in p.conflicts} == {"worker-1", "db"}
+    msgs = sorted(str(c) for c in p.conflicts)
+    assert msgs[0].startswith("VirtualMachine/ns/db (f1.yaml:1 (document 0)) already exists and was "
+                              "not created by a GitSource; it is left alone")
+    assert "kubectl annotate virtualmachines -n ns db hyperfleet.dev/adopt=true" in msgs[0]
+    assert "kubectl annotate workernodes worker-1 hyperfleet.dev/adopt=true" in msgs[1]
+    assert p.inventory == [ref("new")]  # never ours, so no later commit can prune them
+
+
+def test_adopt_annotation_on_the_live_object_hands_it_over() -> None:
+    ms = desired(vm("db"))
+    (a,) = plan(ms, [], hand_made(ms, {ADOPT_ANNOTATION: "true"})).applies
+    assert a.reason == Reason.ADOPT and a.body["metadata"]["labels"][OWNER_LABEL] == OWNER
+    (a,) = plan(ms, [], hand_made(ms, {ADOPT_ANNOTATION: "ns/fleet"})).applies
+    assert a.reason == Reason.ADOPT
+    assert plan(ms, [], hand_made(ms, {ADOPT_ANNOTATION: "false"})).conflicts
+    assert plan(ms, [], hand_made(ms, {ADOPT_ANNOTATION: "ns/other"})).conflicts
+
+
+def test_taking_an_object_from_another_gitsource_needs_this_gitsources_name() -> None:
+    ms = desired(vm("db"))
+    theirs = live_of(ms, owner="ns.other")
+    theirs[ref("db")]["metadata"]["annotations"][ADOPT_ANNOTATION] = "true"
+    (c,) = plan(ms, [], theirs).conflicts  # "true" only frees objects nobody owns
+    assert "hyperfleet.dev/adopt=ns/fleet" in str(c)
+    theirs[ref("db")]["metadata"]["annotations"][ADOPT_ANNOTATION] = "ns/fleet"
+    (a,) = plan(ms, [], theirs).applies
+    assert a.reason == Reason.ADOPT

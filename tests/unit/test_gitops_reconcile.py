@@ -12,7 +12,7 @@ from typing import Any, cast
 import pytest
 
 from hyperfleet.reconcilers.gitops.apply import Applier, Outcome
-from hyperfleet.reconcilers.gitops.fetch import GitFetcher
+from hyperfleet.reconcilers.gitops.fetch import ExportError, GitFetcher
 from hyperfleet.reconcilers.gitops.reconcile import GitSourceReconciler, Result
 from hyperfleet.reconcilers.gitops.types import OWNER_LABEL, ObjectRef
 from hyperfleet.reconcilers.kube import Kube, Resource
@@ -63,10 +63,9 @@ class FakeApplier(Applier):
         self.reject: Callable[[dict[str, Any], bool], str | None] = lambda body, dry: None
         self.calls: list[str] = []
 
-    def list_owned(self, kinds: Iterable[str]) -> dict[ObjectRef, dict[str, Any]]:
+    def list_live(self, kinds: Iterable[str]) -> dict[ObjectRef, dict[str, Any]]:
         self.calls.append("list")
-        return {r: copy.deepcopy(b) for r, b in self.objects.items()
-                if OWNER_LABEL in b["metadata"].get("labels", {})}
+        return {r: copy.deepcopy(b) for r, b in self.objects.items() if r.kind in set(kinds)}
 
     def apply(self, body: dict[str, Any], dry_run: bool = False) -> Outcome:
         self.calls.append(f"{'dry-run' if dry_run else 'apply'} {body['metadata']['name']}")
@@ -206,7 +205,8 @@ def test_nix_flake_rendered(tmp_path: Path) -> None:
     env = Env(tmp_path)
     env.remote.commit({"fleet/flake.nix": "{ }\n"})
     nix = tmp_path / "nix"
-    nix.write_text('#!/bin/sh\ncase "$*" in *"/fleet#hyperfleet"*) ;; *) exit 3;; esac\n'
+    # Only spec.path is handed to nix (-I <checkout>/fleet), nothing else of the repository.
+    nix.write_text('#!/bin/sh\ncase "$*" in *"/fleet --expr"*) ;; *) exit 3;; esac\n'
                    "echo '[{\"apiVersion\":\"hyperfleet.dev/v1alpha1\",\"kind\":\"VirtualMachine\","
                    "\"metadata\":{\"name\":\"from-nix\"},\"spec\":{\"cpus\":1,\"memory\":\"1Gi\","
                    "\"boot\":{\"kernel\":\"/k\"}}}]'\n")
@@ -251,3 +251,80 @@ def test_render_error_applies_nothing_and_is_not_retried_as_new_work(env: Env) -
     events = len(env.kube.events)
     env.run()
     assert len(env.kube.events) == events  # the same failure is reported once
+
+
+def test_hand_made_objects_are_left_alone_until_annotated_for_adoption(env: Env) -> None:
+    by_hand = {"apiVersion": "hyperfleet.dev/v1alpha1", "kind": "VirtualMachine",
+               "metadata": {"name": "a", "namespace": "ns", "uid": "uid-a"},
+               "spec": {"cpus": 4, "memory": "1Gi", "boot": {"kernel": "/k"}}}
+    env.applier.objects[ObjectRef("VirtualMachine", "ns", "a")] = copy.deepcopy(by_hand)
+    env.remote.commit({"fleet/a.yaml": vm("a"), "fleet/b.yaml": vm("b")})
+    assert env.run().state == "stalled"
+    assert env.cond("Ready")["reason"] == "OwnershipConflict"
+    msg = env.cond("Stalled")["message"]
+    assert "VirtualMachine/ns/a (fleet/a.yaml:1 (document 0)) already exists" in msg
+    assert "kubectl annotate virtualmachines -n ns a hyperfleet.dev/adopt=true" in msg
+    assert not [c for c in env.applier.calls if c.startswith(("apply", "dry-run"))]
+    assert env.applier.objects[ObjectRef("VirtualMachine", "ns", "a")] == by_hand
+    env.applier.objects[ObjectRef("VirtualMachine", "ns", "a")]["metadata"]["annotations"] = {
+        "hyperfleet.dev/adopt": "true"}
+    assert env.run().state == "applied"
+    live = env.applier.objects[ObjectRef("VirtualMachine", "ns", "a")]
+    assert live["metadata"]["labels"][OWNER_LABEL] == "ns.fleet" and live["spec"]["cpus"] == 1
+    assert any(reason == "Applied" and "adopted 1 (VirtualMachine/ns/a)" in m
+               for _, reason, m in env.kube.events)
+    assert [e["name"] for e in env.status["inventory"]] == ["a", "b"]
+
+
+def test_nix_checkout_without_links_to_the_host(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    (env.remote.work / "fleet").mkdir(parents=True)
+    (env.remote.work / "result").symlink_to("/nix/store/abc-result")  # outside spec.path
+    (env.remote.work / "fleet" / "token").symlink_to("/var/run/secrets/token")
+    env.remote.commit({"fleet/flake.nix": "{ }\n", "fleet/lib.nix": "{ }\n", "other/x.txt": "x\n"})
+    seen = tmp_path / "seen"
+    nix = tmp_path / "nix"
+    nix.write_text(f"#!/bin/sh\nfor a; do prev=$last; last=$a; [ \"$prev\" = -I ] && "
+                   f"(cd \"$a/..\" && find . | sort > {seen}); done\necho '[]'\n")
+    nix.chmod(nix.stat().st_mode | stat.S_IXUSR)
+    env.reconciler.nix = str(nix)
+    env.run()
+    assert env.cond("Ready")["status"] == "True", env.status.get("lastError")
+    assert seen.read_text().split() == [".", "./fleet", "./fleet/flake.nix", "./fleet/lib.nix"]
+
+
+def test_cross_namespace_applies_can_be_disabled(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.reconciler.cross_namespace = False
+    other = vm("b").replace("{name: b}", "{name: b, namespace: prod}")
+    node = "apiVersion: hyperfleet.dev/v1alpha1\nkind: WorkerNode\nmetadata: {name: w}\nspec: {}\n"
+    env.remote.commit({"fleet/a.yaml": vm("a"), "fleet/b.yaml": other, "fleet/n.yaml": node})
+    assert env.run().state == "stalled" and env.names() == set()
+    msg = env.cond("Stalled")["message"]
+    assert "fleet/b.yaml:1 (document 0): VirtualMachine b: metadata.namespace 'prod' is not the " \
+           "GitSource's namespace 'ns'" in msg
+    assert "fleet/n.yaml:1 (document 0): WorkerNode w: WorkerNode is cluster-scoped" in msg
+    env.remote.commit({"fleet/b.yaml": None, "fleet/n.yaml": None})
+    assert env.run().state == "applied" and env.names() == {"a"}
+    env.kube.source["spec"]["targetNamespace"] = "prod"
+    assert env.run().state == "stalled" and env.cond("Stalled")["reason"] == "InvalidSpec"
+    env.reconciler.cross_namespace = True  # the default, as Flux: metadata.namespace is honoured
+    env.kube.source["spec"].pop("targetNamespace")
+    env.remote.commit({"fleet/b.yaml": other})
+    assert env.run().state == "applied"
+    assert ObjectRef("VirtualMachine", "prod", "b") in env.applier.objects
+
+
+def test_a_file_that_cannot_be_exported_is_a_validation_error(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    env = Env(tmp_path)
+    env.remote.commit({"fleet/flake.nix": "{ }\n"})
+    env.reconciler.nix = "/usr/bin/false"
+
+    def export(*_: Any, **__: Any) -> list[str]:
+        raise ExportError("fleet/dev", "cannot be exported for nix eval (special file); remove it")
+
+    monkeypatch.setattr(env.reconciler.fetcher, "export", export)
+    assert env.run().state == "stalled"
+    assert env.cond("Stalled")["reason"] == "ValidationFailed"
+    assert "1 problem: fleet/dev: cannot be exported" in env.cond("Stalled")["message"]

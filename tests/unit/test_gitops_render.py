@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 import stat
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hyperfleet.reconcilers.gitops.render import (
+    MAX_DOCUMENT_VALUES,
     NixUnavailable,
     is_manifest_file,
     render_nix,
@@ -180,7 +185,7 @@ def test_nix_list_and_attrset(tmp_path: Path) -> None:
     assert out.manifests[1].where.file == "clusters/prod/flake.nix#hyperfleet"
     assert out.manifests[1].where.index == 1
     args = (tmp_path / "args").read_text()
-    assert f"eval --json path:{tmp_path}#hyperfleet" in args
+    assert f"eval --read-only --json -I {tmp_path.resolve()} --expr" in args
     nix = _fake_nix(tmp_path, {"web": _vm_obj("web", cpus=0)})
     out = render_nix(tmp_path, ".", "ns", nix=nix)
     assert "flake.nix#hyperfleet.web" in str(out.errors[0]) and "spec.cpus" in str(out.errors[0])
@@ -213,3 +218,188 @@ def test_real_nix_eval(tmp_path: Path) -> None:
     out = render_nix(tmp_path, ".", "ns", nix=shutil.which("nix"), timeout=120)
     assert out.ok, out.errors
     assert [(m.ref.name, m.body["spec"]["cpus"]) for m in out.manifests] == [("nixed", 2)]
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("!!set {a: null}", "YAML tag !!set is not allowed"),
+    ("!!binary aGVsbG8=", "!!binary is not allowed: a Kubernetes object holds only strings"),
+    ("!!timestamp 2024-06-01", "!!timestamp is not allowed"),
+    ("!!omap [{a: 1}]", "!!omap is not allowed"),
+    (".nan", ".nan is not a JSON number"),
+    ("-.inf", "-.inf is not a JSON number"),
+])
+def test_yaml_values_json_cannot_hold_name_file_and_line(value: str, says: str) -> None:
+    doc = ("apiVersion: hyperfleet.dev/v1alpha1\nkind: VmJob\nmetadata: {name: j}\nspec:\n"
+           f"  operation: vm.snapshot\n  payload:\n    data:\n      x: {value}\n")
+    out = render_yaml({"jobs/j.yaml": (VM.format(name="a", cpus=1) + "---\n" + doc).encode()}, "ns")
+    (err,) = out.errors  # an error with file, line and document, not a TypeError
+    assert str(err).startswith("jobs/j.yaml:17 (document 1): ") and says in err.message
+
+
+def test_aliases_expanding_without_bound_are_refused() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]
+    doc = "apiVersion: hyperfleet.dev/v1alpha1\nkind: WorkerNode\nmetadata: {name: n}\nspec:\n"
+    text = doc + "".join(f"  {ln}\n" for ln in lines)
+    out = render_yaml({"bomb.yaml": text.encode()}, "ns")
+    assert len(out.errors) == 1 and f"more than {MAX_DOCUMENT_VALUES} values" in str(out.errors[0])
+    assert str(out.errors[0]).startswith("bomb.yaml:1 (document 0)")
+
+
+class _Recorder:
+    """Stands in for subprocess.run: what nix would have been asked, in which environment."""
+
+    def __init__(self, stdout: str = "[]") -> None:
+        self.stdout = stdout
+        self.cmd: list[str] = []
+        self.env: dict[str, str] = {}
+        self.home_mode = 0
+
+    def __call__(self, cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        self.cmd, self.env = cmd, kw["env"]
+        self.home_mode = stat.S_IMODE(os.stat(self.env["HOME"]).st_mode)
+        return subprocess.CompletedProcess(cmd, 0, self.stdout, "")
+
+
+def test_nix_runs_confined_and_without_the_controllers_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2")
+    monkeypatch.setenv("HOME", "/root")
+    monkeypatch.setenv("NIX_PATH", "nixpkgs=/somewhere")
+    rec = _Recorder()
+    assert render_nix(tmp_path, ".", "ns", nix="/usr/bin/nix", run=rec).ok
+    opts = {rec.cmd[i + 1]: rec.cmd[i + 2] for i, a in enumerate(rec.cmd) if a == "--option"}
+    assert opts["experimental-features"] == "nix-command"  # no flakes: no fetchTree/getFlake
+    assert opts["restrict-eval"] == "true" and opts["allowed-uris"] == "" and opts["nix-path"] == ""
+    assert opts["allow-import-from-derivation"] == "false"
+    assert opts["allow-unsafe-native-code-during-evaluation"] == "false"
+    assert rec.cmd[rec.cmd.index("eval"):rec.cmd.index("--expr")] == [
+        "eval", "--read-only", "--json", "-I", str(tmp_path.resolve())]
+    assert "--impure" not in rec.cmd
+    assert not any(k.startswith(("KUBERNETES", "AWS")) or k == "NIX_PATH" for k in rec.env)
+    assert rec.env["HOME"] != "/root" and rec.home_mode == 0o700
+    assert not Path(rec.env["HOME"]).exists()  # removed after the run
+    assert rec.env["NIX_CONFIG"] == ""
+
+
+@pytest.mark.parametrize(("locked", "says"), [
+    ({"type": "path", "path": "/var/run/secrets/kubernetes.io/serviceaccount/token"},
+     "'leak' (path:/var/run/secrets/kubernetes.io/serviceaccount/token) is a local path"),
+    ({"type": "git", "url": "file:///var/cache/hyperfleet/git/other/fleet-0123456789ab"},
+     "'leak' (git:file:///var/cache/hyperfleet/git/other/fleet-0123456789ab) is a local path"),
+    ({"type": "tarball", "url": "file:///etc/hyperfleet.tar"}, "is a local path"),
+    ({"type": "file", "url": "/etc/passwd"}, "is a local path"),
+    ({"type": "github", "owner": "NixOS", "repo": "nixpkgs", "rev": "a" * 40},
+     "'leak' (github:NixOS/nixpkgs) would have to be fetched"),
+    ({"type": "git", "url": "https://bob:tok3n@git.example.com/x"},
+     "'leak' (git:https://***@git.example.com/x) would have to be fetched"),
+])
+def test_flake_lock_inputs_are_refused_before_nix_runs(tmp_path: Path, locked: dict[str, str],
+                                                       says: str) -> None:
+    lock = {"nodes": {"leak": {"flake": False, "locked": locked, "original": locked},
+                      "root": {"inputs": {"leak": "leak"}}}, "root": "root", "version": 7}
+    (tmp_path / "flake.lock").write_text(json.dumps(lock))
+    rec = _Recorder()
+    out = render_nix(tmp_path, "fleet", "ns", nix="/usr/bin/nix", run=rec)
+    assert rec.cmd == []  # nix never saw it
+    (err,) = out.errors
+    assert err.where.file == "fleet/flake.lock" and says in err.message
+    assert "tok3n" not in err.message
+    (tmp_path / "flake.lock").write_text("{nope")
+    (err,) = render_nix(tmp_path, "fleet", "ns", nix="/usr/bin/nix", run=rec).errors
+    assert str(err).startswith("fleet/flake.lock: not a valid flake.lock")
+    no_inputs = {"nodes": {"root": {}}, "root": "root", "version": 7}
+    (tmp_path / "flake.lock").write_text(json.dumps(no_inputs))
+    assert render_nix(tmp_path, "fleet", "ns", nix="/usr/bin/nix", run=rec).ok
+
+
+NIX = shutil.which("nix")
+needs_nix = pytest.mark.skipif(NIX is None, reason="nix is not installed")
+
+
+@pytest.fixture
+def store_watch() -> Iterator[str]:
+    """A marker for the test's secret; afterwards, no store path may hold it (in name or
+    content). Any that a regression did leave are deleted again (only those)."""
+    marker = f"hf-secret-{secrets.token_hex(8)}"
+    before = set(os.listdir("/nix/store"))
+    yield marker
+    leaked = []
+    for name in sorted(set(os.listdir("/nix/store")) - before):
+        path = Path("/nix/store") / name
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        if marker in name or any(marker.encode() in f.read_bytes() for f in files):
+            leaked.append(str(path))
+    if leaked:
+        r = subprocess.run(["nix-store", "--delete", *leaked], capture_output=True, text=True,
+                           check=False)
+        pytest.fail(f"copied into the world-readable store: {leaked} (removed again: "
+                    f"{r.returncode == 0}: {r.stderr.strip()[-300:]})")
+
+
+_VM = ('vm = s: { apiVersion = "hyperfleet.dev/v1alpha1"; kind = "VirtualMachine"; '
+       'metadata = { name = "web-1"; annotations.stolen = s; }; '
+       'spec = { cpus = 1; memory = "1Gi"; boot.kernel = "/k"; }; };')
+#: Ways a pushed flake could read a controller file (@SECRET@) into a manifest or the store.
+_LEAKS = {
+    "input": '{ inputs.leak = { url = "path:@SECRET@"; flake = false; };\n'
+             '  outputs = { self, leak }: let @VM@ in '
+             '{ hyperfleet = [ (vm (builtins.readFile leak)) ]; };\n}',
+    "fetchTree": '{ outputs = { self }: let @VM@ in { hyperfleet = [ (vm (builtins.readFile '
+                 '(builtins.fetchTree { type = "path"; path = "@SECRET@"; '
+                 'narHash = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="; }))) ]; }; }',
+    "absolute": '{ outputs = { self }: let @VM@ in '
+                '{ hyperfleet = [ (vm (builtins.readFile @SECRET@)) ]; }; }',
+    "fetchurl": '{ outputs = { self }: let @VM@ in { hyperfleet = [ (vm (builtins.readFile '
+                '(builtins.fetchurl "file://@SECRET@"))) ]; }; }',
+    "ifd": '{ outputs = { self }: let @VM@ in { hyperfleet = [ (vm (builtins.readFile (derivation { '
+           'name = "x"; system = "x86_64-linux"; builder = "/bin/sh"; '
+           'args = [ "-c" "/bin/cat @SECRET@ > $out" ]; }))) ]; }; }',
+    "env": '{ outputs = { self }: let @VM@ in '
+           '{ hyperfleet = [ (vm (builtins.getEnv "HF_TEST_SECRET")) ]; }; }',
+}
+
+
+@needs_nix
+@pytest.mark.parametrize("attack", sorted(_LEAKS))
+def test_real_nix_cannot_read_the_controllers_files(tmp_path: Path, store_watch: str, attack: str,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    request: pytest.FixtureRequest) -> None:
+    # World-readable, as a file the build users could read if a build ever ran.
+    host = Path(tempfile.mkdtemp(prefix="hf-host-"))
+    host.chmod(0o755)
+    secret = host / "token"
+    secret.write_text(store_watch)
+    secret.chmod(0o644)
+    request.addfinalizer(lambda: shutil.rmtree(host))
+    monkeypatch.setenv("HF_TEST_SECRET", store_watch)
+    flake = tmp_path / f"repo-{store_watch}"
+    flake.mkdir()
+    (flake / "flake.nix").write_text(_LEAKS[attack].replace("@SECRET@", str(secret)).replace("@VM@", _VM))
+    out = render_nix(flake, "fleet", "ns", nix=NIX, timeout=120)
+    assert store_watch not in json.dumps([m.body for m in out.manifests]) + str(out.errors)
+    if attack == "env":  # evaluates, but sees nothing of the controller's environment
+        assert out.ok and out.manifests[0].body["metadata"]["annotations"]["stolen"] == ""
+    else:
+        assert not out.ok and out.errors[0].where.file.startswith("fleet/flake.")
+
+
+@needs_nix
+def test_real_nix_reads_files_inside_the_flake_and_names_them_in_errors(tmp_path: Path,
+                                                                          store_watch: str) -> None:
+    flake = tmp_path / f"repo-{store_watch}"
+    (flake / "lib").mkdir(parents=True)
+    # "${self}" would copy the checkout into the store; --read-only keeps it out.
+    (flake / "flake.nix").write_text('{ outputs = { self }: { hyperfleet = builtins.seq "${self}" '
+                                     '(import ./lib/vms.nix); }; }\n')
+    (flake / "lib" / "vms.nix").write_text(
+        '[ { apiVersion = "hyperfleet.dev/v1alpha1"; kind = "VirtualMachine"; '
+        f'metadata.name = "web"; metadata.annotations.m = "{store_watch}"; '
+        'spec = { cpus = 1; memory = "1Gi"; boot.kernel = "/k"; }; } ]\n')
+    out = render_nix(flake, "clusters/prod", "ns", nix=NIX, timeout=120)
+    assert out.ok, [str(e) for e in out.errors]
+    assert [m.ref.name for m in out.manifests] == ["web"]
+    (flake / "lib" / "vms.nix").write_text('[ (throw "vm web is wrong") ]\n')
+    (err,) = render_nix(flake, "clusters/prod", "ns", nix=NIX, timeout=120).errors
+    assert "vm web is wrong" in err.message and str(tmp_path) not in err.message

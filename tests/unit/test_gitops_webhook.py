@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
+import kopf
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from hyperfleet.operator.gitsource import GitOps, GitOpsConfig, why_run
+from hyperfleet.operator import gitsource
+from hyperfleet.operator.gitsource import GitOps, GitOpsConfig, register, why_run
+from hyperfleet.reconcilers.gitops.reconcile import GitSourceReconciler, Result
 from hyperfleet.reconcilers.gitops.webhook import (
     Provider,
     Push,
@@ -191,3 +196,69 @@ def test_receiver_authenticates_and_triggers_matching_sources(tmp_path: Path) ->
         await ops.stop()
 
     asyncio.run(scenario())
+
+
+class _Reconciler:
+    """Counts reconciles instead of doing them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.rendered: dict[str, Any] = {}
+        self.fetcher = SimpleNamespace(remove=lambda key: None)
+
+    def reconcile(self, key: str, trigger: str = "interval") -> Result:
+        self.calls.append((key, trigger))
+        return Result("unchanged", 60.0)
+
+
+async def _until(check: Any, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_a_standby_replica_neither_reconciles_nor_takes_webhooks(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gitsource, "STANDBY_RECHECK", 0.02)
+    role = {"active": False}
+
+    async def scenario() -> None:
+        rec = _Reconciler()
+        ops = GitOps(GitOpsConfig(cache_dir=str(tmp_path), webhook_port=1, webhook_secret=SECRET.decode()),
+                     Kube(), reconciler=cast(GitSourceReconciler, rec), active=lambda: role["active"])
+        ops.observe("ADDED", _source("main", "git@github.com:acme/fleet.git", {"branch": "main"}))
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", ops.handle_webhook)
+        async with TestClient(TestServer(app)) as client:
+            await asyncio.sleep(0.2)
+            ops.trigger("ns/main", "reconcile-now")
+            r = await client.post("/hook", data=BODY, headers=sign_github(SECRET, BODY))
+            assert r.status == 503 and "standby" in (await r.json())["error"]
+            await asyncio.sleep(0.2)
+            assert rec.calls == []
+            role["active"] = True
+            await _until(lambda: rec.calls)
+            assert rec.calls == [("ns/main", "became-active")]
+            r = await client.post("/hook", data=BODY, headers=sign_github(SECRET, BODY))
+            assert r.status == 202
+            await _until(lambda: len(rec.calls) == 2)
+            assert rec.calls[1] == ("ns/main", "webhook:github")
+            role["active"] = False
+            ops.trigger("ns/main", "reconcile-now")
+            await asyncio.sleep(0.2)
+            assert len(rec.calls) == 2
+        await ops.stop()
+
+    asyncio.run(scenario())
+
+
+def test_an_unanswerable_active_check_means_standby(tmp_path: Path) -> None:
+    def broken() -> bool:
+        raise RuntimeError("peering object unreadable")
+
+    ops = register(kopf.OperatorRegistry(), GitOpsConfig(cache_dir=str(tmp_path)), Kube(), active=broken)
+    assert not ops.is_active()
+    assert GitOps(GitOpsConfig(cache_dir=str(tmp_path)), Kube()).is_active()  # default: always
