@@ -17,6 +17,7 @@ import kopf
 from hyperfleet.reconcilers import providers
 from hyperfleet.reconcilers.driver import VmDriver
 from hyperfleet.reconcilers.eviction import unbound_status
+from hyperfleet.reconcilers.gitops.types import ADOPT_ANNOTATION
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
 from hyperfleet.reconcilers.jobs.runner import RECEIVE_TIMEOUT, JobRunner
 from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, Kube
@@ -82,7 +83,10 @@ class Agent:
             self.kube.create(NODES, {
                 "apiVersion": f"{GROUP}/{VERSION}",
                 "kind": "WorkerNode",
-                "metadata": {"name": name, "labels": {"hyperfleet.dev/node": name}},
+                # Registered as a placeholder: a GitSource that declares this node may
+                # take it over (pool, cordon, overcommit) without a manual annotation.
+                "metadata": {"name": name, "labels": {"hyperfleet.dev/node": name},
+                             "annotations": {ADOPT_ANNOTATION: "true"}},
                 "spec": {"pool": self.cfg.pool},
             })
             log.info("registered WorkerNode", extra={"node": name})

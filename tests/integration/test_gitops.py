@@ -288,6 +288,23 @@ def test_an_object_made_by_hand_is_left_alone_until_annotated(cluster: Cluster, 
     assert any("adopted 1" in m for m in events(cluster, "Applied"))
 
 
+def test_a_node_its_agent_registered_is_taken_over_from_git(cluster: Cluster, gitops: GitOpsProc,
+                                                            repo: Repo) -> None:
+    """Agents register their WorkerNodes as adoptable placeholders: declaring one in Git
+    needs no manual annotation (a node made by hand would be an OwnershipConflict)."""
+    node = cluster.node("reg")
+    cluster.start_agent(node)
+    wait_for(lambda: cluster.get("wn", node, namespaced=False), 30, "agent registered", cluster)
+    repo.write("fleet/node.yaml", "apiVersion: hyperfleet.dev/v1alpha1\nkind: WorkerNode\n"
+                                  f"metadata: {{name: {node}}}\nspec: {{pool: gpu}}\n")
+    sha = repo.push("manage the node from Git")
+    gitsource(cluster, "fleet", str(repo.remote))
+    wait_for(lambda: applied(cluster, sha), 30, "node taken over", cluster)
+    wn = cluster.get("wn", node, namespaced=False)
+    assert wn is not None and wn["spec"]["pool"] == "gpu"
+    assert wn["metadata"]["labels"][OWNER_LABEL] == f"{cluster.namespace}.fleet"
+
+
 def test_bad_commit_applies_nothing_and_names_the_file(cluster: Cluster, gitops: GitOpsProc,
                                                        repo: Repo) -> None:
     repo.write("fleet/web.yaml", vm("web-1"))
