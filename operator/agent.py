@@ -122,7 +122,15 @@ class Agent:
         self._status_at = now
         fresh = heartbeat_status(0, 0, [], [], AGENT_VERSION)
         status = {**self.node_status, "heartbeatTime": fresh["heartbeatTime"]}
-        self.kube.patch(NODES, node, {"status": status}, status=True)
+        try:
+            self.kube.patch(NODES, node, {"status": status}, status=True)
+        except Gone:
+            # Deleted under a live agent (by hand, or pruned from Git): register again, as
+            # a kubelet does, so its VMs are not left bound to a node that does not exist.
+            log.warning("WorkerNode deleted while its agent runs; registering it again",
+                        extra={"node": node})
+            self._status_at = 0.0  # publish the whole status again right away
+            self.register_node()
 
     async def watch_vmms(self) -> None:
         """Notice a dead VMM or a new VMM event within half a second and wake its VM's

@@ -54,6 +54,7 @@ class Controller:
         self.leases: dict[str, datetime] = {}  # node -> last renewTime of its agent's Lease
         self.missing_since: dict[str, datetime] = {}  # bound-to node -> first seen absent
         self.held: set[str] = set()  # VMs a drain cannot move (already reported)
+        self._alive_marks: dict[str, tuple[Any, datetime]] = {}  # see liveness()
         self.dirty = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -83,8 +84,32 @@ class Controller:
         if event.get("type") == "DELETED":
             store.pop(key, None)
         else:
-            store[key] = copy.deepcopy(dict(body))
+            # Never older than what our own write already stored: a late event would
+            # undo a binding in our view and let the next pass over-commit its node.
+            merge_one(store, key, copy.deepcopy(dict(body)))
         self.dirty.set()
+
+    def liveness(self, now: datetime) -> tuple[dict[str, dict[str, Any]], dict[str, datetime]]:
+        """Node bodies and when each agent was last seen alive, by the controller's clock.
+
+        Lease renewTime and status.heartbeatTime come from the agent's clock; like the
+        node lifecycle controller, only count when we saw them change, so a skewed node
+        clock neither keeps a dead node Ready nor evicts a live one."""
+        alive: dict[str, datetime] = {}
+        marks: dict[str, tuple[Any, datetime]] = {}
+        for name in set(self.nodes) | set(self.leases):
+            beat = ((self.nodes.get(name) or {}).get("status") or {}).get("heartbeatTime")
+            mark = (self.leases.get(name), beat)
+            if mark == (None, None):
+                continue  # the agent never reported
+            prev = self._alive_marks.get(name)
+            marks[name] = prev if prev is not None and prev[0] == mark else (mark, now)
+            alive[name] = marks[name][1]
+        self._alive_marks = marks
+        bodies = {n: {**b, "status": {k: v for k, v in (b.get("status") or {}).items()
+                                      if k != "heartbeatTime"}}
+                  for n, b in self.nodes.items()}
+        return bodies, alive
 
     async def prime(self) -> None:
         """Read everything the passes use before the first one (and again on taking over
@@ -151,22 +176,30 @@ class Controller:
     async def pass_once(self) -> None:
         now = now_utc()
         grace = timedelta(seconds=self.cfg.node_grace_seconds)
-        await self._mark_node_health(now, grace)
-        nodes = [node_view(b, now, grace, self.leases.get(n)) for n, b in self.nodes.items()]
+        bodies, alive = self.liveness(now)
+        await self._mark_node_health(now, grace, bodies, alive)
         vms = [b for b in self.vms.values() if not b["metadata"].get("deletionTimestamp")]
-        views = [vm_view(b) for b in vms]
-        pending_bodies = {v.key: b for v, b in zip(views, vms, strict=True) if not v.node}
-        pending = [v for v in views if not v.node]
+        views = [vm_view(b) for b in self.vms.values()]
+        deleting = {_key(b) for b in self.vms.values() if b["metadata"].get("deletionTimestamp")}
+        pending_bodies = {v.key: self.vms[v.key] for v in views
+                          if not v.node and v.key not in deleting}
+        pending = [v for v in views if v.key in pending_bodies]
+        # A VM being deleted still runs until its agent's finalizer stopped it: it keeps
+        # its place in the capacity count (as a terminating pod does).
         placed = [v for v in views if v.node]
         metrics.PENDING_VMS.set(len(pending_bodies))
         phases = Counter((b.get("status") or {}).get("phase") or "Pending" for b in vms)
         for phase, n in phases.items():
             metrics.VMS_BY_PHASE.labels(phase).set(n)
         await self._publish_allocations(placed)
-        await self._evict(vms, now)
-        await self._dispatch_jobs(now, nodes)
+        await self._evict(vms, now, bodies, alive)
+        await self._dispatch_jobs(now, [node_view(b, now, grace, alive.get(n))
+                                        for n, b in bodies.items()])
         if not pending_bodies:
             return
+        # The awaits above let watch events in: judge the nodes as they are now.
+        bodies, alive = self.liveness(now)
+        nodes = [node_view(b, now, grace, alive.get(n)) for n, b in bodies.items()]
         with metrics.RECONCILE_SECONDS.labels("schedule").time():
             result = schedule(pending, nodes, placed,
                               policy=self.cfg.scheduling_policy)
@@ -175,13 +208,14 @@ class Controller:
             *(self._unschedulable(pending_bodies[k], r) for k, r in result.unschedulable.items()),
         ])
 
-    async def _evict(self, vms: list[dict[str, Any]], now: datetime) -> None:
+    async def _evict(self, vms: list[dict[str, Any]], now: datetime,
+                     bodies: dict[str, dict[str, Any]], alive: dict[str, datetime]) -> None:
         timeout = timedelta(seconds=self.cfg.eviction_seconds)
         absent = {n for vm in vms if (n := (vm.get("status") or {}).get("nodeName"))
-                  and n not in self.nodes}
+                  and n not in bodies}
         self.missing_since = {n: self.missing_since.get(n, now) for n in absent}
         held: set[str] = set()
-        for d in evictions(vms, self.nodes, now, timeout, self.leases, self.missing_since):
+        for d in evictions(vms, bodies, now, timeout, alive, self.missing_since):
             meta = d.vm["metadata"]
             if d.action == Eviction.HOLD:
                 key = _key(dict(d.vm))
@@ -231,6 +265,9 @@ class Controller:
 
     async def _bind(self, body: dict[str, Any], node: str) -> None:
         meta = body["metadata"]
+        if node not in self.nodes:
+            self.dirty.set()  # deleted while this pass ran: decide again without it
+            return
         ts = rfc3339(now_utc())
         status = {
                 "nodeName": node,
@@ -296,16 +333,17 @@ class Controller:
         merge_one(store, key, out)
         return out
 
-    async def _mark_node_health(self, now: datetime, grace: timedelta) -> None:
+    async def _mark_node_health(self, now: datetime, grace: timedelta,
+                                bodies: dict[str, dict[str, Any]],
+                                alive: dict[str, datetime]) -> None:
         """Like the node lifecycle controller: Ready follows the agent's Lease."""
         ts = rfc3339(now)
-        for name, body in list(self.nodes.items()):
+        for name, body in list(bodies.items()):
             status = body.get("status") or {}
-            lease = self.leases.get(name)
-            ready = is_ready(body, now, grace, lease)
+            ready = is_ready(body, now, grace, alive.get(name))
             if (status.get("phase") == "Ready") == ready:
                 continue
-            age = heartbeat_age(body, now, lease)
+            age = heartbeat_age(body, now, alive.get(name))
             cond = {"type": "Ready", "status": "True", "reason": "AgentHeartbeat",
                     "message": "agent is heartbeating", "lastTransitionTime": ts} if ready else {
                 "type": "Ready", "status": "False", "reason": "HeartbeatLapsed",

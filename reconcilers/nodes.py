@@ -66,8 +66,10 @@ def allocatable(body: Mapping[str, Any]) -> tuple[int, int]:
     status = body.get("status") or {}
     cap = spec.get("capacityOverride") or status.get("capacity") or {}
     over = spec.get("overcommit") or {}
-    cpus = int(int(cap.get("cpus", 0)) * float(over.get("cpu", 1.0)))
-    mem = int(parse_quantity(str(cap.get("memory", "0"))) * float(over.get("memory", 1.0)))
+    # Rounded before flooring: 100 * 1.15 is 114.99999999999999 in binary floating point.
+    cpus = int(round(int(cap.get("cpus", 0)) * float(over.get("cpu", 1.0)), 6))
+    mem = int(round(parse_quantity(str(cap.get("memory", "0"))) * float(over.get("memory", 1.0)),
+                    3))
     return cpus, mem
 
 

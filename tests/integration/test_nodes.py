@@ -102,6 +102,21 @@ def test_drain_moves_vms_one_copy_at_a_time(cluster: Cluster) -> None:
     assert "Evicted" in [e["reason"] for e in events if e["involvedObject"]["name"] == "d1"]
 
 
+def test_a_workernode_deleted_under_its_live_agent_comes_back(cluster: Cluster) -> None:
+    """As a kubelet re-registers its Node: otherwise the VMs stay bound to a node that no
+    longer exists, which nothing can drain."""
+    c = cluster
+    start(c, ["a"])
+    assert c.apply(VM.format(name="k1")).returncode == 0
+    running_on(c, "k1", "a")
+    uid = (c.get("wn", c.node("a"), namespaced=False) or {})["metadata"]["uid"]
+    c.kubectl("delete", "wn", c.node("a"), namespaced=False)
+    wait_for(lambda: (wn := c.get("wn", c.node("a"), namespaced=False)) is not None
+             and wn["metadata"]["uid"] != uid and wn.get("status", {}).get("phase") == "Ready",
+             90, "the WorkerNode registered again and Ready", c)
+    assert status(c, "k1").get("nodeName") == c.node("a")
+
+
 def test_lost_node_and_returning_agent_is_fenced(cluster: Cluster) -> None:
     c = cluster
     start(c, ["a", "b"], eviction=8)

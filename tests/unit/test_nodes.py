@@ -46,6 +46,11 @@ def test_allocatable_applies_override_and_overcommit() -> None:
     assert allocatable(node()) == (8, 16 << 30)
     assert allocatable(node(overcommit={"cpu": 4.0, "memory": 1.5})) == (32, 24 << 30)
     assert allocatable(node(capacityOverride={"cpus": 4, "memory": "8Gi"})) == (4, 8 << 30)
+    # 100 * 1.15 is 114.99999999999999 in floating point: still 115 CPUs.
+    hundred = node()
+    hundred["status"]["capacity"]["cpus"] = 100
+    hundred["spec"]["overcommit"] = {"cpu": 1.15}
+    assert allocatable(hundred)[0] == 115
     view = node_view(node(unschedulable=True, pool="gpu"), NOW, GRACE)
     assert view.unschedulable and view.pool == "gpu" and view.capabilities == {"snapshot"}
     assert node_view(node(drain=True), NOW, GRACE).unschedulable
