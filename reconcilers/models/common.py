@@ -27,6 +27,18 @@ _UNITS = {
     "Ti": 1024**4,
 }
 
+#: A memory size that must not be zero: a VM's memory (0 would take no room when
+#: scheduling and fail only at vm.create).
+PositiveQuantity = Annotated[
+    str,
+    Field(
+        pattern=r"^[1-9][0-9]*(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+        description="Memory quantity above zero: digits with an optional Ki/Mi/Gi/Ti (or "
+        "k/M/G/T) suffix, e.g. 512Mi or 2Gi",
+        json_schema_extra={"example": "1Gi"},
+    ),
+]
+
 #: A Kubernetes-style memory quantity ("512Mi", "2Gi", bytes as digits).
 Quantity = Annotated[
     str,

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .common import CamelModel, Condition, KubeObject, Quantity, parse_quantity
+from .common import CamelModel, Condition, KubeObject, PositiveQuantity, parse_quantity
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
@@ -151,8 +151,8 @@ class VirtualMachineSpec(CamelModel):
     max_cpus: int | None = Field(
         default=None, ge=1, le=512, description="vCPU ceiling for hot-resize; defaults to cpus"
     )
-    memory: Quantity
-    max_memory: Quantity | None = Field(
+    memory: PositiveQuantity
+    max_memory: PositiveQuantity | None = Field(
         default=None,
         description="Memory ceiling for hot-resize (hotplug_size = maxMemory - memory)",
     )
