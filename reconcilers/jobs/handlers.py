@@ -22,7 +22,9 @@ from typing import Any
 from ..driver import VmDriver
 from ..gitops.types import OWNER_LABEL
 from ..hypervisor.client import ChClient, ChError
-from ..kube import VMS, Kube
+from ..kube import NODES, VMS, Kube
+from ..models.common import format_quantity, parse_quantity
+from ..nodes import allocatable
 from .engine import JobError
 from .payloads import (
     SystemHealthCheckV1,
@@ -208,6 +210,7 @@ def vm_resize(ctx: JobContext) -> dict[str, Any]:
         spec["cpus"] = p.desired_cpus
     if p.desired_memory is not None:
         spec["memory"] = p.desired_memory
+    _check_room(ctx, current, spec)
     out = ctx.kube.patch(VMS, name, {"spec": spec}, ns)
     generation = out["metadata"]["generation"]
     ctx.report(40, f"spec updated (generation {generation})")
@@ -226,6 +229,32 @@ def vm_resize(ctx: JobContext) -> dict[str, Any]:
                            retryable=False)
         time.sleep(0.3)
     raise JobFailure("the VM did not converge to the new size in time")
+
+
+def _check_room(ctx: JobContext, vm: dict[str, Any], spec: dict[str, Any]) -> None:
+    """Growing a placed VM must fit its node, as placing it had to: the scheduler counts
+    spec sizes, so an unchecked resize over-commits the node for every later decision."""
+    node_name = (vm.get("status") or {}).get("nodeName")
+    if not node_name:
+        return  # not placed yet: the scheduler will find it a node that fits
+    node = ctx.kube.get(NODES, node_name)
+    if node is None:
+        return
+    cpus_free, mem_free = allocatable(node)
+    for other in ctx.kube.list(VMS, None, f"status.nodeName={node_name}"):
+        if other["metadata"].get("uid") != vm["metadata"].get("uid"):
+            cpus_free -= int(other["spec"]["cpus"])
+            mem_free -= parse_quantity(str(other["spec"]["memory"]))
+    want_cpus = int(spec.get("cpus", vm["spec"]["cpus"]))
+    want_mem = parse_quantity(str(spec.get("memory", vm["spec"]["memory"])))
+    grows = want_cpus > int(vm["spec"]["cpus"]) \
+        or want_mem > parse_quantity(str(vm["spec"]["memory"]))
+    if grows and (want_cpus > cpus_free or want_mem > mem_free):
+        raise JobFailure(
+            f"WorkerNode {node_name} has room for {max(cpus_free, 0)} CPUs and "
+            f"{format_quantity(max(mem_free, 0))} for this VM, not {want_cpus} CPUs and "
+            f"{format_quantity(want_mem)}: resize less, or live-migrate the VM to a larger "
+            "node first", retryable=False)
 
 
 @handler("system.health-check")

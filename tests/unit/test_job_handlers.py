@@ -135,3 +135,57 @@ def test_resize_of_a_git_managed_vm_is_refused_naming_the_gitsource(tmp_path: Pa
         vm_resize(ctx)
     assert "GitSource flux-like.fleet" in str(err.value) and "in Git" in str(err.value)
     assert not err.value.error.retryable and kube.patches == []
+
+
+class NodeKube(Kube):
+    """The VM on node n1 (4 CPUs, 8Gi), with a neighbour using 2 CPUs and 4Gi."""
+
+    def __init__(self) -> None:
+        super().__init__({"metadata": {"name": "web", "namespace": "ns", "uid": "u1",
+                                       "generation": 1},
+                          "spec": {"cpus": 1, "memory": "1Gi"}, "status": {"nodeName": "n1"}})
+
+    def get(self, res: Any, name: str, namespace: str | None = None) -> dict[str, Any]:
+        if res.plural == "workernodes":
+            return {"metadata": {"name": "n1"}, "spec": {},
+                    "status": {"capacity": {"cpus": 4, "memory": "8Gi"}}}
+        return self.vm
+
+    def patch(self, res: Any, name: str, patch: dict[str, Any], namespace: str | None = None,
+              status: bool = False) -> dict[str, Any]:
+        """The agent converges at once: the new generation is observed and Ready."""
+        self.patches.append(patch)
+        self.vm["spec"].update(patch["spec"])
+        self.vm["metadata"]["generation"] += 1
+        self.vm["status"].update(observedGeneration=self.vm["metadata"]["generation"],
+                                 conditions=[{"type": "Ready", "status": "True"}])
+        return self.vm
+
+    def list(self, res: Any, namespace: str | None = None,
+             field_selector: str | None = None) -> list[dict[str, Any]]:
+        assert field_selector == "status.nodeName=n1"
+        return [self.vm, {"metadata": {"name": "db", "uid": "u2"},
+                          "spec": {"cpus": 2, "memory": "4Gi"}}]
+
+
+@pytest.mark.parametrize(("payload", "fits"), [
+    ({"desired_cpus": 2}, True),
+    ({"desired_cpus": 3}, False),  # 3 + the neighbour's 2 > 4
+    ({"desired_memory": "4Gi"}, True),
+    ({"desired_memory": "5Gi"}, False),
+])
+def test_growing_a_vm_beyond_its_nodes_room_is_refused(
+        tmp_path: Path, payload: dict[str, Any], fits: bool) -> None:
+    from hyperfleet.reconcilers.jobs.handlers import JobFailure, vm_resize
+
+    ctx, _ = context(JobBuilder("vm.resize").payload(**payload), tmp_path, cancel_on="-")
+    kube = NodeKube()
+    ctx.kube = cast(Any, kube)
+    if fits:
+        result = vm_resize(ctx)
+        assert result["generation"] == 2 and len(kube.patches) == 1
+    else:
+        with pytest.raises(JobFailure) as err:
+            vm_resize(ctx)
+        assert "WorkerNode n1 has room for 2 CPUs and 4Gi" in str(err.value)
+        assert kube.patches == []
