@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from .guest import GuestClient, GuestError
+from .guest import GuestClient, GuestError, GuestTimeout, GuestUnreachable
 from .hypervisor.client import ChClient, ChError
 from .hypervisor.process import ProcessManager, UnsafeNameError
 from .models.common import Condition, now_utc, rfc3339, set_condition
@@ -29,6 +29,15 @@ SOCKET_TIMEOUT = 10.0
 #: Restart backoff: immediate first, then doubling up to the cap; reset after a quiet spell.
 BACKOFF_CAP = 300.0
 BACKOFF_RESET = timedelta(minutes=10)
+#: The guest's whole budget for its checkpoint or restore hooks: it stops them then and
+#: answers, so the VM is never paused mid-hook (the client waits a margin more).
+GUEST_STEP_DEADLINE = 60.0
+#: Health hooks run inside the converge pass, so theirs is short; a hook still running
+#: then is a failed check, not an unreachable guest.
+GUEST_HEALTH_DEADLINE = 10.0
+#: Condition reasons: an agent that is not there, one that is too slow, one that said no.
+_GUEST_REASONS: dict[type[GuestError], str] = {
+    GuestUnreachable: "GuestAgentUnreachable", GuestTimeout: "GuestAgentTimeout"}
 
 
 @dataclass
@@ -274,13 +283,16 @@ class VmDriver:
 
     def _guest_step(self, vm: VirtualMachine, step: Step, conditions: list[Condition],
                     events: list[tuple[str, str, str]]) -> list[Condition]:
-        """Checkpoint/restore through the guest agent; a silent guest does not block sleep
-        (the memory snapshot is still crash-consistent) but is reported."""
+        """Checkpoint/restore through the guest agent; a silent, slow or failing guest does
+        not block sleep (the memory snapshot is still crash-consistent) but is reported. The
+        deadline makes the guest stop its hooks before it answers, so the pause that follows
+        never lands mid-hook."""
         checkpoint = step.action == Action.GUEST_CHECKPOINT
         kind = "GuestCheckpointed" if checkpoint else "GuestRestored"
         try:
             result = self._guest(vm).call("checkpoint" if checkpoint else "restore",
-                                          timeout=60, retry_for=0 if checkpoint else 10)
+                                          deadline=GUEST_STEP_DEADLINE,
+                                          retry_for=0 if checkpoint else 10)
             hooks = ", ".join(result.get("hooks") or []) or "no hooks"
             msg = f"guest agent {'checkpointed' if checkpoint else 'restored'} ({hooks})"
             events.append(("Normal", kind, msg))
@@ -289,7 +301,8 @@ class VmDriver:
         except GuestError as exc:
             msg = f"{step.why}: {exc}; continuing without it"
             events.append(("Warning", f"{kind}Failed", msg))
-            return set_condition(conditions, kind, False, "GuestAgentError", msg,
+            return set_condition(conditions, kind, False,
+                                 _GUEST_REASONS.get(type(exc), "GuestAgentError"), msg,
                                  vm.metadata.generation)
 
     def _guest_health(self, vm: VirtualMachine, conditions: list[Condition],
@@ -302,14 +315,15 @@ class VmDriver:
             return conditions
         self._health_at[vm.key] = time.monotonic()
         try:
-            result = self._guest(vm).call("health")
+            result = self._guest(vm).call("health", deadline=GUEST_HEALTH_DEADLINE)
             bad = [f"{c['hook']}: {c.get('output') or 'failed'}"
                    for c in result.get("checks", []) if not c.get("ok")]
             healthy = bool(result.get("healthy")) and not bad
             msg = "; ".join(bad) if bad else f"{len(result.get('checks', []))} checks passed"
             reason = "ChecksPassed" if healthy else "ChecksFailed"
         except GuestError as exc:
-            healthy, msg, reason = False, str(exc), "GuestAgentUnreachable"
+            healthy, msg = False, str(exc)
+            reason = _GUEST_REASONS.get(type(exc), "GuestAgentError")
         if old is None or (old.status == "True") != healthy:
             events.append(("Normal" if healthy else "Warning", reason, msg))
         return set_condition(conditions, "GuestHealthy", healthy, reason, msg,

@@ -4,30 +4,50 @@ and report the guest's own health checks.
 Both halves live here so they cannot drift: :class:`GuestClient` is what the node agent
 uses (through cloud-hypervisor's vsock unix socket and its ``CONNECT <port>`` handshake),
 :class:`GuestAgent` is what runs inside the VM (``hyperfleet-guest-agent``, listening on
-AF_VSOCK). The wire format is one JSON object per line, request then response.
+AF_VSOCK). The wire format is one JSON object per line, request then response. A request
+is ``{"op": ..., "deadline": <seconds>}``: the host's total budget for it, counted by the
+guest from receipt (the two clocks need not agree), so the guest stops its hooks and
+answers before the host gives up.
 
 Hooks are executables in ``<hooks>/checkpoint.d``, ``<hooks>/restore.d`` and
 ``<hooks>/health.d``, run in name order: a database flushes and freezes on checkpoint, a
 service reconnects on restore, a health hook exits non-zero (stdout says why) when sick.
+Each runs in its own session with stdin from /dev/null; it is done when it exits, so it
+may leave a service running in the background. One that overruns is stopped with its
+whole process group.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
+import signal
 import socket
 import socketserver
 import subprocess
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 1024
 OPS = ("ping", "checkpoint", "restore", "health")
+#: What the host waits beyond the deadline it sends: the guest's KILL_GRACE for an
+#: overrunning hook, plus the reply's way back.
+REPLY_MARGIN = 5.0
+#: SIGTERM to SIGKILL for an overrunning hook's process group (a freeze hook may trap
+#: SIGTERM to thaw); must stay below REPLY_MARGIN.
+KILL_GRACE = 2.0
+#: Characters of a hook's output that reach the host (a condition message, not a log).
+OUTPUT_CHARS = 500
+_TAIL_BYTES = 4 * OUTPUT_CHARS  # enough for OUTPUT_CHARS of UTF-8
+_MAX_LINE = 1 << 20  # a request or reply line; hook output is truncated long before
 
 
 class GuestError(Exception):
@@ -35,51 +55,80 @@ class GuestError(Exception):
 
 
 class GuestUnreachable(GuestError):
-    """Nothing answered on the guest port (no agent, guest not running yet)."""
+    """Nothing answered on the guest port (no agent, guest not running yet).
+
+    Raised only before the request is sent, so retrying cannot run hooks twice."""
+
+
+class GuestTimeout(GuestError):
+    """The agent took the request but did not answer in time: its hooks may still be
+    running, which is not the same as a guest without an agent."""
 
 
 class GuestClient:
-    """Host side: one request per connection (the guest may have rebooted in between)."""
+    """Host side: one request per connection (the guest may have rebooted in between).
+
+    ``timeout`` bounds the connect and handshake; the reply may take the request's
+    deadline plus :attr:`margin`."""
+
+    margin = REPLY_MARGIN
 
     def __init__(self, vsock_socket: str, port: int = DEFAULT_PORT, timeout: float = 5.0):
         self.vsock_socket = vsock_socket
         self.port = port
         self.timeout = timeout
 
-    def call(self, op: str, timeout: float | None = None,
-             retry_for: float = 0.0) -> dict[str, Any]:
-        """One request; ``retry_for`` seconds of retries while the guest is unreachable
-        (right after a resume its vsock listener may take a moment)."""
-        deadline = time.monotonic() + retry_for
+    def call(self, op: str, deadline: float = 10.0, retry_for: float = 0.0) -> dict[str, Any]:
+        """One request the guest must finish within ``deadline`` seconds; ``retry_for``
+        seconds of retries while the guest is unreachable (right after a resume its vsock
+        listener may take a moment)."""
+        retry_until = time.monotonic() + retry_for
         while True:
             try:
-                return self._call(op, timeout)
+                return self._call(op, deadline)
             except GuestUnreachable:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= retry_until:
                     raise
                 time.sleep(0.2)
 
-    def _call(self, op: str, timeout: float | None) -> dict[str, Any]:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(timeout or self.timeout)
+    def _call(self, op: str, deadline: float) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(self.timeout)
+            try:
                 s.connect(self.vsock_socket)
                 f = s.makefile("rwb")
                 f.write(f"CONNECT {self.port}\n".encode())
                 f.flush()
-                hello = f.readline().decode().strip()
-                if not hello.startswith("OK"):
-                    raise GuestUnreachable(
-                        f"vsock port {self.port}: {hello or 'no guest agent answered'}")
-                f.write((json.dumps({"op": op}) + "\n").encode())
-                f.flush()
-                line = f.readline()
-        except OSError as exc:
-            raise GuestUnreachable(f"guest agent unreachable on vsock port {self.port}: {exc}") \
-                from exc
+                hello = f.readline(256).decode(errors="replace").strip()
+                if hello.startswith("OK"):
+                    f.write((json.dumps({"op": op, "deadline": deadline}) + "\n").encode())
+                    f.flush()
+            except OSError as exc:
+                raise GuestUnreachable(
+                    f"guest agent unreachable on vsock port {self.port}: {exc}") from exc
+            if not hello.startswith("OK"):
+                raise GuestUnreachable(
+                    f"vsock port {self.port}: {hello or 'no guest agent answered'}")
+            wait = deadline + self.margin
+            s.settimeout(wait)
+            try:
+                line = f.readline(_MAX_LINE)
+            except TimeoutError as exc:
+                raise GuestTimeout(
+                    f"guest agent did not answer {op} within {wait:.0f}s (deadline "
+                    f"{deadline:.0f}s); its hooks may still be running") from exc
+            except OSError as exc:
+                raise GuestError(f"guest agent connection lost during {op}: {exc}") from exc
         if not line:
             raise GuestError("guest agent closed the connection without answering")
-        reply: dict[str, Any] = json.loads(line)
+        try:
+            reply = json.loads(line)
+        except ValueError as exc:
+            raise GuestError(f"guest agent answered {op} with something not JSON: {exc}") \
+                from exc
+        if not isinstance(reply, dict):
+            raise GuestError(f"guest agent answered {op} with {type(reply).__name__}, "
+                             "not an object")
         if not reply.get("ok"):
             raise GuestError(str(reply.get("error") or "guest agent reported a failure"))
         result: dict[str, Any] = reply.get("result") or {}
@@ -99,49 +148,86 @@ class GuestAgent:
         op = request.get("op")
         if op not in OPS:
             return {"ok": False, "error": f"unknown op {op!r}; known: {', '.join(OPS)}"}
+        deadline = request.get("deadline")
+        if deadline is None:  # an older host: each hook still has hook_timeout
+            until = None
+        elif isinstance(deadline, int | float) and not isinstance(deadline, bool) \
+                and deadline > 0:
+            until = time.monotonic() + deadline
+        else:
+            return {"ok": False, "error": f"deadline {deadline!r} is not a positive number "
+                                          "of seconds"}
         try:
-            result = getattr(self, f"_{op}")()
-        except GuestError as exc:
+            result = getattr(self, f"_{op}")(until)
+        except (GuestError, OSError) as exc:
             return {"ok": False, "error": str(exc)}
         return {"ok": True, "result": result}
 
-    def _ping(self) -> dict[str, Any]:
+    def _ping(self, until: float | None) -> dict[str, Any]:
         return {"pid": os.getpid()}
 
-    def _run(self, kind: str, check: bool) -> list[dict[str, Any]]:
+    def _run(self, kind: str, check: bool, until: float | None) -> list[dict[str, Any]]:
+        """Each hook in turn; none starts once the host's deadline has passed, and one
+        still running then is stopped, so the reply is in time."""
         out = []
         hook_dir = self.hooks / f"{kind}.d"
         for hook in sorted(hook_dir.iterdir()) if hook_dir.is_dir() else []:
             if not (hook.is_file() and os.access(hook, os.X_OK)):
                 continue
-            try:
-                r = subprocess.run([str(hook)], capture_output=True, text=True,
-                                   timeout=self.hook_timeout, check=False)
-                entry = {"hook": hook.name, "ok": r.returncode == 0,
-                         "output": (r.stdout or r.stderr).strip()[-500:]}
-            except subprocess.TimeoutExpired:
-                entry = {"hook": hook.name, "ok": False,
-                         "output": f"timed out after {self.hook_timeout:.0f}s"}
+            left = None if until is None else until - time.monotonic()
+            if left is not None and left <= 0:
+                ok, output = False, "not started: the host's deadline had passed"
+            else:
+                ok, output = self._run_hook(hook, left)
+            entry = {"hook": hook.name, "ok": ok, "output": output}
             out.append(entry)
-            if check and not entry["ok"]:
-                raise GuestError(f"{kind} hook {hook.name} failed: {entry['output']}")
+            if check and not ok:
+                raise GuestError(f"{kind} hook {hook.name} failed: {output}")
         return out
 
-    def _checkpoint(self) -> dict[str, Any]:
-        hooks = self._run("checkpoint", check=True)
+    def _run_hook(self, hook: Path, left: float | None) -> tuple[bool, str]:
+        """(ok, output tail). Output goes to files, not pipes: a background child that
+        keeps stdout open cannot hold the hook up, and a chatty one costs no memory."""
+        limit = self.hook_timeout if left is None else min(self.hook_timeout, left)
+        self.state.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.state) as stdout, \
+                tempfile.TemporaryFile(dir=self.state) as stderr:
+            try:
+                proc = subprocess.Popen([str(hook)], stdin=subprocess.DEVNULL, stdout=stdout,
+                                        stderr=stderr, start_new_session=True)
+            except OSError as exc:
+                hint = " (a script needs a #! line)" if exc.errno == errno.ENOEXEC else ""
+                return False, f"cannot run: {exc.strerror or exc}{hint}"
+            try:
+                code: int | None = proc.wait(limit)
+            except subprocess.TimeoutExpired:
+                _stop_group(proc)
+                code = None
+            output = _tail(stdout) or _tail(stderr)
+        if code is not None:
+            return code == 0, output
+        why = (f"timed out after {limit:.0f}s" if limit == self.hook_timeout
+               else f"stopped at the host's deadline after {limit:.1f}s")
+        if not output:
+            return False, why
+        why += "; last output: "
+        return False, why + output[len(why) - OUTPUT_CHARS:]
+
+    def _checkpoint(self, until: float | None) -> dict[str, Any]:
+        hooks = self._run("checkpoint", True, until)
         self.state.mkdir(parents=True, exist_ok=True)
         record = {"at": time.time(), "hooks": [h["hook"] for h in hooks]}
         (self.state / "last-checkpoint.json").write_text(json.dumps(record))
         return record
 
-    def _restore(self) -> dict[str, Any]:
-        hooks = self._run("restore", check=True)
+    def _restore(self, until: float | None) -> dict[str, Any]:
+        hooks = self._run("restore", True, until)
         checkpoint = self.state / "last-checkpoint.json"
         since = json.loads(checkpoint.read_text()) if checkpoint.exists() else None
         return {"hooks": [h["hook"] for h in hooks], "checkpoint": since}
 
-    def _health(self) -> dict[str, Any]:
-        checks = self._run("health", check=False)
+    def _health(self, until: float | None) -> dict[str, Any]:
+        checks = self._run("health", False, until)
         st = os.statvfs("/")
         free = st.f_bavail * st.f_frsize
         checks.append({"hook": "root-disk", "ok": free > 64 << 20,
@@ -149,16 +235,52 @@ class GuestAgent:
         return {"healthy": all(c["ok"] for c in checks), "checks": checks}
 
     def serve_connection(self, rfile: Any, wfile: Any) -> None:
-        """One request/response after the transport is set up."""
-        line = rfile.readline()
+        """One request/response after the transport is set up. Every request gets a
+        reply; a host that hung up meanwhile (it gave up) is logged, not raised."""
+        try:
+            line = rfile.readline(_MAX_LINE)
+        except OSError as exc:
+            log.warning("host request not received", extra={"error": str(exc)})
+            return
         if not line:
             return
+        request: Any = None
         try:
-            reply = self.handle(json.loads(line))
+            request = json.loads(line)
         except ValueError as exc:
             reply = {"ok": False, "error": f"request is not JSON: {exc}"}
-        wfile.write((json.dumps(reply) + "\n").encode())
-        wfile.flush()
+        else:
+            reply = self.handle(request) if isinstance(request, dict) else {
+                "ok": False, "error": 'request must be a JSON object such as {"op": "ping"}'}
+        try:
+            wfile.write((json.dumps(reply) + "\n").encode())
+            wfile.flush()
+        except OSError as exc:
+            log.warning("host hung up before the reply",
+                        extra={"op": request.get("op") if isinstance(request, dict) else None,
+                               "error": str(exc)})
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL, the hook's whole process group (its session): children it
+    left behind would otherwise keep running after the host moved on. The hook is reaped
+    only after the SIGKILL, so its pid, the group's id, cannot be reused in between."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    end = time.monotonic() + KILL_GRACE
+    while time.monotonic() < end and os.waitid(
+            os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _tail(f: IO[bytes]) -> str:
+    """The last OUTPUT_CHARS of a hook's output file, whatever its encoding."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(max(0, size - _TAIL_BYTES))
+    return f.read(_TAIL_BYTES).decode(errors="replace").strip()[-OUTPUT_CHARS:]
 
 
 def serve_vsock(agent: GuestAgent, port: int) -> None:

@@ -21,6 +21,10 @@ from .client import MAX_SOCKET_PATH, ChClient, ChError
 log = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+#: Unix sockets beside ``<ns>_<name>.sock``: the API socket's, the guest vsock's (driver)
+#: and the migration receiver's (jobs runner). All must fit sun_path, not only the first.
+_SOCKET_SUFFIXES = (".sock", ".vsock", ".migration")
+_LONGEST_SUFFIX = max(_SOCKET_SUFFIXES, key=len)
 
 
 class UnsafeNameError(ValueError):
@@ -58,10 +62,11 @@ class ProcessManager:
         socket = self.socket_dir / f"{stem}.sock"
         if socket.resolve().parent != self.socket_dir:
             raise UnsafeNameError(f"metadata.name {name!r} escapes the socket directory")
-        if len(str(socket).encode()) > MAX_SOCKET_PATH:
+        longest = socket.with_suffix(_LONGEST_SUFFIX)
+        if len(str(longest).encode()) > MAX_SOCKET_PATH:
             raise UnsafeNameError(
-                f"socket path {socket} exceeds {MAX_SOCKET_PATH} bytes: shorten metadata.name "
-                "or the agent's --socket-dir"
+                f"socket path {longest} exceeds the {MAX_SOCKET_PATH}-byte unix socket limit: "
+                "shorten metadata.name or the agent's --socket-dir"
             )
         return VmPaths(
             socket=socket,

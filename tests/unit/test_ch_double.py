@@ -27,6 +27,7 @@ import pytest
 import requests
 import requests_unixsocket
 
+from hyperfleet.reconcilers.guest import GuestClient
 from hyperfleet.reconcilers.hypervisor import double
 
 DOUBLE = [sys.executable, "-m", "hyperfleet.reconcilers.hypervisor.double"]
@@ -685,6 +686,30 @@ def test_exit_on_guest_shutdown_option(spawn: Callable[..., Double]) -> None:
     d.proc.send_signal(signal.SIGUSR1)
     assert d.proc.wait(timeout=5) == 0
     assert names(d.events())[-2:] == ["vm/shutdown", "vmm/shutdown"]
+
+
+def test_guest_vsock_host_hanging_up_is_not_a_traceback(
+        spawn: Callable[..., Double], workdir: Path) -> None:
+    """A host that gives up on a slow guest is routine; the relay keeps serving."""
+    hooks = workdir / "hooks"
+    (hooks / "checkpoint.d").mkdir(parents=True)
+    slow = hooks / "checkpoint.d" / "10-slow"
+    slow.write_text("#!/bin/sh\nsleep 0.3\n")
+    slow.chmod(0o755)
+    d = spawn(env={double.GUEST_HOOKS_ENV: str(hooks)})
+    vsock = str(workdir / "vm.vsock")
+    d.ok("vm.create", base_config(vsock={"cid": 3, "socket": vsock}))
+    d.ok("vm.boot")
+    wait_for(lambda: os.path.exists(vsock))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(vsock)
+        s.sendall(b"CONNECT 1024\n")
+        assert s.recv(64).startswith(b"OK")
+        s.sendall(b'{"op": "checkpoint"}\n')  # and hang up before the reply
+    wait_for(lambda: (hooks / "state" / "last-checkpoint.json").exists())
+    wait_for(lambda: "hung up" in d.stderr())
+    assert GuestClient(vsock).call("ping")["pid"] == d.proc.pid
+    assert "Traceback" not in d.stderr()
 
 
 def test_vmm_shutdown_answers_then_exits_and_removes_socket(spawn: Callable[..., Double]) -> None:

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from hyperfleet.reconcilers.hypervisor.process import ProcessManager, _monotonic_start
+from hyperfleet.reconcilers.hypervisor.process import (
+    ProcessManager,
+    UnsafeNameError,
+    _monotonic_start,
+)
 
 DOUBLE = str(Path(sys.executable).with_name("hyperfleet-ch-double"))
 
@@ -54,3 +58,15 @@ def test_start_time_falls_back_to_the_pid_file(tmp_path: Path) -> None:
     assert started is not None
     assert abs((time.monotonic() - started) - 30) < 1
     assert _monotonic_start(2**22 + 1, tmp_path / "missing.pid") is None
+
+
+def test_names_are_checked_against_the_longest_derived_socket(sockdir: Path) -> None:
+    """The vsock and migration sockets sit beside the API socket with longer suffixes:
+    a name whose ``.sock`` just fits would leave them unbindable."""
+    pm = ProcessManager(DOUBLE, sockdir)
+    stem = f"{sockdir}/default_"
+    fits_sock = "a" * (107 - len(stem) - len(".sock"))
+    with pytest.raises(UnsafeNameError, match=r"\.migration exceeds the 107-byte .*--socket-dir"):
+        pm.paths("default", fits_sock)
+    fits_all = "a" * (107 - len(stem) - len(".migration"))
+    assert len(str(pm.paths("default", fits_all).socket.with_suffix(".migration"))) == 107
