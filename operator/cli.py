@@ -9,7 +9,7 @@ import secrets
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import kopf
 import typer
@@ -33,19 +33,48 @@ _add_job_commands()
 KubeconfigOpt = Annotated[
     str | None, typer.Option(envvar="KUBECONFIG", help="kubeconfig (in-cluster config if unset)")
 ]
-LogFormatOpt = Annotated[str, typer.Option(help="json or text")]
+# Only the formats logs.setup() knows: a typo is a usage error, not silently another format.
+LogFormatOpt = Annotated[Literal["json", "text"], typer.Option(help="json or text")]
 MetricsOpt = Annotated[int, typer.Option(help="Prometheus metrics port (0: off)")]
 MetricsAddrOpt = Annotated[str, typer.Option(envvar="HYPERFLEET_METRICS_ADDRESS",
                                              help="Address the metrics port binds")]
 
 
-def _connect(kubeconfig: str | None) -> None:
-    """Point both API clients (ours and kopf's) at the same cluster before anything else."""
+def load_kubeconfig(kubeconfig: str | None) -> None:
+    """Load the API client configuration, or exit 2 with a message naming --kubeconfig /
+    KUBECONFIG: a typo in a path is a usage error, not a traceback from the client library."""
+    import yaml
+    from kubernetes.config.config_exception import ConfigException
+
     from hyperfleet.reconcilers.kube import load_config
 
+    from .logs import redact
+
+    try:
+        load_config(kubeconfig)
+    except Exception as exc:
+        if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+            # Not str(exc): PyYAML quotes the offending line, which may hold a token.
+            mark = exc.problem_mark
+            why = f"not valid YAML ({exc.problem}, line {mark.line + 1}, column {mark.column + 1})"
+        elif isinstance(exc, OSError):
+            why = exc.strerror or str(exc)
+        elif isinstance(exc, ConfigException):
+            why = str(exc)
+        else:  # parsed, but not shaped like a kubeconfig (the loader trips over it)
+            why = f"not a valid kubeconfig ({type(exc).__name__}: {exc})"
+        where = (f"--kubeconfig/KUBECONFIG {kubeconfig}" if kubeconfig else
+                 "no usable in-cluster config and no --kubeconfig/KUBECONFIG set, so ~/.kube/config")
+        typer.echo(f"error: cannot load the Kubernetes configuration: {where}: {redact(why)}",
+                   err=True)
+        raise typer.Exit(2) from None
+
+
+def _connect(kubeconfig: str | None) -> None:
+    """Point both API clients (ours and kopf's) at the same cluster before anything else."""
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig
-    load_config(kubeconfig)
+    load_kubeconfig(kubeconfig)
 
 
 def _prepare(log_format: str, metrics_port: int, metrics_address: str,
@@ -136,7 +165,7 @@ def controller(
         from . import gitsource
 
         # The secret comes from a file or the environment, never argv (visible in `ps`).
-        secret = (webhook_secret_file.read_text().strip() if webhook_secret_file
+        secret = (_read_secret_file(webhook_secret_file) if webhook_secret_file
                   else os.environ.get(gitsource.WEBHOOK_SECRET_ENV))
         git_cfg = gitsource.GitOpsConfig(cache_dir=git_cache_dir, webhook_port=webhook_port,
                                          webhook_host=webhook_host, webhook_secret=secret,
@@ -154,6 +183,20 @@ def controller(
         # replica fetches, applies, prunes and takes webhooks.
         gitsource.register(registry, git_cfg, kube, active=lambda: scheduler.active)
     _run_kopf(registry, peer)
+
+
+def _read_secret_file(path: Path) -> str:
+    """The --webhook-secret-file contents, or exit 2 naming the flag (never the contents)."""
+    try:
+        secret = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not readable text"
+        typer.echo(f"error: --webhook-secret-file {path}: {why}", err=True)
+        raise typer.Exit(2) from None
+    if not secret:
+        typer.echo(f"error: --webhook-secret-file {path} is empty", err=True)
+        raise typer.Exit(2)
+    return secret
 
 
 @app.command()

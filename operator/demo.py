@@ -7,8 +7,10 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from .devstack import (
     REPO,
@@ -19,60 +21,100 @@ from .devstack import (
     kill_pidfiles,
     kubectl,
     launch,
-    stop_process,
+    stop_processes,
 )
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(BaseException):  # like KeyboardInterrupt: not an error, never swallowed
+    """Raised by the SIGTERM/SIGHUP handler so that ``finally`` stops the stack: the children
+    run in their own sessions (so a terminal's Ctrl-C reaches only us), so nobody else will."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
+
+
+def _set_handlers(sigs: tuple[signal.Signals, ...], handler: Any) -> dict[signal.Signals, Any]:
+    """Install ``handler`` for ``sigs``; the previous handlers. Only the main thread may."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, handler) for s in sigs}
 
 
 def run_demo(workdir: Path, n_nodes: int, keep: bool) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     api = ApiServer(workdir / "apiserver")
     procs: list[subprocess.Popen[bytes]] = []
+    previous = _set_handlers(_STOP_SIGNALS, _raise_stopped)
+    try:
+        return _run(workdir, n_nodes, keep, api, procs)
+    except Stopped as stop:
+        print(f"==> {signal.Signals(stop.signum).name}: stopping the stack", flush=True)
+        return 128 + stop.signum
+    finally:
+        # Cleanup runs to the end: a second Ctrl-C or SIGTERM must not leave half the stack up.
+        previous = {**_set_handlers((signal.SIGINT, *_STOP_SIGNALS), signal.SIG_IGN), **previous}
+        try:
+            stop_processes(procs)
+            api.stop()  # also after a failed start (etcd up, API server not)
+            kill_pidfiles(workdir, "node-*/*.pid", signal.SIGTERM)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _run(workdir: Path, n_nodes: int, keep: bool, api: ApiServer,
+         procs: list[subprocess.Popen[bytes]]) -> int:
+    """Start the stack (appending every process to ``procs``) and converge the sample VMs;
+    run_demo stops it all whatever happens here."""
     print(f"==> starting API server + etcd (state in {workdir})", flush=True)
     api.start()
-    try:
-        kc = api.kubeconfig
-        print("==> installing CRDs", flush=True)
-        install_crds(kc)
-        print(f"==> starting controller and {n_nodes} node agents (CH double)", flush=True)
-        logs = workdir / "logs"
-        logs.mkdir(exist_ok=True)
+    kc = api.kubeconfig
+    print("==> installing CRDs", flush=True)
+    install_crds(kc)
+    print(f"==> starting controller and {n_nodes} node agents (CH double)", flush=True)
+    logs = workdir / "logs"
+    logs.mkdir(exist_ok=True)
 
-        def start(name: str, *args: str) -> None:
-            procs.append(launch(hyperfleet_cmd(*args), logs / f"{name}.log", kc))
+    def start(name: str, *args: str) -> None:
+        procs.append(launch(hyperfleet_cmd(*args), logs / f"{name}.log", kc))
 
-        start("controller", "controller", "--git-cache-dir", str(workdir / "git-cache"))
-        for i in range(1, n_nodes + 1):
-            start(f"agent-node-{i}", "agent", "--node-name", f"node-{i}",
-                  "--ch-binary", ch_double_cmd(), "--socket-dir", str(workdir / f"node-{i}"),
-                  "--cpus", "8", "--memory", "16Gi", "--heartbeat", "3")
-        _wait_nodes_ready(kc, n_nodes, timeout=60)
-        repo = _sample_repo(workdir)
-        print(f"==> GitSource 'fleet' follows {repo} (examples/vms.yaml, pushed with git)",
+    start("controller", "controller", "--git-cache-dir", str(workdir / "git-cache"))
+    for i in range(1, n_nodes + 1):
+        start(f"agent-node-{i}", "agent", "--node-name", f"node-{i}",
+              "--ch-binary", ch_double_cmd(), "--socket-dir", str(workdir / f"node-{i}"),
+              "--cpus", "8", "--memory", "16Gi", "--heartbeat", "3")
+    _wait_nodes_ready(kc, n_nodes, timeout=60)
+    repo = _sample_repo(workdir)
+    print(f"==> GitSource 'fleet' follows {repo} (examples/vms.yaml, pushed with git)",
+          flush=True)
+    kubectl(kc, "apply", "-f", "-", input_=GIT_SOURCE.format(url=f"file://{repo}"))
+    ok = _wait_running(kc, timeout=120)
+    time.sleep(2.5)  # the controller publishes node allocations every 2 s
+    print(kubectl(kc, "get", "gitsources").stdout, flush=True)
+    print(kubectl(kc, "get", "workernodes").stdout, flush=True)
+    print(kubectl(kc, "get", "hvm", "-o", "wide").stdout, flush=True)
+    if not ok:
+        print(f"!! VMs did not reach Running; logs in {logs}", flush=True)
+        return 1
+    print("==> all VMs Running", flush=True)
+    if keep:
+        print(f"export KUBECONFIG={kc}   # then: kubectl get hvm,wn,gs", flush=True)
+        print(f"git clone {repo} fleet && cd fleet   # edit fleet/*.yaml, commit, git push",
               flush=True)
-        kubectl(kc, "apply", "-f", "-", input_=GIT_SOURCE.format(url=f"file://{repo}"))
-        ok = _wait_running(kc, timeout=120)
-        time.sleep(2.5)  # the controller publishes node allocations every 2 s
-        print(kubectl(kc, "get", "gitsources").stdout, flush=True)
-        print(kubectl(kc, "get", "workernodes").stdout, flush=True)
-        print(kubectl(kc, "get", "hvm", "-o", "wide").stdout, flush=True)
-        if not ok:
-            print(f"!! VMs did not reach Running; logs in {logs}", flush=True)
-            return 1
-        print("==> all VMs Running", flush=True)
-        if keep:
-            print(f"export KUBECONFIG={kc}   # then: kubectl get hvm,wn,gs", flush=True)
-            print(f"git clone {repo} fleet && cd fleet   # edit fleet/*.yaml, commit, git push",
-                  flush=True)
-            print("Ctrl-C stops the stack.", flush=True)
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        print("Ctrl-C stops the stack.", flush=True)
+        try:
+            while True:
+                signal.pause()
+        except (KeyboardInterrupt, Stopped):
             print("==> stopping the stack", flush=True)
-        return 0
-    finally:
-        for p in procs:
-            stop_process(p)
-        api.stop()
-        kill_pidfiles(workdir, "node-*/*.pid", signal.SIGTERM)
+    return 0
 
 
 GIT_SOURCE = """

@@ -104,6 +104,16 @@ class ApiServer:
             "namespace: default}}]\ncurrent-context: local\n"
         )
         shutil.rmtree(w / "etcd-data", ignore_errors=True)
+        try:
+            self._spawn_and_wait(peer, timeout)
+        except BaseException:  # incl. KeyboardInterrupt: no etcd left behind by a failed start
+            self.stop()
+            raise
+        return self
+
+    def _spawn_and_wait(self, peer: int, timeout: float) -> None:
+        bin_, etcd = apiserver_binaries()
+        w = self.workdir
         etcd_url = f"http://127.0.0.1:{self.etcd_port}"
         peer_url = f"http://127.0.0.1:{peer}"
         self._spawn("etcd", [
@@ -125,7 +135,6 @@ class ApiServer:
             f"--audit-log-path={w}/audit.log", "--audit-policy-file=" + self._audit_policy(),
         ])
         self._wait_ready(timeout)
-        return self
 
     def _audit_policy(self) -> str:
         p = self.workdir / "audit-policy.yaml"
@@ -160,22 +169,31 @@ class ApiServer:
         raise TimeoutError(f"API server not ready within {timeout}s; see {self.workdir}")
 
     def stop(self) -> None:
+        """Stop the API server, then etcd (also after a failed start: whatever was spawned)."""
         for p in reversed(self.procs):
             stop_process(p)
         self.procs.clear()
 
 
 def stop_process(p: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    if p.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            p.kill()
-        p.wait(5)
+    stop_processes([p], grace)
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
+    """SIGTERM all at once, SIGKILL whatever still runs after ``grace`` seconds in total (not
+    per process: a stack of N agents stops in one grace period)."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait(5)
 
 
 def launch(cmd: list[str], log: Path, kubeconfig: Path,

@@ -259,11 +259,19 @@ class GitOps:
                                          "after": push.after, "triggered": keys})
         return web.json_response({"triggered": keys}, status=202)
 
+    async def handle_readyz(self, _: web.Request) -> web.Response:
+        """Readiness: 200 only on the active replica. A standby answers pushes with 503, so it
+        must not be a Service endpoint either (/healthz, liveness, is OK on every replica)."""
+        if self.is_active():
+            return web.json_response({"ok": True, "role": "active"})
+        return web.json_response({"ok": False, "role": "standby"}, status=503)
+
     async def start(self) -> None:
         if not self.cfg.webhook_port:
             return
         app = web.Application(client_max_size=MAX_WEBHOOK_BODY)
         app.router.add_get("/healthz", _healthz)
+        app.router.add_get("/readyz", self.handle_readyz)
         app.router.add_post("/{tail:.*}", self.handle_webhook)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
@@ -288,6 +296,7 @@ class GitOps:
 
 
 async def _healthz(_: web.Request) -> web.Response:
+    """Liveness: the receiver's event loop answers, whatever this replica's peering role."""
     return web.json_response({"ok": True})
 
 

@@ -146,7 +146,9 @@ def submit(
     kubeconfig: KubeconfigOpt = None,
 ) -> None:
     """Validate, then create every VmJob in the file."""
-    from hyperfleet.reconcilers.kube import JOBS, Kube, load_config
+    from hyperfleet.reconcilers.kube import JOBS, Kube
+
+    from .cli import load_kubeconfig
 
     docs = _load(file)
     for i, doc in enumerate(docs):
@@ -154,7 +156,7 @@ def submit(
             from_manifest(doc)
         except JobValidationError as exc:
             _fail(exc, f"{file} document {i + 1}")
-    load_config(kubeconfig)
+    load_kubeconfig(kubeconfig)
     kube = Kube()
     for doc in docs:
         created = kube.create(JOBS, doc)
@@ -169,9 +171,11 @@ def status(
     kubeconfig: KubeconfigOpt = None,
 ) -> None:
     """Phase, node, progress, result and errors of one VmJob."""
-    from hyperfleet.reconcilers.kube import JOBS, Kube, load_config
+    from hyperfleet.reconcilers.kube import JOBS, Kube
 
-    load_config(kubeconfig)
+    from .cli import load_kubeconfig
+
+    load_kubeconfig(kubeconfig)
     body = Kube().get(JOBS, name, namespace)
     if body is None:
         err.print(f"[red]vmjob {namespace}/{name} not found[/red]")
@@ -193,9 +197,11 @@ def status(
 @app.command("list")
 def list_(namespace: NamespaceOpt = "default", kubeconfig: KubeconfigOpt = None) -> None:
     """VmJobs in a namespace, highest priority first."""
-    from hyperfleet.reconcilers.kube import JOBS, Kube, load_config
+    from hyperfleet.reconcilers.kube import JOBS, Kube
 
-    load_config(kubeconfig)
+    from .cli import load_kubeconfig
+
+    load_kubeconfig(kubeconfig)
     items = Kube().list(JOBS, namespace)
     table = Table("NAME", "OPERATION", "PHASE", "NODE", "PRIORITY", "ATTEMPTS")
     items.sort(key=lambda b: (-((b["spec"].get("execution") or {}).get("priority", 5)),

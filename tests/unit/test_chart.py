@@ -246,6 +246,19 @@ def test_agent_is_least_privileged_by_default() -> None:
     assert "--socket-dir=/run/hyperfleet" in c["args"]
 
 
+def test_agent_memory_is_not_limited_by_default() -> None:
+    """The VMMs share the agent container's cgroup: a memory limit there caps every VM's RAM."""
+    for name in sorted(SCENARIOS):
+        _, pod = _agent(cu.objects(SCENARIOS[name]))
+        (c,) = pod["containers"]
+        assert "memory" not in c.get("resources", {}).get("limits", {}), name
+        assert c["resources"]["requests"]["memory"] == "128Mi", name
+    _, pod = _agent(cu.objects({"agent": {"resources": {"limits": {"memory": "70Gi"}}}}))
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"] == {"memory": "70Gi", "devices.kubevirt.io/kvm": 1,
+                                        "devices.kubevirt.io/tun": 1}  # an explicit limit stays
+
+
 def test_agent_privileged_only_when_asked() -> None:
     objs = cu.objects(SCENARIOS["privileged-no-device-plugin"])
     _, pod = _agent(objs)
@@ -321,6 +334,24 @@ def test_replicas_turn_on_kopf_peering() -> None:
     assert "--peering=hyperfleet-controller" in c["args"]
     peering = cu.one(objs, "ClusterKopfPeering")
     assert peering["metadata"]["name"] == "hyperfleet-controller"
+
+
+def test_only_the_active_controller_is_a_webhook_endpoint() -> None:
+    """A standby answers pushes with 503, so readiness is /readyz (active only) and liveness
+    /healthz (every replica); with readiness meaning "active", a rollout that kept a replica
+    available would wait forever for a new pod to become active beside the old one."""
+    dep = cu.one(cu.objects(SCENARIOS["ha-gitops"]), "Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "webhook"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "webhook"}
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "webhook"}
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate",
+                                       "rollingUpdate": {"maxUnavailable": "100%", "maxSurge": 0}}
+    # Peering without the receiver: no probes, so replicas are replaced one at a time.
+    dep = cu.one(cu.objects({"controller": {"replicas": 2}}), "Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert not {"readinessProbe", "livenessProbe", "startupProbe"} & set(c)
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
 
 
 def test_gitsource_from_values_is_valid() -> None:
