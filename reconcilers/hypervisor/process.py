@@ -195,15 +195,23 @@ def _monotonic_start(pid: int, pidfile: Path) -> float | None:
     return time.monotonic() - max(0.0, age)
 
 
-def _is_our_vmm(pid: int, socket: Path) -> bool:
-    """True if pid is alive (not a zombie) and is the VMM serving this socket."""
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a dead VMM whose parent has not reaped it
+    still answers kill(pid, 0))."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        if state in ("Z", "X"):
-            return False
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _is_our_vmm(pid: int, socket: Path) -> bool:
+    """True if pid is alive and is the VMM serving this socket."""
+    if not pid_alive(pid):
+        return False
+    try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+    except (FileNotFoundError, ProcessLookupError):
         return False
     return str(socket).encode() in cmdline

@@ -100,15 +100,6 @@ class Cluster:
         )
 
 
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 def wait_for(pred: Callable[[], Any], timeout: float = 60, what: str = "condition",
              cluster: Cluster | None = None) -> Any:
     """Poll until ``pred`` returns something truthy; fail with the processes' logs."""

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from hyperfleet.operator.devstack import ch_double_cmd, hyperfleet_cmd, kill_pidfiles, launch
+from hyperfleet.reconcilers.hypervisor.process import pid_alive as alive
 
-from .conftest import Cluster, alive, wait_for
+from .conftest import Cluster, wait_for
 
 VM = """
 apiVersion: hyperfleet.dev/v1alpha1

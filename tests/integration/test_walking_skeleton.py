@@ -6,8 +6,9 @@ import os
 from typing import Any
 
 from hyperfleet.reconcilers.hypervisor.client import ChClient
+from hyperfleet.reconcilers.hypervisor.process import pid_alive as alive
 
-from .conftest import Cluster, alive, wait_for
+from .conftest import Cluster, wait_for
 
 VM = """
 apiVersion: hyperfleet.dev/v1alpha1

@@ -18,18 +18,9 @@ import pytest
 
 from hyperfleet.operator.demo import run_demo
 from hyperfleet.operator.devstack import stop_processes
+from hyperfleet.reconcilers.hypervisor.process import pid_alive
 
 FakeK8s = Callable[[str], Path]
-
-
-def _alive(pid: int) -> bool:
-    """Running, and not a zombie waiting for a parent that has gone."""
-    try:
-        os.kill(pid, 0)
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (ProcessLookupError, FileNotFoundError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _pid(path: Path) -> int:
@@ -48,7 +39,7 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     for pidfile in w.rglob("*.pid"):
         pid = _pid(pidfile)
         with contextlib.suppress(OSError):
-            if _alive(pid) and b"sleep" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if pid_alive(pid) and b"sleep" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -74,7 +65,7 @@ def test_a_failed_start_stops_the_etcd_it_started(workdir: Path, fake_k8s: FakeK
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(RuntimeError, match="exited early"):
         run_demo(workdir, 1, keep=False)
-    assert not _alive(_pid(workdir / "apiserver" / "etcd.pid"))
+    assert not pid_alive(_pid(workdir / "apiserver" / "etcd.pid"))
     assert signal.getsignal(signal.SIGTERM) == handler  # the demo's handlers are gone again
 
 
@@ -100,12 +91,12 @@ def test_a_signal_stops_every_child_and_vmm(sig: signal.Signals, workdir: Path,
             assert time.monotonic() < deadline, "the fake control plane never started"
             time.sleep(0.05)
         pids = [_pid(p) for p in pidfiles]
-        assert all(_alive(p) for p in pids)
+        assert all(pid_alive(p) for p in pids)
         demo.send_signal(sig)
         out, _ = demo.communicate(timeout=30)
         assert demo.returncode == 128 + sig, out
         assert f"{sig.name}: stopping the stack" in out
-        assert not [p for p in pids if _alive(p)], "control plane left running"
+        assert not [p for p in pids if pid_alive(p)], "control plane left running"
         assert vmm.wait(timeout=10) == -signal.SIGTERM
     finally:
         for proc in (demo, vmm):

@@ -30,6 +30,7 @@ from hyperfleet.reconcilers.guest import (
     GuestUnreachable,
 )
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
+from hyperfleet.reconcilers.hypervisor.process import pid_alive as alive
 from hyperfleet.reconcilers.models.common import Condition
 from hyperfleet.reconcilers.models.vm import VirtualMachine
 from hyperfleet.reconcilers.vm import Action, Step
@@ -127,14 +128,6 @@ def serve_silent(path: Path, requests: list[dict[str, Any]]) -> threading.Event:
 
     threading.Thread(target=run, daemon=True).start()
     return done
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 def test_checkpoint_stops_at_the_hosts_deadline_and_answers_in_time(tmp_path: Path) -> None:
