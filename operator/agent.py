@@ -328,12 +328,14 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
                         return
                     epoch = agent.fence_epoch
                 if _rv(body) < written:
-                    # Our own write's watch event is on its way: converging on the older
-                    # copy would only produce a conflicting write.
-                    await _wait_either(wake, stopped, 2.0)
-                    if _rv(body) < written:
-                        written = 0  # the watch may have restarted: go by what we have
-                    continue
+                    # Our own write's watch event is on its way (kopf updates ``body`` in
+                    # place): converging on the older copy would only make a conflicting
+                    # write. Poll briefly rather than wait for a wakeup that may already
+                    # have been consumed.
+                    give_up = time.monotonic() + 2.0
+                    while _rv(body) < written and time.monotonic() < give_up and not stopped:
+                        await asyncio.sleep(0.01)
+                    written = 0  # arrived, or the watch restarted: go by what we have
                 if (body.get("status") or {}).get("evictFrom") == cfg.node_name:
                     await asyncio.to_thread(agent.evict, namespace, name, dict(body))
                     return
