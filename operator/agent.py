@@ -20,7 +20,7 @@ from hyperfleet.reconcilers.eviction import unbound_status
 from hyperfleet.reconcilers.gitops.types import ADOPT_ANNOTATION
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
 from hyperfleet.reconcilers.jobs.runner import RECEIVE_TIMEOUT, JobRunner
-from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, Kube
+from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, Kube, version_of
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_quantity
 from hyperfleet.reconcilers.models.vm import VirtualMachine
 from hyperfleet.reconcilers.nodes import LEASE_LABEL, heartbeat_status, host_capacity, lease_name
@@ -31,9 +31,6 @@ from .settings import AgentConfig, configure_kopf
 log = logging.getLogger("hyperfleet.agent")
 AGENT_VERSION = "0.1.0"
 PROBE_INTERVAL = 300.0  # seconds between capability discoveries
-#: How long a VMM receiving a live migration is not an orphan: as long as the receiver
-#: waits for the copy to finish (the VM stays bound to the source node until then).
-MIGRATION_WINDOW = RECEIVE_TIMEOUT
 
 
 class Agent:
@@ -212,7 +209,7 @@ class Agent:
         for ns, name in self.pm.discover():
             key = f"{ns}/{name}"
             if (key in self.wakeups and not self.fenced) \
-                    or self.driver.expecting(key, window=MIGRATION_WINDOW):
+                    or self.driver.expecting(key, window=RECEIVE_TIMEOUT):
                 continue
             vm = self.kube.get(VMS, name, ns)
             if vm is None or (vm.get("status") or {}).get("nodeName") != self.cfg.node_name:
@@ -327,13 +324,13 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
                             != cfg.node_name:
                         return
                     epoch = agent.fence_epoch
-                if _rv(body) < written:
+                if version_of(body) < written:
                     # Our own write's watch event is on its way (kopf updates ``body`` in
                     # place): converging on the older copy would only make a conflicting
                     # write. Poll briefly rather than wait for a wakeup that may already
                     # have been consumed.
                     give_up = time.monotonic() + 2.0
-                    while _rv(body) < written and time.monotonic() < give_up and not stopped:
+                    while version_of(body) < written and time.monotonic() < give_up and not stopped:
                         await asyncio.sleep(0.01)
                     written = 0  # arrived, or the watch restarted: go by what we have
                 if (body.get("status") or {}).get("evictFrom") == cfg.node_name:
@@ -354,7 +351,7 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
                     if out is None:  # unbound, evicted or deleted meanwhile: see the change
                         await _wait_either(wake, stopped, 1.0)
                         continue
-                    written = _rv(out)
+                    written = version_of(out)
                 for type_, reason, message in outcome.events:
                     await asyncio.to_thread(kube.event, dict(body), reason, message, type_,
                                             "hyperfleet-agent")
@@ -376,12 +373,6 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
 
     return agent
 
-
-def _rv(body: Any) -> int:
-    try:
-        return int((body.get("metadata") or {}).get("resourceVersion") or 0)
-    except ValueError:
-        return 0
 
 
 async def _wait_either(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:

@@ -17,7 +17,7 @@ import kopf
 from hyperfleet.reconcilers.eviction import Eviction, evictions, unbound_status
 from hyperfleet.reconcilers.jobs.dispatch import Decision, dispatch
 from hyperfleet.reconcilers.jobs.engine import WorkerView
-from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Kube, Resource
+from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Kube, Resource, version_of
 from hyperfleet.reconcilers.models.common import (
     GROUP,
     VERSION,
@@ -191,15 +191,13 @@ class Controller:
         phases = Counter((b.get("status") or {}).get("phase") or "Pending" for b in vms)
         for phase, n in phases.items():
             metrics.VMS_BY_PHASE.labels(phase).set(n)
+        nodes = [node_view(b, now, grace, alive.get(n)) for n, b in bodies.items()]
         await self._publish_allocations(placed)
         await self._evict(vms, now, bodies, alive)
-        await self._dispatch_jobs(now, [node_view(b, now, grace, alive.get(n))
-                                        for n, b in bodies.items()])
+        await self._dispatch_jobs(now, nodes)
         if not pending_bodies:
             return
-        # The awaits above let watch events in: judge the nodes as they are now.
-        bodies, alive = self.liveness(now)
-        nodes = [node_view(b, now, grace, alive.get(n)) for n, b in bodies.items()]
+        # (A node deleted during the awaits above is caught by _bind.)
         with metrics.RECONCILE_SECONDS.labels("schedule").time():
             result = schedule(pending, nodes, placed,
                               policy=self.cfg.scheduling_policy)
@@ -400,9 +398,8 @@ def merge(store: dict[str, dict[str, Any]], listed: dict[str, dict[str, Any]],
     """Make ``store`` what a list taken at ``list_version`` says, except where a watch event
     already brought something newer (etcd resourceVersions are increasing integers, which
     the API server does not promise but every etcd-backed one gives)."""
-    at = _rv(list_version)
-    for key in [k for k, body in store.items()
-                if k not in listed and _rv(body["metadata"].get("resourceVersion")) <= at]:
+    at = version_of({"metadata": {"resourceVersion": list_version}})
+    for key in [k for k, body in store.items() if k not in listed and version_of(body) <= at]:
         del store[key]  # deleted while no watch event could tell us
     for key, body in listed.items():
         merge_one(store, key, body)
@@ -411,16 +408,8 @@ def merge(store: dict[str, dict[str, Any]], listed: dict[str, dict[str, Any]],
 def merge_one(store: dict[str, dict[str, Any]], key: str, body: dict[str, Any]) -> None:
     """Store ``body`` unless a newer version of it is already there."""
     have = store.get(key)
-    if have is None or _rv(have["metadata"].get("resourceVersion")) <= _rv(
-            body["metadata"].get("resourceVersion")):
+    if have is None or version_of(have) <= version_of(body):
         store[key] = body
-
-
-def _rv(version: str | None) -> int:
-    try:
-        return int(version or 0)
-    except ValueError:
-        return 0
 
 
 def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: Kube) -> Controller:

@@ -259,14 +259,19 @@ def _flaky_resume(drv: VmDriver, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(drv, "_execute", execute)
 
 
-def test_a_failed_wake_up_does_not_restore_stale_memory_after_a_crash(
-        sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def asleep(sockdir: Path) -> tuple[ProcessManager, VmDriver, dict[str, Any], Path]:
+    """A VM run, then put to sleep: (process manager, driver, body, its snapshot file)."""
     pm, drv = agent(sockdir)
-    state_json = pm.paths(NS, NAME).snapshots / "state.json"
     b = vm_body()
     step(drv, b)
     respec(b, powerState="Sleeping")
     step(drv, b)
+    return pm, drv, b, pm.paths(NS, NAME).snapshots / "state.json"
+
+
+def test_a_failed_wake_up_does_not_restore_stale_memory_after_a_crash(
+        sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pm, drv, b, state_json = asleep(sockdir)
     assert b["status"]["phase"] == "Sleeping" and state_json.exists()
 
     respec(b, powerState="Running")
@@ -288,12 +293,7 @@ def test_a_failed_wake_up_does_not_restore_stale_memory_after_a_crash(
 
 def test_an_agent_restart_mid_wake_up_still_discards_the_snapshot(
         sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pm, drv = agent(sockdir)
-    state_json = pm.paths(NS, NAME).snapshots / "state.json"
-    b = vm_body()
-    step(drv, b)
-    respec(b, powerState="Sleeping")
-    step(drv, b)
+    _, drv, b, state_json = asleep(sockdir)
     assert b["status"]["snapshot"] and "restoredAt" not in b["status"]["snapshot"]
 
     # The agent dies right after vm.restore: no discard, and no status written.
@@ -310,7 +310,7 @@ def test_an_agent_restart_mid_wake_up_still_discards_the_snapshot(
         step(drv, b)
     assert state_json.exists()
 
-    pm, drv = agent(sockdir)
+    _, drv = agent(sockdir)  # a new agent adopts the VMM
     step(drv, b)
     assert hv_state(b) == "Running" and not state_json.exists()
     assert "snapshot" not in b["status"]  # consumed, and no wake-up from it on record
