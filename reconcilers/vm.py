@@ -53,6 +53,10 @@ class Observed:
     state: str | None = None  # vm.info state; None while no VM is created
     config: dict[str, Any] | None = None  # vm.info config
     snapshot: bool = False  # a complete snapshot waits to be restored
+    #: Memory the VM was created with. A live resize rewrites ``config.memory.size`` (ACPI
+    #: hotplug) while ``hotplug_size`` keeps its boot value, so the ceiling is only knowable
+    #: from what was created; None: fall back to the reported size.
+    boot_memory: int | None = None
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,9 @@ def reconcile(desired: Desired, observed: Observed) -> list[Step]:
             sim.add(Action.CREATE, target, state="Created")
             sim.config = target
     elif sim.config is not None:
-        _apply_spec_changes(sim, target)
+        _apply_spec_changes(sim, target, observed.boot_memory)
+    # cloud-hypervisor reports Created after vm.shutdown (the NOTES' Shutdown never shows);
+    # both boot again.
     if sim.state in ("Created", "Shutdown"):
         sim.add(Action.BOOT, state="Running")
     if sim.state == "BreakPoint":
@@ -162,16 +168,20 @@ def _wind_down(desired: Desired, observed: Observed, want: str) -> list[Step]:
 _COLD_FIELDS = ("payload", "vsock", "serial", "console")
 
 
-def recreate_reasons(current: dict[str, Any], target: dict[str, Any]) -> list[str]:
-    """Why the VM must be recreated to reach ``target`` (empty: it can change live)."""
+def recreate_reasons(current: dict[str, Any], target: dict[str, Any],
+                     boot_memory: int | None = None) -> list[str]:
+    """Why the VM must be recreated to reach ``target`` (empty: it can change live).
+
+    ``boot_memory`` is the size the VM was created with (see :class:`Observed`)."""
     why = [f"{k} changed" for k in _COLD_FIELDS if not _covers(current.get(k), target.get(k))]
     cur_cpus, tgt_cpus = current.get("cpus") or {}, target["cpus"]
     if cur_cpus.get("max_vcpus") != tgt_cpus["max_vcpus"]:
         why.append("maxCpus changed")
-    # vm.info keeps the boot size and reports hot-plugged memory separately, so compare
-    # ceilings (size + hotplug_size) and whether the new size fits between boot and ceiling.
+    # The ceiling is the boot size plus hotplug_size, fixed at create. cloud-hypervisor
+    # rewrites memory.size on an ACPI resize (virtio-mem reports hotplugged_size instead), so
+    # the boot size comes from what was created; then the new size must fit between the two.
     cur_mem, tgt_mem = current.get("memory") or {}, target["memory"]
-    cur_size = int(cur_mem.get("size", 0))
+    cur_size = boot_memory if boot_memory is not None else int(cur_mem.get("size", 0))
     cur_ceiling = cur_size + int(cur_mem.get("hotplug_size") or 0)
     tgt_ceiling = tgt_mem["size"] + int(tgt_mem.get("hotplug_size") or 0)
     if cur_ceiling != tgt_ceiling:
@@ -186,9 +196,9 @@ def recreate_reasons(current: dict[str, Any], target: dict[str, Any]) -> list[st
     return why
 
 
-def _apply_spec_changes(sim: _Sim, target: dict[str, Any]) -> None:
+def _apply_spec_changes(sim: _Sim, target: dict[str, Any], boot_memory: int | None) -> None:
     current = sim.config or {}
-    reasons = recreate_reasons(current, target)
+    reasons = recreate_reasons(current, target, boot_memory)
     if reasons:
         why = "; ".join(reasons) + ": cloud-hypervisor cannot apply this live"
         if sim.state in BOOTED:

@@ -213,6 +213,10 @@ class HypervisorStatus(CamelModel):
     state: str | None = Field(default=None, description="vm.info state reported by the VMM")
     pid: int | None = None
     version: str | None = None
+    boot_memory: int | None = Field(
+        default=None,
+        description="Bytes of memory the VM was created with: with maxMemory, how far it can "
+        "grow live (the VMM rewrites its reported size on a resize)")
 
 
 class SnapshotStatus(CamelModel):

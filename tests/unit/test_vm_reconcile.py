@@ -289,3 +289,24 @@ def test_guest_agent_checkpoints_before_sleep_and_restores_after_wake() -> None:
 def test_guest_agent_needs_vsock() -> None:
     with pytest.raises(ValueError, match=r"spec\.vsock"):
         spec(guestAgent={})
+
+
+def test_resized_vm_keeps_its_boot_ceiling() -> None:
+    """cloud-hypervisor rewrites memory.size on an ACPI resize and keeps hotplug_size: the
+    reported size plus hotplug_size overstates the ceiling, so the boot size decides."""
+    created = spec(memory="256Mi", maxMemory="1Gi")
+    reported = vm_config(created)
+    reported["memory"]["size"] = 512 << 20  # after a live resize to 512 MiB (real VMM)
+    grow = spec(memory="768Mi", maxMemory="1Gi")
+    plan = reconcile(want(grow), Observed(True, True, "Running", reported,
+                                          boot_memory=256 << 20))
+    assert [(s.action, s.body) for s in plan] == [(Action.RESIZE, {"desired_ram": 768 << 20})]
+    # Without the boot size the ceiling looks like 512 MiB + 768 MiB: a needless recreate.
+    assert "maxMemory changed" in recreate_reasons(reported, vm_config(grow))
+    # Below the boot size still needs a new VM, whatever the VMM reports now.
+    shrink = spec(memory="128Mi", maxMemory="1Gi")
+    assert recreate_reasons(reported, vm_config(shrink), 256 << 20) == [
+        "memory below the boot size"]
+    # A Created VM after vm.shutdown (the real VMM never reports Shutdown) boots again.
+    assert [s.action for s in reconcile(want(created), Observed(
+        True, True, "Created", vm_config(created), boot_memory=256 << 20))] == [Action.BOOT]
