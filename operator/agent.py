@@ -343,7 +343,8 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
                 if outcome is None:
                     return
                 current = dict(seen.get("status") or {})
-                if any(current.get(k) != v for k, v in outcome.status.items()):
+                if any(_without_nulls(current.get(k)) != _without_nulls(v)
+                       for k, v in outcome.status.items()):
                     try:
                         out = await asyncio.to_thread(agent.write_status, seen, outcome.status)
                     except Conflict:
@@ -373,6 +374,14 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
 
     return agent
 
+
+
+def _without_nulls(value: Any) -> Any:
+    """A status value as the API server stores it: a merge patch's nulls delete keys, so
+    they are never read back, and comparing with them would write on every pass."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
 
 
 async def _wait_either(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from .guest import GuestClient, GuestError, GuestTimeout, GuestUnreachable
 from .hypervisor.client import ChClient, ChError
+from .hypervisor.events import EventTail, is_outcome
 from .hypervisor.process import ProcessManager, UnsafeNameError
 from .models.common import Condition, now_utc, rfc3339, set_condition
 from .models.vm import Phase, RunStrategy, VirtualMachine
@@ -77,7 +78,8 @@ class VmDriver:
         self.socket_wait = socket_wait
         self._clients: dict[str, ChClient] = {}
         self._failures: dict[str, int] = {}
-        self._seen: dict[str, tuple[int | None, int]] = {}
+        self._seen: dict[str, int | None] = {}  # the VMM pid when the last pass ended
+        self._tails: dict[str, EventTail] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self.departed: set[str] = set()  # migrated away: no longer ours to converge
@@ -108,7 +110,8 @@ class VmDriver:
             self._clients[key] = c
         return c
 
-    def observe(self, ns: str, name: str) -> tuple[Observed, int | None]:
+    def observe(self, ns: str, name: str, boot_memory: int | None = None
+                ) -> tuple[Observed, int | None]:
         paths = self.pm.paths(ns, name)
         snapshot = (paths.snapshots / "state.json").exists()
         pid = self.pm.pid(ns, name)
@@ -119,21 +122,37 @@ class VmDriver:
         info = self._client(ns, name).info()
         if info is None:
             return Observed(True, True, None, None, snapshot), pid
-        return Observed(True, True, info["state"], info.get("config"), snapshot), pid
+        return Observed(True, True, info["state"], info.get("config"), snapshot,
+                        boot_memory), pid
 
     def changed(self, ns: str, name: str) -> bool:
-        """Cheap check for the watcher: did the VMM die or emit an event since last time?"""
+        """Cheap check for the watcher: did the VMM die, or report something that happened,
+        since the last converge pass ended? What a pass itself set off (including a failed
+        action's events) is no news: waking on it would retry at once, past the backoff."""
+        lock = self.lock(ns, name)
+        if not lock.acquire(blocking=False):
+            return False  # a pass is running; it sees the VMM itself
+        try:
+            before = self._seen.get(f"{ns}/{name}", -1)
+            pid, events = self._catch_up(ns, name)
+        finally:
+            lock.release()
+        return before != -1 and (before != pid or any(is_outcome(e) for e in events))
+
+    def _catch_up(self, ns: str, name: str) -> tuple[int | None, list[dict[str, Any]]]:
+        """Record the VMM's pid and read its new events; called with the VM's lock held."""
         key = f"{ns}/{name}"
         try:
             paths = self.pm.paths(ns, name)
             pid = self.pm.pid(ns, name)
-            size = paths.events.stat().st_size if paths.events.exists() else 0
+            tail = self._tails.get(key)
+            if tail is None:
+                tail = self._tails[key] = EventTail(paths.events)
+            events = tail.read()
         except (UnsafeNameError, OSError):
-            return False
-        now = (pid, size)
-        before = self._seen.get(key)
-        self._seen[key] = now
-        return before is not None and before != now
+            return self._seen.get(key), []
+        self._seen[key] = pid
+        return pid, events
 
     def converge(self, vm: VirtualMachine) -> Outcome | None:
         """One pass; None when the VM is no longer this node's to drive."""
@@ -141,7 +160,10 @@ class VmDriver:
         with self.lock(ns, name):
             if vm.key in self.departed:
                 return None
-            return self._converge(vm)
+            try:
+                return self._converge(vm)
+            finally:
+                self._catch_up(ns, name)
 
     def _converge(self, vm: VirtualMachine) -> Outcome:
         ns, name = vm.metadata.namespace or "default", vm.metadata.name
@@ -155,11 +177,12 @@ class VmDriver:
         streak, restart_at = st.consecutive_restarts, st.next_restart_time
         halted_gen = st.halted_generation if st.halted_generation == gen else None
         snapshot = st.snapshot.wire() if st.snapshot else None
+        boot_memory = st.hypervisor.boot_memory if st.hypervisor else None
         retry_after: float | None = None
         observed, pid = Observed(process=False), None
         try:
             paths = self.pm.paths(ns, name)
-            observed, pid = self.observe(ns, name)
+            observed, pid = self.observe(ns, name, boot_memory)
             desired = self._desired(vm, halted_gen)
             exited = self._guest_exited(vm, observed)
             if exited and vm.spec.run_strategy == RunStrategy.MANUAL \
@@ -212,6 +235,8 @@ class VmDriver:
                     conditions = self._guest_step(vm, step, conditions, events)
                     continue
                 self._execute(ns, name, step)
+                if step.action == Action.CREATE and step.body:
+                    boot_memory = int(step.body["memory"]["size"])
                 if step.action == Action.BOOT or (step.action == Action.RESUME
                                                    and observed.state is None):
                     boot_time = now_utc()
@@ -227,7 +252,7 @@ class VmDriver:
                 if reason:
                     events.append(("Normal", reason, text))
             if plan:
-                observed, pid = self.observe(ns, name)
+                observed, pid = self.observe(ns, name, boot_memory)
             converged = retry_after is None and not reconcile(desired, observed)
             if vm.spec.guest_agent is not None and observed.state == "Running":
                 conditions = self._guest_health(vm, conditions, events)
@@ -253,7 +278,7 @@ class VmDriver:
                 events.append(("Warning", reason, str(exc)))  # once per distinct failure
             phase, message, converged = Phase.FAILED, str(exc), False
             with contextlib.suppress(ChError, UnsafeNameError, OSError):
-                observed, pid = self.observe(ns, name)
+                observed, pid = self.observe(ns, name, boot_memory)
         try:
             sock: str | None = str(self.pm.paths(ns, name).socket) if pid else None
         except UnsafeNameError:
@@ -263,7 +288,7 @@ class VmDriver:
             "nodeName": self.node_name,
             "message": message,
             "observedGeneration": gen,
-            "hypervisor": {"state": observed.state, "pid": pid},
+            "hypervisor": {"state": observed.state, "pid": pid, "bootMemory": boot_memory},
             "apiSocket": sock,
             "bootTime": _ts(boot_time),
             "restartCount": restarts,
@@ -380,6 +405,18 @@ class VmDriver:
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
             self._client(ns, name).put(step.action.value, step.body)
+        elif step.action == Action.BOOT:
+            try:
+                self._client(ns, name).put(step.action.value)
+            except ChError as exc:
+                if exc.status is not None and exc.status != 400:
+                    # A boot that failed past validation (kernel unreadable, ...) leaves
+                    # cloud-hypervisor with a half-built VM that reports Created yet answers
+                    # every later boot "VM is already created": drop it, so the next pass
+                    # creates it afresh and reports the real cause again.
+                    with contextlib.suppress(ChError):
+                        self._client(ns, name).put(Action.DELETE.value)
+                raise
         else:
             self._client(ns, name).put(step.action.value, step.body)
 
@@ -390,6 +427,7 @@ class VmDriver:
         self._drop_client(ns, name)
         self._failures.pop(f"{ns}/{name}", None)
         self._seen.pop(f"{ns}/{name}", None)
+        self._tails.pop(f"{ns}/{name}", None)
         try:
             paths = self.pm.paths(ns, name)
         except UnsafeNameError:
