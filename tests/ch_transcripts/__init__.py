@@ -1,0 +1,1 @@
+"""Transcripts of the real cloud-hypervisor, recorded by ``record.py``."""
