@@ -1,56 +1,89 @@
-"""Contract-enforcing test double of the cloud-hypervisor VMM.
+"""Contract-enforcing test double of the cloud-hypervisor VMM, faithful to the real v54.
 
-There is no ``cloud-hypervisor`` binary on developer or CI machines, so the
-node agent is tested against this executable instead. It has the VMM's CLI,
-serves the VMM's REST API on a unix socket and, so that it cannot drift from
-the real thing, checks every request and every response it sends against the
-upstream OpenAPI document shipped in this package (``openapi.yaml``). The
-behaviour facts it reproduces are in ``shared/cloud-hypervisor/NOTES.md``.
+Developer and CI machines run the node agent against this executable instead of the real
+VMM. It has the VMM's CLI, serves the VMM's REST API on a unix socket, checks every request
+and response against the upstream OpenAPI document shipped in this package
+(``openapi.yaml``, with the corrections listed in ``REAL_VMM_OVERRIDES``) and answers the way
+a genuine cloud-hypervisor v54 does: ``tests/unit/test_ch_transcripts.py`` replays the
+transcripts recorded from the real binary (``tests/ch_transcripts/``) against it. Where the
+real VMM and its documents disagree, the real VMM wins.
 
 CLI (one process per VM, like the real VMM)::
 
     hyperfleet-ch-double --api-socket path=/run/vm.sock \\
-        [--event-monitor path=/run/vm.events] [-v ...] [--log-file PATH]
+        [--event-monitor path=/run/vm.events] [--no-shutdown] [-v ...] [--log-file PATH]
     python -m hyperfleet.reconcilers.hypervisor.double ...   # same thing
-    hyperfleet-ch-double --version    # "cloud-hypervisor v53.0.0", exit 0
+    hyperfleet-ch-double --version    # "cloud-hypervisor v54.0.0-ae44c297-hyperfleet", exit 0
 
-``--api-socket`` also takes a bare path (older releases). Unknown flags exit
-with status 1 and a message on stderr. ``--seccomp`` is accepted and ignored.
+``--api-socket`` also takes a bare path (older releases). Unknown flags exit with status 1
+and a message on stderr. ``--seccomp`` is accepted and ignored.
 
-Test hooks (simulate the guest; the real VMM has no such thing):
+Real-VMM facts it reproduces (the transcripts hold each one):
 
-* ``SIGUSR1``: the guest powers itself off. Running/Paused -> Shutdown, event
-  ``vm/shutdown``. Ignored in any other state.
-* ``SIGUSR2``: the guest reboots itself. Events ``vm/rebooting`` and
-  ``vm/rebooted``; the state stays Running. Ignored unless Running.
-* ``HYPERFLEET_CH_DOUBLE_SOCKET_DELAY=<seconds>``: wait that long before
-  creating the API socket, to exercise clients that must wait for it.
-* ``HYPERFLEET_CH_DOUBLE_GUEST_HOOKS=<dir>``: the guest runs the Hyperfleet guest
-  agent (hooks from ``<dir>``) on vsock port 1024. The VM's vsock unix socket then
-  answers ``CONNECT 1024`` with ``OK`` while the VM is Running (a paused or stopped
-  guest does not answer, as with a real one).
-* ``HYPERFLEET_CH_DOUBLE_EXIT_ON_GUEST_SHUTDOWN=1``: after a guest power-off
-  (power button, SIGUSR1) the whole process exits, as an upstream VMM does when
-  its guest exits. Off by default: the VM then stays in state Shutdown and can
-  be booted again.
+* ``vm.create`` only stores the config: whatever deserializes is accepted (204), even
+  boot_vcpus > max_vcpus, no payload, a missing kernel or duplicate ids. ``vm.boot``
+  validates: 400/409 "Failed to validate config", or 500 "Cannot open kernel file" when
+  ``payload.kernel`` does not exist. A failed kernel load leaves a VM object behind (state
+  Created, "VM is already created" on the next boot). ``vm.add-*`` re-validates the whole
+  config first.
+* Deserialization errors are 400 ``["Failed to deserialize JSON", "missing field `x` at line
+  L column C"]`` (no "Error from API"); routing errors are ``["Not Found"]`` and
+  ``["Bad Request"]``; vm.create without a body is a 400 without a body, and a method
+  micro_http does not know (POST) gets micro_http's raw-text error.
+* Without a VM, vm.info/boot/reboot/resize/resize-disk/remove-device/add-* are 404 and the
+  rest 500 "VM is not running"; vm.delete is 204. State errors are 500 with upstream's chain
+  (``... "Invalid transition: InvalidStateTransition(Paused, Paused)"``), never 405.
+* vm.shutdown drops the VM object: vm.info says ``Created`` (never ``Shutdown``) and vm.boot
+  works again. vm.delete of a booted VM shuts it down first.
+* vmm.shutdown answers 200 with an empty body, then the process exits 0.
+* vm.resize and vm.remove-device also work on a created VM (config only). On a running VM a
+  memory resize with ACPI hotplug rewrites ``memory.size`` (``hotplug_size`` unchanged, no
+  ``hotplugged_size``); shrinking is accepted and only changes the config.
+* A second disk on the path of a running VM's disk fails (500) on the image lock.
+* Events: ``vmm/starting`` first; a failed action still emits its "-ing" event (booting,
+  pausing, resuming, snapshotting, resizing, rebooting); vm.snapshot to a bad destination
+  emits ``snapshotted`` and answers 500; device add/remove emit nothing.
+* vm.counters reports what a guest that did no I/O shows, u64::MAX latency sentinels
+  included.
+* When the guest powers off, the VMM exits (events vm/shutdown, vm/deleted, vmm/shutdown;
+  code 0) unless ``--no-shutdown``, which keeps the VM, as ``Created``.
+
+Test hooks (they simulate the guest; the real VMM has no such thing):
+
+* ``SIGUSR1``: the guest powers itself off (Running or Paused), with the outcome above.
+  ``vm.power-button`` makes a running guest do the same (a paused one once resumed).
+* ``SIGUSR2``: the guest reboots itself: events ``vm/rebooting``, ``vm/rebooted``; the state
+  stays Running. Ignored unless Running.
+* ``HYPERFLEET_CH_DOUBLE_EXIT_ON_GUEST_SHUTDOWN=0``: the double's pre-v54 behaviour, for tests
+  written against it: after a guest power-off the process stays and vm.info reports
+  ``Shutdown`` (a state the real VMM never reports) until the VM boots again. Unset or ``1``:
+  exit, as upstream.
+* ``HYPERFLEET_CH_DOUBLE_SOCKET_DELAY=<seconds>``: wait that long before creating the API
+  socket, to exercise clients that must wait for it.
+* ``HYPERFLEET_CH_DOUBLE_GUEST_HOOKS=<dir>``: the guest runs the Hyperfleet guest agent (hooks
+  from ``<dir>``) on vsock port 1024. The VM's vsock unix socket then answers ``CONNECT 1024``
+  with ``OK`` while the VM is Running (a paused or stopped guest does not answer, as with a
+  real one).
 
 Quirks worth knowing:
 
-* The socket path appears only once it accepts connections (bound under a
-  temporary name, then renamed), so "file exists" means "ready".
-* Every error body is a JSON array of strings starting with
-  ``"Error from API"``, e.g. ``["Error from API", "The VM could not be
-  paused", "Invalid VM state transition: Paused to Paused"]``.
-* ``vm.receive-migration`` and ``vm.send-migration`` block until the
-  migration ends, as upstream: call the receiver from another thread, wait
-  for it to listen (``unix:<path>`` appears, ``tcp:<host>:<port>`` accepts),
-  then call the sender. Both transports work, but only between two doubles
-  (the wire format is a JSON line).
-* No file named in a VM config (kernel, disks, sockets) is opened.
-* Events: besides those in NOTES.md, ``vmm/starting`` at start,
-  ``vm/device-added`` and ``vm/device-removed`` (properties ``{"id": ...}``)
-  on hot plug, and ``migration-receive-{started,finished,failed}`` on the
-  receiving side.
+* The socket path appears only once it accepts connections (bound under a temporary name,
+  then renamed), so "file exists" means "ready".
+* No file named in a VM config is opened; only ``payload.kernel`` must exist at boot.
+  Snapshots are in the double's own format (``config.json``, ``state.json``,
+  ``memory-ranges``, the real file names).
+* ``vm.receive-migration`` and ``vm.send-migration`` block until the migration ends, as
+  upstream: call the receiver from another thread, wait for it to listen (``unix:<path>``
+  appears, ``tcp:<host>:<port>`` accepts), then call the sender. Both transports work, but
+  only between two doubles (the wire format is a JSON line). Events
+  ``migration-receive-{started,finished,failed}`` on the receiving side.
+* Not reproduced: PCI slot numbers (the real VMM also puts built-in devices such as
+  virtio-rng on the bus), the many defaults the real vm.info echoes in its config, the
+  internal nodes of its device tree, serde's wording for errors other than a missing field
+  or a syntax error, and what needs a live guest (hot-unplug completes at once here; a real
+  guest must eject the device first). The real VMM takes ``boot_vcpus: 0`` and
+  ``desired_vcpus: 0`` (a resize to 0 vCPUs killed it); the double keeps requests to the
+  spec's minimums, except in VM configs, which it validates at boot.
 """
 
 from __future__ import annotations
@@ -68,13 +101,14 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Final, TextIO
 
-VERSION: Final = "53.0.0"
+VERSION: Final = "54.0.0"
+BUILD_VERSION: Final = f"v{VERSION}-ae44c297-hyperfleet"  # the build the transcripts come from
 API_PREFIX: Final = "/api/v1/"
 MAX_BODY: Final = 4 * 1024 * 1024  # micro_http rejects request bodies above 4 MiB
 _DRAIN_LIMIT: Final = 64 * 1024 * 1024  # read and drop oversized bodies up to this much
@@ -88,12 +122,29 @@ _HANDLED_SIGNALS: Final = frozenset(
     {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
 )
 _DEFAULT_MEMORY: Final = 512 * 1024 * 1024  # upstream default when "memory" is absent
+_ACPI_DIMM: Final = 128 * 1024 * 1024  # ACPI hot-added RAM comes in multiples of this
 _PCI_SLOTS: Final = range(1, 32)  # slot 0 of each segment is the host bridge
+_U64_MAX: Final = 2**64 - 1
+# vm.counters of a guest that did no I/O: the block device's latency minimum and maximum
+# start at u64::MAX and its averages are that divided by LATENCY_SCALE (10000).
+_IDLE_DISK_COUNTERS: Final = {
+    "read_bytes": 0, "write_bytes": 0, "read_ops": 0, "write_ops": 0,
+    "read_latency_min": _U64_MAX, "read_latency_max": _U64_MAX,
+    "read_latency_avg": _U64_MAX // 10000,
+    "write_latency_min": _U64_MAX, "write_latency_max": _U64_MAX,
+    "write_latency_avg": _U64_MAX // 10000,
+}
+_IDLE_NET_COUNTERS: Final = {"rx_bytes": 0, "rx_frames": 0, "tx_bytes": 0, "tx_frames": 0}
+# micro_http's own answer to a method it cannot parse (it knows GET, PUT, PATCH, DELETE).
+_UNSUPPORTED_METHOD_BODY: Final = (
+    b'{ "error": "Invalid HTTP Method: Unsupported HTTP method.\n'
+    b'All previous unanswered requests will be dropped." }'
+)
+_DESERIALIZE: Final = "Failed to deserialize JSON"
 
 _STARTED_NS: Final = time.monotonic_ns()  # event timestamps count from VMM start
 
 log = logging.getLogger("hyperfleet.ch_double")
-
 
 def _log(level: int, msg: str, *, exc_info: bool = False, **fields: Any) -> None:
     """Log one structured record; ``fields`` end up as JSON keys."""
@@ -117,7 +168,7 @@ class _JsonFormatter(logging.Formatter):
 
 
 # --------------------------------------------------------------------------
-# VM state machine (NOTES.md)
+# VM state machine (upstream's VmState::valid_transition)
 # --------------------------------------------------------------------------
 
 
@@ -140,7 +191,6 @@ ALLOWED_TRANSITIONS: Final[dict[VmState, frozenset[VmState]]] = {
     VmState.SHUTDOWN: frozenset({VmState.RUNNING}),
     VmState.BREAKPOINT: frozenset({VmState.CREATED, VmState.RUNNING}),
 }
-BOOTED_STATES: Final = frozenset({VmState.RUNNING, VmState.PAUSED, VmState.BREAKPOINT})
 
 
 class ApiFailure(Exception):
@@ -152,10 +202,32 @@ class ApiFailure(Exception):
         self.chain = list(chain)
 
 
+class HttpFailure(Exception):
+    """An error of the HTTP layer (routing, serde): the chain is the whole body.
+
+    An empty chain means a response without a body, which micro_http sends for some
+    malformed requests.
+    """
+
+    def __init__(self, status: int, *chain: str) -> None:
+        super().__init__(": ".join(chain) or str(status))
+        self.status = status
+        self.chain = list(chain)
+
+
+class ConfigInvalid(Exception):
+    """Upstream's config ValidationError: 400, or 409 for duplicate ids and paths."""
+
+    def __init__(self, *chain: str, status: int = 400) -> None:
+        super().__init__(": ".join(chain))
+        self.status = status
+        self.chain = list(chain)
+
+
 def check_transition(current: VmState, new: VmState) -> None:
-    """Raise the upstream error message if ``current -> new`` is not allowed."""
+    """Raise upstream's error (its Debug form) unless ``current -> new`` is allowed."""
     if new not in ALLOWED_TRANSITIONS[current]:
-        raise ValueError(f"Invalid VM state transition: {current} to {new}")
+        raise ValueError(f"InvalidStateTransition({current}, {new})")
 
 
 # --------------------------------------------------------------------------
@@ -184,7 +256,44 @@ _SERDE_REQUIRED: Final = {
     "vm.coredump": ("destination_url",),
     "vm.add-device": ("path",),  # fds passed over SCM_RIGHTS are not emulated
 }
+# Schema keywords serde does not check: in a VM config they are validation, which upstream
+# runs at vm.boot / vm.add-* ("Failed to validate config"), not when deserializing.
+_VALIDATION_KEYWORDS: Final = frozenset(
+    {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+)
 _ERROR_BODY_HINT: Final = "error bodies must be a non-empty JSON array of strings"
+
+
+def _deserializable(error: Any) -> bool:
+    """Whether serde itself would reject what this jsonschema error is about."""
+    return error.validator not in _VALIDATION_KEYWORDS
+
+
+def _override_vmm_shutdown(spec: dict[str, Any]) -> None:
+    spec["paths"]["/vmm.shutdown"]["put"]["responses"] = {
+        200: {"description": "The VMM is shutting down (the real VMM answers 200, not 204)."}
+    }
+
+
+def _override_payload_optional(spec: dict[str, Any]) -> None:
+    schema = spec["components"]["schemas"]["VmConfig"]
+    schema["required"] = [r for r in schema.get("required", []) if r != "payload"]
+
+
+def _override_counters_u64(spec: dict[str, Any]) -> None:
+    spec["components"]["schemas"]["VmCounters"]["additionalProperties"][
+        "additionalProperties"]["format"] = "uint64"
+
+
+#: Where the real VMM contradicts ``openapi.yaml``, in one place (BUILD.md, "Where real CH
+#: differs"). The shipped document stays upstream's; these edits are applied when loading.
+REAL_VMM_OVERRIDES: Final[dict[str, Callable[[dict[str, Any]], None]]] = {
+    "vmm.shutdown answers 200 with an empty body (the spec says 204)": _override_vmm_shutdown,
+    "VmConfig.payload may be left out of vm.create (vm.boot then fails validation)":
+        _override_payload_optional,
+    "vm.counters values are u64 (latency sentinels are u64::MAX; the spec says int64)":
+        _override_counters_u64,
+}
 
 
 @dataclass(frozen=True)
@@ -203,6 +312,68 @@ def _int_format(lo: int, hi: int) -> Callable[[object], bool]:
         return lo <= instance <= hi
 
     return check
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\n\r":
+        pos += 1
+    return pos
+
+
+def _value_end(text: str, path: Sequence[str | int]) -> int | None:
+    """Index just past the JSON value at ``path`` in ``text``, None if it is not there."""
+    decoder = json.JSONDecoder()
+    pos = _skip_ws(text, 0)
+    try:
+        for key in path:
+            opener, closer = ("{", "}") if isinstance(key, str) else ("[", "]")
+            if text[pos] != opener:
+                return None
+            pos = _skip_ws(text, pos + 1)
+            index = 0
+            while text[pos] != closer:
+                if isinstance(key, str):
+                    name, pos = decoder.raw_decode(text, pos)
+                    pos = _skip_ws(text, _skip_ws(text, pos) + 1)  # past the ':'
+                    found = name == key
+                else:
+                    found = index == key
+                if found:
+                    break
+                _, pos = decoder.raw_decode(text, pos)
+                pos = _skip_ws(text, pos)
+                if text[pos] == ",":
+                    pos = _skip_ws(text, pos + 1)
+                index += 1
+            else:
+                return None
+        _, end = decoder.raw_decode(text, pos)
+        return int(end)
+    except (IndexError, ValueError):
+        return None
+
+
+def _line_column(text: str, end: int) -> tuple[int, int]:
+    """serde_json's position after consuming ``text[:end]``: 1-based line, column."""
+    line = text.count("\n", 0, end) + 1
+    return line, end - (text.rfind("\n", 0, end) + 1)
+
+
+# Python's json messages -> serde_json's, for the syntax errors a client can make.
+_SERDE_SYNTAX: Final = (
+    ("Expecting property name enclosed in double quotes", "key must be a string"),
+    ("Expecting value", "expected value"),
+    ("Extra data", "trailing characters"),
+    ("Unterminated string", "EOF while parsing a string"),
+    ("Expecting ':' delimiter", "expected `:`"),
+    ("Expecting ',' delimiter", "expected `,` or `}`"),
+    ("Invalid control character", "control character (\\u0000-\\u001F) found while parsing a string"),
+)
+
+
+def _serde_syntax_message(exc: json.JSONDecodeError) -> str:
+    message = next((serde for py, serde in _SERDE_SYNTAX if exc.msg.startswith(py)), exc.msg)
+    return f"{message} at line {exc.lineno} column {exc.colno}"
 
 
 class Contract:
@@ -230,7 +401,8 @@ class Contract:
 
     @classmethod
     def load(cls) -> Contract:
-        """Read the spec that ships inside the package (``../shared`` is not installed)."""
+        """Read the spec that ships inside the package (``../shared`` is not installed)
+        and correct it where the real VMM says otherwise (``REAL_VMM_OVERRIDES``)."""
         from importlib.resources import files
 
         import yaml
@@ -242,6 +414,8 @@ class Contract:
         spec = yaml.load(text, Loader=loader)
         if not isinstance(spec, dict) or "paths" not in spec:
             raise ValueError(f"{SPEC_RESOURCE} is not an OpenAPI document")
+        for override in REAL_VMM_OVERRIDES.values():
+            override(spec)
         return cls(spec)
 
     @staticmethod
@@ -295,14 +469,21 @@ class Contract:
                 responses[int(code)] = media.get("schema") if media else None
         return Operation(body_schema, required, responses)
 
-    def validate(self, schema: dict[str, Any], instance: Any) -> str | None:
-        """Return a message naming the offending field, or None when valid."""
+    def first_error(self, schema: dict[str, Any], instance: Any,
+                    only: Callable[[Any], bool] | None = None) -> Any:
+        """jsonschema's best error (optionally among those ``only`` keeps), or None."""
         from jsonschema.exceptions import best_match
 
         validator = self._validators.get(id(schema))
         if validator is None:
             validator = self._validators[id(schema)] = self._root.evolve(schema=schema)
-        error = best_match(validator.iter_errors(instance))
+        errors = validator.iter_errors(instance)
+        return best_match(e for e in errors if only is None or only(e))
+
+    def validate(self, schema: dict[str, Any], instance: Any,
+                 only: Callable[[Any], bool] | None = None) -> str | None:
+        """Return a message naming the offending field, or None when valid."""
+        error = self.first_error(schema, instance, only)
         if error is None:
             return None
         where = ".".join(str(p) for p in error.absolute_path)
@@ -314,34 +495,48 @@ class Contract:
         return result
 
     def check_request(self, action: str, op: Operation, raw: bytes) -> Any:
-        """Parse and validate a request body; raise 400 like upstream if it is bad."""
+        """Parse and validate a request body; raise 400 like upstream's HTTP layer if bad."""
         if op.body_schema is None:
             return None  # upstream ignores bodies of body-less actions
         if not raw.strip():
             if op.body_required:
-                raise ApiFailure(400, "Invalid request body", "Request body is required")
+                # vm.create has its own handler, which answers without a body.
+                raise HttpFailure(400) if action == "vm.create" else HttpFailure(400, "Bad Request")
             return None
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiFailure(400, "Invalid request body", f"Malformed JSON: {exc}") from None
-        problem = self.validate(op.body_schema, body)
-        if problem is None and isinstance(body, dict):
+            text = raw.decode("utf-8")
+            body = json.loads(text)
+        except UnicodeDecodeError as exc:
+            raise HttpFailure(400, _DESERIALIZE, f"invalid unicode: {exc.reason}") from None
+        except json.JSONDecodeError as exc:
+            raise HttpFailure(400, _DESERIALIZE, _serde_syntax_message(exc)) from None
+        config_body = action == "vm.create" or action.startswith("vm.add-")
+        error = self.first_error(op.body_schema, body, _deserializable if config_body else None)
+        if error is not None:
+            raise HttpFailure(400, _DESERIALIZE, self._serde_message(error, text))
+        if isinstance(body, dict):
             for name in _SERDE_REQUIRED.get(action, ()):
                 if name not in body:
-                    problem = f"missing field `{name}`"
-                    break
-        if problem is not None:
-            raise ApiFailure(400, "Invalid request body", problem)
+                    raise HttpFailure(400, _DESERIALIZE, _missing_field(name, text, []))
         return body
+
+    @staticmethod
+    def _serde_message(error: Any, text: str) -> str:
+        """serde's wording for a missing field; the field and jsonschema's words otherwise."""
+        if error.validator == "required" and isinstance(error.instance, dict):
+            missing = next((n for n in error.validator_value if n not in error.instance), "?")
+            return _missing_field(missing, text, list(error.absolute_path))
+        where = ".".join(str(p) for p in error.absolute_path)
+        return f"{where}: {error.message}" if where else str(error.message)
 
     def check_response(self, op: Operation | None, status: int, body: Any) -> str | None:
         """Why a response breaks the contract, or None.
 
         Success statuses must be declared for the operation with a matching
         body. Error statuses may be undeclared because the upstream document
-        omits most of them (NOTES.md: every failure is a 500) but must carry
-        the error-chain body.
+        omits most of them but must carry the error-chain body. The spec's
+        minimums are not enforced on answers: vm.info echoes a config exactly as
+        vm.create accepted it, and that is unvalidated until vm.boot.
         """
         if 200 <= status < 300:
             if op is None or status not in op.responses:
@@ -351,7 +546,7 @@ class Contract:
                 return None if body is None else f"status {status} declares no content"
             if body is None:
                 return f"status {status} requires a JSON body"
-            return self.validate(schema, body)
+            return self.validate(schema, body, _deserializable)
         if op is not None and op.responses.get(status) is not None:
             schema = op.responses[status]
             assert schema is not None
@@ -361,6 +556,15 @@ class Contract:
         if not (isinstance(body, list) and body and all(isinstance(s, str) for s in body)):
             return _ERROR_BODY_HINT
         return None
+
+
+def _missing_field(name: str, text: str, path: list[str | int]) -> str:
+    """serde's message: the position is just past the object that lacks the field."""
+    end = _value_end(text, path)
+    if end is None:
+        return f"missing field `{name}`"
+    line, column = _line_column(text, end)
+    return f"missing field `{name}` at line {line} column {column}"
 
 
 # --------------------------------------------------------------------------
@@ -475,28 +679,51 @@ def _needs_shared_memory(kind: DeviceKind, entry: dict[str, Any]) -> bool:
 def _validate_device(kind: DeviceKind, entry: dict[str, Any], config: dict[str, Any]) -> None:
     """Upstream's ValidationError checks that the schema cannot express (400)."""
     if kind.config_key == "disks" and not entry.get("path") and not entry.get("vhost_user"):
-        raise ValueError("Path missing when using a disk that is not vhost-user")
+        raise ConfigInvalid("Path missing when using a disk that is not vhost-user")
     if _needs_shared_memory(kind, entry) and not _memory_shared(config):
-        raise ValueError("Using vhost-user requires using shared memory or huge pages")
-
-
-class Conflict(ValueError):
-    """Duplicate identifier or path: upstream answers 409, not 400."""
+        raise ConfigInvalid("Using vhost-user requires using shared memory or huge pages")
 
 
 def _check_unique(entries: list[tuple[DeviceKind, dict[str, Any]]]) -> None:
+    """Duplicate ids, and VFIO devices on one path, are 409 (disk paths are not checked
+    here: the image lock refuses them when the device is created)."""
     ids: set[str] = set()
     paths: set[str] = set()
     for kind, entry in entries:
         ident = entry.get("id")
         if ident is not None:
             if ident in ids:
-                raise Conflict(f"Identifier {ident} is not unique")
+                raise ConfigInvalid(f"Identifier {ident} is not unique", status=409)
             ids.add(ident)
-        if kind.config_key in ("disks", "devices") and entry.get("path"):
+        if kind.config_key == "devices" and entry.get("path"):
             if entry["path"] in paths:
-                raise Conflict(f"Device path is used twice: {entry['path']}")
+                raise ConfigInvalid(f"Duplicated device path: {entry['path']}", status=409)
             paths.add(entry["path"])
+
+
+_SPECIAL_VSOCK_CIDS: Final = frozenset({0, 1, 2, 2**32 - 1})
+
+
+def validate_config(contract: Contract, config: dict[str, Any]) -> None:
+    """Upstream's VmConfig::validate, run by vm.boot and vm.add-* (not vm.create)."""
+    cpus = config.get("cpus") or {}
+    boot, most = int(cpus.get("boot_vcpus", 1)), int(cpus.get("max_vcpus", 1))
+    if boot > most:
+        raise ConfigInvalid(f"Max CPUs ({most}) lower than boot CPUs ({boot})")
+    payload = config.get("payload") or {}
+    if not any(payload.get(k) for k in ("kernel", "firmware", "igvm")):
+        raise ConfigInvalid("Payload configuration is not bootable",
+                            "No bootitem provided: neither firmware nor kernel")
+    entries = list(_device_entries(config))
+    _check_unique(entries)
+    for kind, entry in entries:
+        _validate_device(kind, entry, config)
+    vsock = config.get("vsock")
+    if isinstance(vsock, dict) and vsock.get("cid") in _SPECIAL_VSOCK_CIDS:
+        raise ConfigInvalid(f"{vsock['cid']} is a special VSOCK CID")
+    problem = contract.validate(contract.schema("VmConfig"), config)
+    if problem is not None:  # the spec's minimums, which serde let through at vm.create
+        raise ConfigInvalid(problem)
 
 
 def _total_memory(config: dict[str, Any]) -> int:
@@ -513,30 +740,73 @@ def _file_url(url: str) -> str:
     return url[len("file://") :]
 
 
+def _not_a_directory(path: str) -> str:
+    """Upstream's message, with the path in Rust's Debug quoting."""
+    return f"Destination is not a directory: {json.dumps(path)}"
+
+
 @dataclass
 class Reply:
-    """An answer to one API call; ``after`` runs once it has been sent."""
+    """An answer to one API call; ``after`` runs once it has been sent.
+
+    ``raw`` replaces the JSON body with bytes sent verbatim, for the few answers that come
+    from the HTTP layer rather than the API (micro_http's own errors)."""
 
     status: int
     body: Any = None
     after: Callable[[], None] | None = None
+    raw: bytes | None = None
+    close: bool = False
 
 
-def _error_reply(failure: ApiFailure) -> Reply:
+def _error_reply(failure: ApiFailure | HttpFailure) -> Reply:
+    if isinstance(failure, HttpFailure):
+        return Reply(failure.status, failure.chain or None)
     return Reply(failure.status, ["Error from API", *failure.chain])
 
 
 @dataclass
 class Vm:
-    """The one VM a VMM process hosts."""
+    """The VM of a VMM process: its config, and the VM object once vm.boot built one.
+
+    Upstream keeps the two apart: vm.create stores a config, vm.boot builds a VM object
+    (kept even when loading the kernel then fails), vm.shutdown drops the object and keeps
+    the config. Without an object vm.info reports ``Created``.
+    """
 
     config: dict[str, Any]
-    state: VmState = VmState.CREATED
+    state: VmState = VmState.CREATED  # of the VM object; CREATED while there is none
+    instance: bool = False  # a VM object exists
     next_device_index: int = 0  # upstream names devices _disk0, _net1, ... from one counter
     pci: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (segment, slot)
     disk_sizes: dict[str, int] = field(default_factory=dict)
+    boot_ram: int = 0  # RAM the VM object started with; ACPI hotplug adds above it
+    current_ram: int = 0  # RAM the guest has (an ACPI shrink only changes the config)
     booted_at: float = 0.0
     pending_power_off: bool = False  # power button pressed while the guest was paused
+    guest_stopped: bool = False  # pre-v54 hook: report Shutdown after a guest power-off
+
+    @property
+    def reported_state(self) -> VmState:
+        if self.guest_stopped:
+            return VmState.SHUTDOWN
+        return self.state if self.instance else VmState.CREATED
+
+    def start_instance(self, state: VmState) -> None:
+        """The VM object exists, its devices on the PCI bus."""
+        self.plug_all()
+        self.instance = True
+        self.state = state
+        self.boot_ram = self.current_ram = int((self.config.get("memory") or {}).get("size", 0))
+        self.booted_at = time.monotonic()
+        self.pending_power_off = False
+        self.guest_stopped = False
+
+    def drop_instance(self) -> None:
+        self.instance = False
+        self.state = VmState.CREATED
+        self.pci = {}
+        self.pending_power_off = False
 
     def export_state(self) -> dict[str, Any]:
         """What snapshot and migration carry besides the config."""
@@ -546,18 +816,36 @@ class Vm:
             "next_device_index": self.next_device_index,
             "pci": {k: list(v) for k, v in self.pci.items()},
             "disk_sizes": dict(self.disk_sizes),
+            "boot_ram": self.boot_ram,
+            "current_ram": self.current_ram,
         }
 
     @classmethod
     def from_export(cls, config: dict[str, Any], state: Any, new_state: VmState) -> Vm:
         if not isinstance(state, dict) or state.get("format") != "hyperfleet-ch-double/1":
             raise ValueError("state.json was not written by this VMM")
-        vm = cls(config=config, state=new_state)
+        vm = cls(config=config, state=new_state, instance=True)
         vm.next_device_index = int(state.get("next_device_index", 0))
         vm.pci = {str(k): (int(v[0]), int(v[1])) for k, v in state.get("pci", {}).items()}
         vm.disk_sizes = {str(k): int(v) for k, v in state.get("disk_sizes", {}).items()}
+        size = int((config.get("memory") or {}).get("size", 0))
+        vm.boot_ram = int(state.get("boot_ram") or size)
+        vm.current_ram = int(state.get("current_ram") or size)
         vm.booted_at = time.monotonic()
         return vm
+
+    def memory_actual_size(self) -> int:
+        """Upstream: the configured RAM; with a VM object, minus the balloon, plus what
+        virtio-mem plugged (all of it here: the simulated guest always cooperates)."""
+        memory = self.config.get("memory") or {}
+        zones = memory.get("zones") or ()
+        size = int(memory.get("size", 0)) + sum(int(z.get("size", 0)) for z in zones)
+        if not self.instance:
+            return size
+        plugged = int(memory.get("hotplugged_size") or 0) + sum(
+            int(z.get("hotplugged_size") or 0) for z in zones)
+        balloon = int((self.config.get("balloon") or {}).get("size", 0))
+        return max(size + plugged - balloon, 0)
 
     def assign_ids(self) -> None:
         for kind, entry in _device_entries(self.config):
@@ -611,17 +899,18 @@ def _recv_line(sock: socket.socket, limit: int) -> bytes:
 class Vmm:
     """The emulated VMM thread: one lock serialises API calls, like upstream."""
 
-    def __init__(self, contract: Contract, events: EventMonitor) -> None:
+    def __init__(self, contract: Contract, events: EventMonitor, *,
+                 no_shutdown: bool = False) -> None:
         self.contract = contract
         self.events = events
         self.lock = threading.RLock()
         self.vm: Vm | None = None
         self.receiving = False
         self.receive_path: str | None = None
-        self.exit_on_guest_shutdown = os.environ.get(EXIT_ON_GUEST_SHUTDOWN_ENV, "") not in (
-            "",
-            "0",
-        )
+        self.no_shutdown = no_shutdown
+        # Unset or "1": upstream (exit on guest power-off). "0": the pre-v54 double.
+        self.exit_on_guest_shutdown = os.environ.get(EXIT_ON_GUEST_SHUTDOWN_ENV, "1") != "0"
+        self.shutdown_emitted = False  # vmm/shutdown written; the process is on its way out
         self.actions: dict[str, Callable[[Any], Reply]] = {
             "vmm.ping": self.ping,
             "vmm.shutdown": self.vmm_shutdown,
@@ -652,27 +941,26 @@ class Vmm:
     # -- helpers ---------------------------------------------------------
 
     def _vm(self, what: str) -> Vm:
+        """The VM's config exists (vm.create ran): else 404 "VM is not created"."""
         if self.vm is None:
             raise ApiFailure(404, what, "VM is not created")
         return self.vm
 
     def _booted(self, what: str) -> Vm:
-        vm = self._vm(what)
-        if vm.state not in BOOTED_STATES:
+        """A VM object exists (vm.boot ran): else 500 "VM is not running"."""
+        if self.vm is None or not self.vm.instance:
             raise ApiFailure(500, what, "VM is not running")
-        return vm
-
-    @staticmethod
-    def _allow(vm: Vm, new: VmState, what: str) -> None:
-        """Fail with upstream's 500 unless ``vm.state -> new`` is allowed."""
-        try:
-            check_transition(vm.state, new)
-        except ValueError as exc:
-            raise ApiFailure(500, what, str(exc)) from None
+        return self.vm
 
     def _exit_process(self) -> None:
         """Let the main thread run the orderly exit (it waits in sigwait)."""
         os.kill(os.getpid(), signal.SIGTERM)
+
+    def _validate(self, config: dict[str, Any], what: str) -> None:
+        try:
+            validate_config(self.contract, config)
+        except ConfigInvalid as exc:
+            raise ApiFailure(exc.status, what, "Failed to validate config", *exc.chain) from None
 
     # -- VMM -------------------------------------------------------------
 
@@ -680,7 +968,7 @@ class Vmm:
         return Reply(
             200,
             {
-                "build_version": f"v{VERSION}",
+                "build_version": BUILD_VERSION,
                 "version": VERSION,
                 "pid": os.getpid(),
                 "features": ["kvm"],
@@ -688,23 +976,28 @@ class Vmm:
         )
 
     def vmm_shutdown(self, _: Any) -> Reply:
+        """Upstream deletes the VM, writes vmm/shutdown, answers 200 (not the spec's 204)."""
         with self.lock:
             self._drop_vm()
-        return Reply(204, after=self._exit_process)
+            self.emit_vmm_shutdown()
+        return Reply(200, after=self._exit_process)
+
+    def emit_vmm_shutdown(self) -> None:
+        if not self.shutdown_emitted:
+            self.shutdown_emitted = True
+            self.events.emit("vmm", "shutdown")
 
     # -- lifecycle ---------------------------------------------------------
 
     def info(self, _: Any) -> Reply:
         with self.lock:
             vm = self._vm("The VM info is not available")
-            config = copy.deepcopy(vm.config)
-            balloon = int((config.get("balloon") or {}).get("size", 0))
             body: dict[str, Any] = {
-                "config": config,
-                "state": str(vm.state),
-                "memory_actual_size": max(_total_memory(config) - balloon, 0),
+                "config": copy.deepcopy(vm.config),
+                "state": str(vm.reported_state),
+                "memory_actual_size": vm.memory_actual_size(),
             }
-            if vm.state in BOOTED_STATES:
+            if vm.instance:
                 body["device_tree"] = {
                     ident: {"id": ident, "resources": [], "children": [], "pci_bdf": vm.bdf(ident)}
                     for ident in vm.pci
@@ -713,27 +1006,17 @@ class Vmm:
 
     def counters(self, _: Any) -> Reply:
         with self.lock:
-            vm = self._booted("The VM counters are not available")
-            ticks = int((time.monotonic() - vm.booted_at) * 1000)
+            vm = self._booted("The VM info is not available")  # sic: upstream's wording
             result: dict[str, dict[str, int]] = {}
             for kind, entry in _device_entries(vm.config):
                 if kind.config_key == "disks":
-                    result[entry["id"]] = {
-                        "read_bytes": ticks * 4096,
-                        "read_ops": ticks,
-                        "write_bytes": ticks * 512,
-                        "write_ops": ticks // 8,
-                    }
+                    result[entry["id"]] = dict(_IDLE_DISK_COUNTERS)
                 elif kind.config_key == "net":
-                    result[entry["id"]] = {
-                        "rx_bytes": ticks * 1500,
-                        "rx_frames": ticks,
-                        "tx_bytes": ticks * 750,
-                        "tx_frames": ticks,
-                    }
+                    result[entry["id"]] = dict(_IDLE_NET_COUNTERS)
             return Reply(200, result)
 
     def create(self, config: dict[str, Any]) -> Reply:
+        """Store the config; upstream validates nothing until vm.boot."""
         what = "The VM could not be created"
         with self.lock:
             if self.vm is not None:
@@ -743,29 +1026,8 @@ class Vmm:
             config = copy.deepcopy(config)
             config.setdefault("cpus", {"boot_vcpus": 1, "max_vcpus": 1})
             config.setdefault("memory", {"size": _DEFAULT_MEMORY})
-            try:
-                self._validate_config(config)
-            except Conflict as exc:
-                raise ApiFailure(409, what, "Failed to validate config", str(exc)) from None
-            except ValueError as exc:
-                raise ApiFailure(400, what, "Failed to validate config", str(exc)) from None
-            vm = Vm(config=config)
-            vm.assign_ids()
-            self.vm = vm
+            self.vm = Vm(config=config)  # device ids stay unset until vm.boot names them
         return Reply(204)
-
-    @staticmethod
-    def _validate_config(config: dict[str, Any]) -> None:
-        cpus = config["cpus"]
-        if cpus["boot_vcpus"] > cpus["max_vcpus"]:
-            raise ValueError("Max vCPUs lower than boot vCPUs")
-        payload = config.get("payload") or {}
-        if not any(payload.get(k) for k in ("kernel", "firmware", "igvm")):
-            raise ValueError("No kernel specified")
-        entries = list(_device_entries(config))
-        _check_unique(entries)
-        for kind, entry in entries:
-            _validate_device(kind, entry, config)
 
     def delete(self, _: Any) -> Reply:
         with self.lock:
@@ -773,9 +1035,10 @@ class Vmm:
         return Reply(204)
 
     def _drop_vm(self) -> None:
+        """vm.delete: shut a VM object down first (event vm/shutdown), then forget it all."""
         if self.vm is None:
             return
-        if self.vm.state in BOOTED_STATES:
+        if self.vm.instance:
             self.events.emit("vm", "shutdown")
         self.vm = None
         self.events.emit("vm", "deleted")
@@ -783,29 +1046,42 @@ class Vmm:
     def boot(self, _: Any) -> Reply:
         what = "The VM could not boot"
         with self.lock:
-            vm = self._vm(what)
-            if vm.state in (VmState.PAUSED, VmState.BREAKPOINT):
-                raise ApiFailure(500, what, "VM is already booted")
-            self._allow(vm, VmState.RUNNING, what)
+            if self.vm is not None and self.vm.instance:
+                raise ApiFailure(500, what, "VM is already created")  # before any event
             self.events.emit("vm", "booting")
-            vm.state = VmState.RUNNING
+            if self.vm is None:
+                raise ApiFailure(404, what, "VM config is missing")
+            vm = self.vm
+            self._validate(vm.config, what)
+            vm.assign_ids()
+            self._load_kernel(vm, what)
             try:
-                vm.plug_all()
+                vm.start_instance(VmState.RUNNING)
             except RuntimeError as exc:
-                vm.state = VmState.SHUTDOWN
+                vm.drop_instance()
                 raise ApiFailure(500, what, "Error from device manager", str(exc)) from None
-            vm.booted_at = time.monotonic()
-            vm.pending_power_off = False
             self.events.emit("vm", "booted")
         return Reply(204)
+
+    @staticmethod
+    def _load_kernel(vm: Vm, what: str) -> None:
+        """The one file the double looks at: a missing kernel fails the boot after the VM
+        object was built, as upstream (the object stays, state Created)."""
+        kernel = (vm.config.get("payload") or {}).get("kernel")
+        if kernel and not os.path.exists(kernel):
+            vm.drop_instance()
+            vm.instance = True
+            vm.guest_stopped = False
+            raise ApiFailure(500, what, "Cannot open kernel file",
+                             "No such file or directory (os error 2)")
 
     def pause(self, _: Any) -> Reply:
         what = "The VM could not be paused"
         with self.lock:
             vm = self._booted(what)
-            self._allow(vm, VmState.PAUSED, what)
             self.events.emit("vm", "pausing")
-            vm.state = VmState.PAUSED
+            self._transition(vm, VmState.PAUSED, what, "Cannot pause VM",
+                             "Failed to pause migratable component")
             self.events.emit("vm", "paused")
         return Reply(204)
 
@@ -813,41 +1089,58 @@ class Vmm:
         what = "The VM could not resume"
         with self.lock:
             vm = self._booted(what)
-            self._allow(vm, VmState.RUNNING, what)
             self.events.emit("vm", "resuming")
-            vm.state = VmState.RUNNING
+            self._transition(vm, VmState.RUNNING, what, "Cannot resume VM",
+                             "Failed to resume migratable component")
             self.events.emit("vm", "resumed")
-            if vm.pending_power_off:
-                self._power_off(vm)
+            if vm.pending_power_off and self._guest_powered_off(vm):
+                return Reply(204, after=self._exit_process)
         return Reply(204)
 
+    @staticmethod
+    def _transition(vm: Vm, new: VmState, *chain: str) -> None:
+        try:
+            check_transition(vm.state, new)
+        except ValueError as exc:
+            raise ApiFailure(500, *chain, f"Invalid transition: {exc}") from None
+        vm.state = new
+
     def shutdown(self, _: Any) -> Reply:
+        """The VM object goes, the config stays: vm.info says Created, vm.boot works."""
         what = "The VM could not shutdown"
         with self.lock:
             vm = self._booted(what)
-            self._allow(vm, VmState.SHUTDOWN, what)
-            vm.state = VmState.SHUTDOWN
-            vm.pci = {}
+            self._transition(vm, VmState.SHUTDOWN, what)
+            vm.drop_instance()
             self.events.emit("vm", "shutdown")
         return Reply(204)
 
     def reboot(self, _: Any) -> Reply:
+        """Shut the VM object down and build and boot a new one from the same config."""
         what = "The VM could not reboot"
         with self.lock:
-            vm = self._booted(what)
-            self._allow(vm, VmState.SHUTDOWN, what)  # a reboot is shutdown + boot
             self.events.emit("vm", "rebooting")
-            vm.state = VmState.RUNNING
-            vm.pending_power_off = False
+            vm = self.vm
+            if vm is None or not vm.instance:
+                raise ApiFailure(404, what, "VM is not created")
+            self._transition(vm, VmState.SHUTDOWN, what)
+            vm.drop_instance()
+            kernel = (vm.config.get("payload") or {}).get("kernel")
+            if kernel and not os.path.exists(kernel):
+                raise ApiFailure(500, what, "Cannot open kernel file",
+                                 "No such file or directory (os error 2)")
+            vm.start_instance(VmState.RUNNING)
             self.events.emit("vm", "rebooted")
         return Reply(204)
 
     def power_button(self, _: Any) -> Reply:
+        """The simulated guest reacts to the ACPI power button by powering off."""
         with self.lock:
             vm = self._booted("Error triggering power button")
             if vm.state == VmState.RUNNING:
-                self._power_off(vm)
-            else:
+                if self._guest_powered_off(vm):
+                    return Reply(204, after=self._exit_process)  # answer first, then exit
+            elif vm.state == VmState.PAUSED:
                 vm.pending_power_off = True  # the guest reacts once it runs again
         return Reply(204)
 
@@ -856,35 +1149,43 @@ class Vmm:
             self._booted("Error triggering NMI")
         return Reply(204)
 
-    def _power_off(self, vm: Vm) -> None:
-        check_transition(vm.state, VmState.SHUTDOWN)
-        vm.state = VmState.SHUTDOWN
-        vm.pci = {}
-        vm.pending_power_off = False
-        self.events.emit("vm", "shutdown")
+    def _guest_powered_off(self, vm: Vm) -> bool:
+        """Upstream's guest-exit path: the whole VMM shuts down unless --no-shutdown.
+        True when the process is to exit (the caller makes that happen)."""
         _log(logging.INFO, "guest powered off")
-        if self.exit_on_guest_shutdown:
-            self._exit_process()
+        if not self.exit_on_guest_shutdown:  # the pre-v54 double: stay, report Shutdown
+            vm.drop_instance()
+            vm.guest_stopped = True
+            self.events.emit("vm", "shutdown")
+            return False
+        if self.no_shutdown:
+            vm.drop_instance()
+            self.events.emit("vm", "shutdown")
+            return False
+        self._drop_vm()
+        self.emit_vmm_shutdown()
+        return True
 
     # -- guest hooks (signals) --------------------------------------------
 
-    def guest_power_off(self) -> None:
-        """SIGUSR1: the guest shuts itself down."""
+    def guest_power_off(self) -> bool:
+        """SIGUSR1: the guest shuts itself down. True when the VMM is to exit now."""
         with self.lock:
             vm = self.vm
-            if vm is None or vm.state not in (VmState.RUNNING, VmState.PAUSED):
+            if vm is None or not vm.instance or vm.state not in (VmState.RUNNING, VmState.PAUSED):
                 _log(logging.WARNING, "SIGUSR1 ignored: no running or paused VM")
-                return
-            self._power_off(vm)
+                return False
+            return self._guest_powered_off(vm)
 
     def guest_reboot(self) -> None:
-        """SIGUSR2: the guest reboots itself."""
+        """SIGUSR2: the guest reboots itself (upstream rebuilds the VM object)."""
         with self.lock:
             vm = self.vm
-            if vm is None or vm.state != VmState.RUNNING:
+            if vm is None or not vm.instance or vm.state != VmState.RUNNING:
                 _log(logging.WARNING, "SIGUSR2 ignored: no running VM")
                 return
             self.events.emit("vm", "rebooting")
+            vm.start_instance(VmState.RUNNING)
             self.events.emit("vm", "rebooted")
 
     # -- sizing ----------------------------------------------------------
@@ -892,79 +1193,105 @@ class Vmm:
     def resize(self, body: dict[str, Any]) -> Reply:
         what = "The VM could not be resized"
         with self.lock:
-            vm = self._booted(what)
+            vm = self._vm(what)
             cpus = vm.config["cpus"]
             memory = vm.config["memory"]
             vcpus = body.get("desired_vcpus")
             ram = body.get("desired_ram")
             balloon = body.get("desired_balloon")
-            if vcpus is not None and vcpus > cpus["max_vcpus"]:
-                raise ApiFailure(
-                    500,
-                    what,
-                    "Error from CPU manager",
-                    f"Desired vCPUs {vcpus} exceeds max_vcpus {cpus['max_vcpus']}",
-                )
-            if ram is not None:
-                self._check_ram(memory, ram, what)
-            if balloon is not None:
-                if not vm.config.get("balloon"):
-                    raise ApiFailure(500, what, "No balloon device configured")
-                if balloon > _total_memory(vm.config):
-                    raise ApiFailure(500, what, "Balloon size exceeds guest memory")
-            if vcpus is None and ram is None and balloon is None:
+            if not vm.instance:  # a created VM: only the config changes, unchecked
+                if vcpus is not None:
+                    cpus["boot_vcpus"] = vcpus
+                if ram is not None:
+                    memory["size"] = ram
+                if balloon is not None and vm.config.get("balloon"):
+                    vm.config["balloon"]["size"] = balloon
                 return Reply(204)
             self.events.emit("vm", "resizing")
             if vcpus is not None:
+                if vcpus > cpus["max_vcpus"]:
+                    raise ApiFailure(500, what, "Error from CPU manager",
+                                     "Requested vCPUs exceed maximum")
                 cpus["boot_vcpus"] = vcpus
             if ram is not None:
-                memory["hotplugged_size"] = ram - memory["size"]
+                self._resize_ram(vm, ram, what)
             if balloon is not None:
-                vm.config["balloon"]["size"] = balloon
+                self._resize_balloon(vm, balloon, what)
             self.events.emit("vm", "resized")
         return Reply(204)
 
     @staticmethod
-    def _check_ram(memory: dict[str, Any], ram: int, what: str) -> None:
+    def _resize_ram(vm: Vm, ram: int, what: str) -> None:
+        """Upstream's MemoryManager::resize, then the config update it always does."""
+        memory = vm.config["memory"]
+        if memory.get("zones"):
+            raise ApiFailure(500, what, "Memory manager error", "Impossible to resize guest "
+                             "memory if it is backed by user defined memory regions")
         size = int(memory["size"])
-        current = size + int(memory.get("hotplugged_size") or 0)
-        if ram == current:
+        hotplug = int(memory.get("hotplug_size") or 0)
+        if memory.get("hotplug_method", "Acpi") == "VirtioMem":
+            if ram < size:
+                raise ApiFailure(500, what, "Memory manager error", "Invalid resize request: "
+                                 f"desired_size = {ram} below boot size = {size}")
+            if ram - size > hotplug:
+                raise ApiFailure(500, what, "Memory manager error", "Failed to virtio-mem resize")
+            if ram > size:
+                memory["hotplugged_size"] = ram - size
+            else:
+                memory.pop("hotplugged_size", None)
             return
-        hotplug = memory.get("hotplug_size")
-        if not hotplug:
-            raise ApiFailure(
-                500, what, "Memory manager error", "Memory hotplug is not enabled (hotplug_size)"
-            )
-        if ram < size or (ram < current and memory.get("hotplug_method", "Acpi") == "Acpi"):
-            raise ApiFailure(
-                500, what, "Memory manager error", f"Cannot shrink memory to {ram} bytes"
-            )
-        if ram > size + int(hotplug):
-            raise ApiFailure(
-                500, what, "Memory manager error", f"Desired memory {ram} exceeds size+hotplug_size"
-            )
+        if ram > vm.current_ram:  # ACPI: a DIMM is added; shrinking does nothing live
+            if (ram - vm.current_ram) % _ACPI_DIMM:
+                raise ApiFailure(500, what, "Memory manager error",
+                                 "The requested hotplug memory addition is not a valid size")
+            if ram > vm.boot_ram + hotplug:
+                raise ApiFailure(500, what, "Memory manager error",
+                                 "Not enough space in the hotplug RAM region")
+            vm.current_ram = ram
+        memory["size"] = ram  # a reboot comes up with the last size asked for
+
+    @staticmethod
+    def _resize_balloon(vm: Vm, size: int, what: str) -> None:
+        balloon = vm.config.get("balloon")
+        if not balloon:
+            raise ApiFailure(500, what, "Error from device manager",
+                             "Missing virtio-balloon, can't proceed as expected")
+        if size > vm.memory_actual_size() + int(balloon.get("size", 0)):
+            raise ApiFailure(500, what, "Error from device manager",
+                             "Failed to resize virtio-balloon")
+        balloon["size"] = size
 
     def resize_zone(self, body: dict[str, Any]) -> Reply:
         what = "The memory zone could not be resized"
         with self.lock:
-            vm = self._booted(what)
+            vm = self._vm(what)
             zones = vm.config["memory"].get("zones") or []
             zone = next((z for z in zones if z.get("id") == body["id"]), None)
             if zone is None:
-                raise ApiFailure(500, what, f"Unknown memory zone {body['id']}")
-            self._check_ram(zone, body["desired_ram"], what)
-            self.events.emit("vm", "resizing")
-            zone["hotplugged_size"] = body["desired_ram"] - zone["size"]
-            self.events.emit("vm", "resized")
+                raise ApiFailure(500, what, "Failed resizing a memory zone")
+            ram = body["desired_ram"]
+            if not vm.instance:
+                zone["size"] = ram
+                return Reply(204)
+            if ram < zone["size"]:
+                raise ApiFailure(500, what, "Memory manager error", "Invalid resize request: "
+                                 f"desired_size = {ram} below boot size = {zone['size']}")
+            if ram - zone["size"] > int(zone.get("hotplug_size") or 0):
+                raise ApiFailure(500, what, "Memory manager error", "Failed to virtio-mem resize")
+            zone["hotplugged_size"] = ram - zone["size"]
         return Reply(204)
 
     def resize_disk(self, body: dict[str, Any]) -> Reply:
         what = "The disk could not be resized"
         with self.lock:
             vm = self._vm(what)
+            if not vm.instance:
+                raise ApiFailure(500, what, "Failed resizing a disk image")
             disks = {d["id"] for d in vm.config.get("disks") or ()}
             if body["id"] not in disks:
-                raise ApiFailure(404, what, f"Unknown device id {body['id']}")
+                raise ApiFailure(404, what, "Error from device manager",
+                                 "Failed to find device corresponding to the given "
+                                 f"identifier: {body['id']}")
             vm.disk_sizes[body["id"]] = body["desired_size"]
         return Reply(204)
 
@@ -977,30 +1304,28 @@ class Vmm:
         return add
 
     def add_device(self, kind: DeviceKind, entry: dict[str, Any]) -> Reply:
+        """Cold (config only, 204) on a created VM, hot (200 + PCI address) on a booted one.
+        The whole config is validated again first; no event either way."""
         what = f"The {kind.what} could not be added to the VM"
         with self.lock:
             vm = self._vm(what)
             entry = copy.deepcopy(entry)
             if kind.single and vm.config.get(kind.config_key):
-                raise ApiFailure(
-                    400, what, "Failed to validate config", f"Too many {kind.what}s"
-                )
-            try:
-                existing = list(_device_entries(vm.config))
-                _check_unique([*existing, (kind, entry)])
-                _validate_device(kind, entry, vm.config)
-            except Conflict as exc:
-                raise ApiFailure(409, what, "Failed to validate config", str(exc)) from None
-            except ValueError as exc:
-                raise ApiFailure(400, what, "Failed to validate config", str(exc)) from None
-            hotplug = vm.state in BOOTED_STATES
+                raise ApiFailure(500, what, "Too many virtio-vsock devices")
+            candidate = copy.deepcopy(vm.config)
+            if kind.single:
+                candidate[kind.config_key] = entry
+            else:
+                candidate.setdefault(kind.config_key, []).append(entry)
+            self._validate(candidate, what)
             slot = None
-            if hotplug:
+            if vm.instance:
+                self._lock_image(vm, kind, entry, what)
                 try:
                     slot = vm.allocate_slot(entry)
                 except RuntimeError as exc:
                     raise ApiFailure(500, what, "Error from device manager", str(exc)) from None
-            if entry.get("id") is None:
+            if slot is not None and entry.get("id") is None:  # cold: named at vm.boot
                 entry["id"] = f"{kind.prefix}{vm.next_device_index}"
                 vm.next_device_index += 1
             if kind.single:
@@ -1010,13 +1335,28 @@ class Vmm:
             if slot is None:
                 return Reply(204)
             vm.pci[entry["id"]] = slot
-            self.events.emit("vm", "device-added", {"id": entry["id"]})
             return Reply(200, {"id": entry["id"], "bdf": vm.bdf(entry["id"])})
 
+    @staticmethod
+    def _lock_image(vm: Vm, kind: DeviceKind, entry: dict[str, Any], what: str) -> None:
+        """The real VMM locks a disk image when it opens it (shared for read-only disks),
+        so a second disk on the file of a running one fails."""
+        if kind.config_key != "disks" or not entry.get("path"):
+            return
+        readonly = bool(entry.get("readonly"))
+        for other in vm.config.get("disks") or ():
+            if other.get("path") == entry["path"] and not (readonly and other.get("readonly")):
+                mode = "Read" if readonly else "Write"
+                raise ApiFailure(500, what, "Error from device manager",
+                                 "Cannot lock images of all block devices",
+                                 f"Failed to get {mode} lock for disk image: {entry['path']}",
+                                 "The file is already locked")
+
     def remove_device(self, body: dict[str, Any]) -> Reply:
+        """Hot or cold; the simulated guest ejects at once. No event."""
         what = "The device could not be removed from the VM"
         with self.lock:
-            vm = self._booted(what)
+            vm = self._vm(what)
             ident = body["id"]
             for kind in DEVICE_KINDS:
                 value = vm.config.get(kind.config_key)
@@ -1029,35 +1369,44 @@ class Vmm:
                         vm.config[kind.config_key] = kept
                         break
             else:
-                raise ApiFailure(404, what, f"Unknown device id {ident}")
+                if vm.instance:
+                    raise ApiFailure(404, what, "Error from device manager",
+                                     "Failed to find device corresponding to the given "
+                                     f"identifier: {ident}")
+                raise ApiFailure(404, what, f"No device with id {json.dumps(ident)} to remove")
             vm.pci.pop(ident, None)
             vm.disk_sizes.pop(ident, None)
-            self.events.emit("vm", "device-removed", {"id": ident})
         return Reply(204)
 
     # -- snapshot / restore / coredump -----------------------------------
 
     def snapshot(self, body: dict[str, Any]) -> Reply:
+        """Only while Paused. ``snapshotted`` is written before the files are, so a bad
+        destination still emits it (and answers 500), as upstream."""
         what = "The VM could not be snapshotted"
         with self.lock:
             vm = self._booted(what)
+            self.events.emit("vm", "snapshotting")
             if vm.state != VmState.PAUSED:
-                raise ApiFailure(
-                    500, what, "Error snapshotting VM", "Trying to snapshot while VM is running"
-                )
+                raise ApiFailure(500, what, "Cannot snapshot VM",
+                                 "Failed to snapshot migratable component",
+                                 "Trying to snapshot while VM is running")
+            self.events.emit("vm", "snapshotted")
+            send = ("Cannot send VM snapshot", "Failed to send migratable component snapshot")
             try:
                 directory = _file_url(body["destination_url"])
-                if not os.path.isdir(directory):
-                    raise ValueError(f"Snapshot directory {directory} does not exist")
-                self.events.emit("vm", "snapshotting")
+            except ValueError as exc:
+                raise ApiFailure(500, what, *send, str(exc)) from None
+            if not os.path.isdir(directory):
+                raise ApiFailure(500, what, *send, _not_a_directory(directory))
+            try:
                 self._write_json(os.path.join(directory, "config.json"), vm.config)
                 self._write_json(os.path.join(directory, "state.json"), vm.export_state())
                 with open(os.path.join(directory, "memory-ranges"), "wb") as ranges:
                     # upstream's MemoryRangeTable layout: (gpa, length) u64 pairs
                     ranges.write(struct.pack("<QQ", 0, _total_memory(vm.config)))
-            except (ValueError, OSError) as exc:
-                raise ApiFailure(500, what, "Error snapshotting VM", str(exc)) from None
-            self.events.emit("vm", "snapshotted")
+            except OSError as exc:
+                raise ApiFailure(500, what, *send, str(exc)) from None
         return Reply(204)
 
     @staticmethod
@@ -1066,12 +1415,19 @@ class Vmm:
             json.dump(doc, out, indent=2)
 
     def restore(self, body: dict[str, Any]) -> Reply:
+        """Into a fresh process only; the VM comes up Paused (or resumed on request)."""
         what = "The VM could not be restored"
         with self.lock:
             if self.vm is not None:
-                raise ApiFailure(404, what, "VM is already created")
+                raise ApiFailure(500, what, "VM is already created")
+            fail = (what, "Cannot restore VM", "Failed to send migratable component snapshot")
             try:
                 directory = _file_url(body["source_url"])
+            except ValueError as exc:
+                raise ApiFailure(500, *fail, str(exc)) from None
+            if not os.path.isdir(directory):
+                raise ApiFailure(500, *fail, _not_a_directory(directory))
+            try:
                 with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
                     config = json.load(f)
                 with open(os.path.join(directory, "state.json"), encoding="utf-8") as f:
@@ -1082,10 +1438,9 @@ class Vmm:
                 if problem:
                     raise ValueError(f"config.json: {problem}")
                 self.events.emit("vm", "restoring")
-                check_transition(VmState.CREATED, VmState.PAUSED)
                 vm = Vm.from_export(config, state, VmState.PAUSED)
             except (ValueError, OSError, KeyError, TypeError, IndexError) as exc:
-                raise ApiFailure(500, what, "Error restoring VM", str(exc)) from None
+                raise ApiFailure(500, what, "Cannot restore VM", str(exc)) from None
             self.vm = vm
             self.events.emit("vm", "restored")
             if body.get("resume"):
@@ -1291,22 +1646,23 @@ class Api:
         op = ops.get(method) if ops else None
         try:
             if action is None or ops is None:
-                raise ApiFailure(404, "Not found", f"No API endpoint {path}")
+                raise HttpFailure(404, "Not Found")
             if op is None:
-                allowed = ", ".join(sorted(ops))
-                raise ApiFailure(
-                    400, "Bad Request", f"Method {method} is not allowed on {path} (use {allowed})"
-                )
+                if method in ("GET", "PUT") or action == "vm.create":
+                    raise HttpFailure(400, "Bad Request")
+                raise HttpFailure(400)  # PATCH/DELETE: upstream's generic handler, no body
             body = self.contract.check_request(action, op, raw)
             handler = self.vmm.actions.get(action)
             if handler is None:
                 raise ApiFailure(500, f"{action} is not supported by the test double")
             reply = handler(body)
-        except ApiFailure as failure:
+        except (ApiFailure, HttpFailure) as failure:
             reply = _error_reply(failure)
         except Exception as exc:  # a bug in the double must not kill the connection
             _log(logging.ERROR, "handler crashed", action=action, error=repr(exc), exc_info=True)
             reply = _error_reply(ApiFailure(500, "Internal error in the test double", repr(exc)))
+        if reply.status == 400 and reply.body is None:
+            return reply  # the HTTP layer's bare 400: nothing to check
         problem = self.contract.check_response(op, reply.status, reply.body)
         if problem is not None:
             _log(
@@ -1359,18 +1715,34 @@ class ApiHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._serve()
 
-    do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+    do_PUT = do_PATCH = do_DELETE = do_GET
+
+    def do_POST(self) -> None:
+        """micro_http parses GET, PUT, PATCH and DELETE only; anything else gets its own
+        raw-text 400 and the connection is dropped."""
+        self.close_connection = True
+        self._send(Reply(400, raw=_UNSUPPORTED_METHOD_BODY, close=True), time.monotonic(),
+                   self.path.split("?", 1)[0])
+
+    do_OPTIONS = do_HEAD = do_TRACE = do_CONNECT = do_POST
 
     def _serve(self) -> None:
         path = self.path.split("?", 1)[0]
         started = time.monotonic()
-        reply = self._read_and_handle(path)
-        payload = b"" if reply.body is None else json.dumps(reply.body).encode()
+        self._send(self._read_and_handle(path), started, path)
+
+    def _send(self, reply: Reply, started: float, path: str) -> None:
+        if reply.raw is not None:
+            payload = reply.raw
+        else:
+            payload = b"" if reply.body is None else json.dumps(reply.body).encode()
         self.send_response(reply.status)
-        if reply.status != 204:
+        if payload or reply.status not in (204, 400):
             self.send_header("Content-Type", "application/json")
+        if reply.status != 204:
             self.send_header("Content-Length", str(len(payload)))
-        if self.close_connection:
+        if self.close_connection or reply.close:
+            self.close_connection = True
             self.send_header("Connection", "close")
         try:
             self.end_headers()
@@ -1444,13 +1816,23 @@ class _ClapLikeParser(argparse.ArgumentParser):
         self.exit(1, f"error: {message}\n")
 
 
+class _VersionAction(argparse.Action):
+    """The real VMM's two lines (argparse's own version action would rewrap them)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"cloud-hypervisor {BUILD_VERSION}\nMigration Protocol Versions: 0")
+        parser.exit(0)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _ClapLikeParser(
         prog="cloud-hypervisor",
         description="Test double of the Cloud Hypervisor VMM (API only, no guest).",
         allow_abbrev=False,
     )
-    parser.add_argument("--version", "-V", action="version", version=f"cloud-hypervisor v{VERSION}")
+    parser.add_argument("--version", "-V", action=_VersionAction, nargs=0,
+                        help="print the version and exit")
     parser.add_argument(
         "--api-socket", metavar="path=<file>", help="HTTP API unix socket (path=... or a bare path)"
     )
@@ -1458,6 +1840,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-v", dest="verbose", action="count", default=0, help="more logging")
     parser.add_argument("--log-file", metavar="PATH", help="also write logs to PATH")
     parser.add_argument("--seccomp", choices=("true", "false", "log"), help="accepted, ignored")
+    parser.add_argument("--no-shutdown", action="store_true",
+                        help="do not exit the VMM when the guest shuts down")
     args = parser.parse_args(argv)
     if not args.api_socket:
         parser.error("the test double needs --api-socket path=<file>")
@@ -1574,7 +1958,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
     events.emit("vmm", "starting")
     contract = Contract.load()
-    vmm = Vmm(contract, events)
+    vmm = Vmm(contract, events, no_shutdown=args.no_shutdown)
     path: str = args.socket_path
 
     delay = _socket_delay()
@@ -1608,7 +1992,8 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         signo = signal.sigwait(_HANDLED_SIGNALS)
         if signo == signal.SIGUSR1:
-            vmm.guest_power_off()
+            if vmm.guest_power_off():
+                break
         elif signo == signal.SIGUSR2:
             vmm.guest_reboot()
         else:
@@ -1617,7 +2002,8 @@ def main(argv: list[str] | None = None) -> int:
     _unlink_quietly(path)
     if vmm.receive_path is not None:  # a receiver still waiting for its sender
         _unlink_quietly(vmm.receive_path)
-    events.emit("vmm", "shutdown")
+    with vmm.lock:
+        vmm.emit_vmm_shutdown()  # unless vmm.shutdown or a guest power-off already did
     events.close()
     _log(logging.INFO, "vmm exiting", signal=signal.Signals(signo).name)
     logging.shutdown()
