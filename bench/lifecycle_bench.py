@@ -1,7 +1,9 @@
 """Apply -> Running latency for N VMs on one agent, and the CH client's per-request cost.
 
-Runs the real stack (API server, controller, one agent, CH doubles) and prints figures;
-it asserts nothing. Usage: python bench/lifecycle_bench.py [--sizes 1 10 100]
+Runs the real stack (API server, controller, one agent per VMM kind) and prints figures
+for the CH double and, in the same run, the genuine cloud-hypervisor where this machine
+can run it; it asserts nothing.
+Usage: python bench/lifecycle_bench.py [--sizes 1 20] [--vmm double real]
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import statistics
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hyperfleet.operator.devstack import (
     ApiServer,
+    RealVmm,
     ch_double_cmd,
+    find_real_vmm,
     hyperfleet_cmd,
     install_crds,
     kill_pidfiles,
@@ -35,8 +40,23 @@ VM = """---
 apiVersion: hyperfleet.dev/v1alpha1
 kind: VirtualMachine
 metadata: {{name: b{i}, namespace: {ns}}}
-spec: {{cpus: 1, memory: 64Mi, boot: {{kernel: /k}}}}
+spec: {{cpus: 1, memory: 256Mi, boot: {{kernel: {kernel}}},
+        nodeSelector: {{hyperfleet.dev/node: {node}}}}}
 """
+
+
+@dataclass(frozen=True)
+class Vmm:
+    kind: str  # "double" or "real"
+    binary: str
+    kernel: str
+
+    @property
+    def node(self) -> str:
+        return f"bench-{self.kind}"
+
+    def vms(self, ns: str, names: list[str] | range) -> str:
+        return "".join(VM.format(i=i, ns=ns, kernel=self.kernel, node=self.node) for i in names)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -44,12 +64,12 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def latency_run(api: ApiServer, work: Path, n: int) -> tuple[list[float], float]:
+def latency_run(api: ApiServer, vmm: Vmm, n: int) -> tuple[list[float], float]:
     """Apply n VMs at once; seconds from apply until each is seen Running."""
-    ns = f"bench-{n}"
+    ns = f"bench-{vmm.kind}-{n}"
     kc = api.kubeconfig
     kubectl(kc, "create", "namespace", ns)
-    manifest = "".join(VM.format(i=i, ns=ns) for i in range(n))
+    manifest = vmm.vms(ns, range(n))
     t0 = time.monotonic()
     kubectl(kc, "apply", "-f", "-", input_=manifest)
     seen: dict[str, float] = {}
@@ -66,35 +86,35 @@ def latency_run(api: ApiServer, work: Path, n: int) -> tuple[list[float], float]
     return list(seen.values()), total
 
 
-def crash_recovery(api: ApiServer, trials: int = 5) -> list[float]:
+def crash_recovery(api: ApiServer, vmm: Vmm, trials: int = 5) -> list[float]:
     """Seconds from kill -9 of a VMM to its VM reported Running again (restart counted).
 
     One VM per trial: a VM's first restart is immediate, later ones back off on purpose.
     """
     load_config(str(api.kubeconfig))
     kube = Kube()
-    kubectl(api.kubeconfig, "create", "namespace", "crash")
+    ns = f"crash-{vmm.kind}"
+    kubectl(api.kubeconfig, "create", "namespace", ns)
     names = [f"c{i}" for i in range(trials)]
-    kubectl(api.kubeconfig, "apply", "-f", "-",
-            input_="".join(VM.format(i=n, ns="crash") for n in names))
+    kubectl(api.kubeconfig, "apply", "-f", "-", input_=vmm.vms(ns, names))
     out = []
     for n in names:
         st: dict[str, Any] = {}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            st = (kube.get(VMS, f"b{n}", "crash") or {}).get("status") or {}
+            st = (kube.get(VMS, f"b{n}", ns) or {}).get("status") or {}
             if st.get("phase") == "Running" and (st.get("hypervisor") or {}).get("pid"):
                 break
             time.sleep(0.05)
         os.kill(st["hypervisor"]["pid"], signal.SIGKILL)
         t0 = time.monotonic()
         while time.monotonic() - t0 < 30:
-            st = (kube.get(VMS, f"b{n}", "crash") or {}).get("status") or {}
+            st = (kube.get(VMS, f"b{n}", ns) or {}).get("status") or {}
             if st.get("restartCount", 0) == 1 and st.get("phase") == "Running":
                 out.append(time.monotonic() - t0)
                 break
             time.sleep(0.02)
-    kubectl(api.kubeconfig, "-n", "crash", "delete", "hvm", "--all", "--timeout=60s")
+    kubectl(api.kubeconfig, "-n", ns, "delete", "hvm", "--all", "--timeout=60s")
     return out
 
 
@@ -105,7 +125,9 @@ def client_overhead(requests: int = 300) -> tuple[float, float]:
     try:
         pm.spawn("bench", "vm")
         client = pm.client("bench", "vm")
-        client.create({"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+        kernel = tmp / "vmlinux"
+        kernel.write_bytes(b"the double opens no kernel, but wants it to exist")
+        client.create({"payload": {"kernel": str(kernel)}, "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
                        "memory": {"size": 64 << 20}})
         client.put("vm.boot")
         for _ in range(20):
@@ -130,47 +152,72 @@ def client_overhead(requests: int = 300) -> tuple[float, float]:
     return ours, raw
 
 
+def vmms(kinds: list[str], work: Path) -> list[Vmm]:
+    out = []
+    for kind in kinds:
+        if kind == "double":
+            kernel = work / "vmlinux-placeholder"
+            kernel.write_bytes(b"the double opens no kernel")
+            out.append(Vmm("double", ch_double_cmd(), str(kernel)))
+            continue
+        found = find_real_vmm()
+        if isinstance(found, RealVmm):
+            print(f"real VMM: {found.version} ({found.binary}), kernel {found.kernel}")
+            out.append(Vmm("real", found.binary, found.kernel))
+        else:
+            print(f"real VMM: not measured, {found}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 20])
+    ap.add_argument("--vmm", nargs="+", choices=["double", "real"], default=["double", "real"])
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hf-bench-", dir="/tmp"))
     api = ApiServer(work / "api").start()
     procs = []
+    backends = vmms(args.vmm, work)
     try:
         install_crds(api.kubeconfig)
-        for name, cmd in (
-            ("controller", hyperfleet_cmd("controller")),
-            ("agent", hyperfleet_cmd("agent", "--node-name", "bench-node", "--ch-binary",
-                                     ch_double_cmd(), "--socket-dir", str(work / "n"),
-                                     "--cpus", "1000", "--memory", "1Ti", "--heartbeat", "2")),
-        ):
-            procs.append(launch(cmd, work / f"{name}.log", api.kubeconfig))
+        procs.append(launch(hyperfleet_cmd("controller"), work / "controller.log",
+                            api.kubeconfig))
+        for vmm in backends:
+            cmd = hyperfleet_cmd("agent", "--node-name", vmm.node, "--ch-binary", vmm.binary,
+                                 "--socket-dir", str(work / vmm.kind), "--cpus", "1000",
+                                 "--memory", "1Ti", "--heartbeat", "2")
+            procs.append(launch(cmd, work / f"agent-{vmm.kind}.log", api.kubeconfig))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            r = kubectl(api.kubeconfig, "get", "wn", "bench-node", "-o",
-                        "jsonpath={.status.phase}", check=False)
-            if r.stdout == "Ready":
+            r = kubectl(api.kubeconfig, "get", "wn", "-o", "jsonpath={.items[*].status.phase}",
+                        check=False)
+            if r.stdout.split().count("Ready") == len(backends):
                 break
             time.sleep(0.2)
-        print("apply -> Running latency, one agent, CH double (seconds)")
-        print(f"{'N':>5} {'p50':>7} {'p95':>7} {'max':>7} {'all Running':>12} {'done':>6}")
+        print("\napply -> Running latency, one agent per VMM kind (seconds)")
+        print(f"{'VMM':>7} {'N':>5} {'p50':>7} {'p95':>7} {'max':>7} {'all Running':>12} "
+              f"{'done':>6}")
         for n in args.sizes:
-            lat, total = latency_run(api, work, n)
-            if lat:
-                print(f"{n:>5} {statistics.median(lat):>7.2f} {pct(lat, 95):>7.2f} "
-                      f"{max(lat):>7.2f} {total:>12.2f} {len(lat):>4}/{n}")
-            else:
-                print(f"{n:>5} none reached Running in time")
-        rec = crash_recovery(api)
-        if rec:
-            print(f"\nkill -9 of a VMM -> VM Running again (restart counted), {len(rec)} trials: "
-                  f"p50 {statistics.median(rec):.2f}s, max {max(rec):.2f}s")
+            for vmm in backends:
+                lat, total = latency_run(api, vmm, n)
+                if lat:
+                    print(f"{vmm.kind:>7} {n:>5} {statistics.median(lat):>7.2f} "
+                          f"{pct(lat, 95):>7.2f} {max(lat):>7.2f} {total:>12.2f} "
+                          f"{len(lat):>4}/{n}", flush=True)
+                else:
+                    print(f"{vmm.kind:>7} {n:>5} none reached Running in time", flush=True)
+        for vmm in backends:
+            rec = crash_recovery(api, vmm)
+            if rec:
+                print(f"\nkill -9 of a VMM ({vmm.kind}) -> VM Running again (restart counted), "
+                      f"{len(rec)} trials: p50 {statistics.median(rec):.2f}s, "
+                      f"max {max(rec):.2f}s", flush=True)
     finally:
         for p in procs:
             stop_process(p)
         api.stop()
-        kill_pidfiles(work / "n", "*.pid")
+        for vmm in backends:
+            kill_pidfiles(work / vmm.kind, "*.pid")
     ours, raw = client_overhead()
     print("\nCH client per-request cost (vm.info over the unix socket)")
     print(f"  ChClient (requests-unixsocket): {ours * 1e3:7.3f} ms")

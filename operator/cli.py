@@ -269,7 +269,10 @@ def demo(
     keep: Annotated[bool | None, typer.Option(help="Keep running after convergence "
                                               "(default: only on a terminal)")] = None,
 ) -> None:
-    """Local stack: API server, CRDs, controller, agents with the CH double, sample VMs."""
+    """Local stack: API server, CRDs, controller, agents, sample VMs from a Git push.
+
+    The agents drive the real cloud-hypervisor where this machine can run it (and says
+    so), the CH double otherwise."""
     from .demo import run_demo
 
     sys.exit(run_demo(workdir.resolve(), nodes, sys.stdin.isatty() if keep is None else keep))

@@ -12,10 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .devstack import (
     REPO,
     ApiServer,
+    RealVmm,
     ch_double_cmd,
+    find_real_vmm,
     hyperfleet_cmd,
     install_crds,
     kill_pidfiles,
@@ -78,7 +82,8 @@ def _run(workdir: Path, n_nodes: int, keep: bool, api: ApiServer,
     kc = api.kubeconfig
     print("==> installing CRDs", flush=True)
     install_crds(kc)
-    print(f"==> starting controller and {n_nodes} node agents (CH double)", flush=True)
+    binary = _pick_vmm(workdir)
+    print(f"==> starting controller and {n_nodes} node agents", flush=True)
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
 
@@ -88,10 +93,10 @@ def _run(workdir: Path, n_nodes: int, keep: bool, api: ApiServer,
     start("controller", "controller", "--git-cache-dir", str(workdir / "git-cache"))
     for i in range(1, n_nodes + 1):
         start(f"agent-node-{i}", "agent", "--node-name", f"node-{i}",
-              "--ch-binary", ch_double_cmd(), "--socket-dir", str(workdir / f"node-{i}"),
+              "--ch-binary", binary, "--socket-dir", str(workdir / f"node-{i}"),
               "--cpus", "8", "--memory", "16Gi", "--heartbeat", "3")
     _wait_nodes_ready(kc, n_nodes, timeout=60)
-    repo = _sample_repo(workdir)
+    repo = _sample_repo(workdir, real=binary != ch_double_cmd())
     print(f"==> GitSource 'fleet' follows {repo} (examples/vms.yaml, pushed with git)",
           flush=True)
     kubectl(kc, "apply", "-f", "-", input_=GIT_SOURCE.format(url=f"file://{repo}"))
@@ -135,7 +140,49 @@ def _git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
 
 
-def _sample_repo(workdir: Path) -> Path:
+IMAGES = "/var/lib/hyperfleet/images/"
+
+
+def _pick_vmm(workdir: Path) -> str:
+    """The genuine cloud-hypervisor where it can run here, else the double; says which.
+
+    Either way the sample VMs' kernel and disks are files in ``workdir/images`` (the real
+    VMM opens them): the kernel the real VMM boots, or a placeholder for the double."""
+    images = workdir / "images"
+    images.mkdir(exist_ok=True)
+    kernel = images / "vmlinux"
+    kernel.unlink(missing_ok=True)
+    found = find_real_vmm()
+    if isinstance(found, RealVmm):
+        print(f"==> cloud-hypervisor: the real VMM, {found.version} ({found.binary});"
+              f" guest kernel {found.kernel}", flush=True)
+        kernel.symlink_to(found.kernel)
+        return found.binary
+    print(f"==> cloud-hypervisor: the test double (no real VMM here: {found})", flush=True)
+    kernel.write_bytes(b"placeholder: the double opens no kernel")
+    return ch_double_cmd()
+
+
+def _sample_vms(workdir: Path, real: bool) -> str:
+    """examples/vms.yaml with its image paths in ``workdir/images`` (raw disks created).
+
+    With the real VMM the sample NIC is left out: a tap device is a change to this host's
+    network that a demo has no business making."""
+    images = workdir / "images"
+    docs = list(yaml.safe_load_all((REPO / "examples" / "vms.yaml").read_text()))
+    for doc in docs:
+        spec = doc["spec"]
+        for disk in spec.get("disks", []):
+            disk["path"] = disk["path"].replace(IMAGES, f"{images}/")
+            with open(disk["path"], "ab") as f:
+                f.truncate(64 << 20)
+        spec["boot"]["kernel"] = spec["boot"]["kernel"].replace(IMAGES, f"{images}/")
+        if real:
+            spec.pop("interfaces", None)
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def _sample_repo(workdir: Path, real: bool) -> Path:
     """A bare cluster repository with the sample VMs, filled by a real `git push`."""
     bare = workdir / "cluster-repo.git"
     if bare.exists():
@@ -145,7 +192,7 @@ def _sample_repo(workdir: Path) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     _git(workdir, "clone", "-q", str(bare), str(work))
     (work / "fleet").mkdir()
-    shutil.copy(REPO / "examples" / "vms.yaml", work / "fleet" / "vms.yaml")
+    (work / "fleet" / "vms.yaml").write_text(_sample_vms(workdir, real))
     _git(work, "checkout", "-q", "-b", "main")
     _git(work, "add", "fleet")
     _git(work, "commit", "-q", "-m", "Sample fleet: two VMs")

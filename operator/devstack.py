@@ -8,6 +8,7 @@ loopback with fresh certificates, and the Hyperfleet processes beside it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -253,6 +254,96 @@ def install_crds(kubeconfig: Path, crd_dir: Path = REPO / "crds") -> None:
 def hyperfleet_cmd(*args: str) -> list[str]:
     """How to start a Hyperfleet process with the same interpreter."""
     return [sys.executable, "-m", "hyperfleet.operator.cli", *args]
+
+
+#: The team's shared folder beside the checkout: the prebuilt cloud-hypervisor and its recipes.
+SHARED = Path(os.environ.get("HYPERFLEET_SHARED", str(REPO.parent / "shared")))
+#: Set (CI sets it) when the tests that need the genuine VMM must run rather than skip.
+REQUIRE_REAL_CH_ENV = "HYPERFLEET_REQUIRE_REAL_CH"
+
+
+@dataclass(frozen=True)
+class RealVmm:
+    """A genuine cloud-hypervisor that runs here, and a guest kernel it accepts."""
+
+    binary: str
+    kernel: str
+    version: str
+
+
+def real_vmm_required() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+               for v in (REQUIRE_REAL_CH_ENV, "CI"))
+
+
+def find_real_vmm() -> RealVmm | str:
+    """The real VMM if this machine can run one, else the reason it cannot.
+
+    Binary: ``$HYPERFLEET_CH_REAL`` (a path), ``cloud-hypervisor`` on PATH, or the team's
+    prebuilt one in ``../shared/cloud-hypervisor/bin`` (checked against its SHA256SUMS).
+    Kernel: ``$HYPERFLEET_GUEST_KERNEL``, or Debian's, extracted once by the shared
+    ``get-vmlinux.sh`` into ``~/.cache/hyperfleet-ch``."""
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        return f"/dev/kvm is not usable ({exc.strerror}): a VMM cannot create VMs here"
+    binary = _real_ch_binary()
+    if binary.startswith("!"):
+        return binary[1:]
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{binary} --version failed: {exc}"
+    if out.returncode != 0 or not out.stdout.startswith("cloud-hypervisor"):
+        return f"{binary} --version answered {out.returncode}: {out.stderr.strip()[:200]}"
+    kernel = _guest_kernel()
+    if kernel.startswith("!"):
+        return kernel[1:]
+    return RealVmm(binary, kernel, out.stdout.splitlines()[0].strip())
+
+
+def _real_ch_binary() -> str:
+    """A path, or "!" and why there is none."""
+    explicit = os.environ.get("HYPERFLEET_CH_REAL")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else f"!$HYPERFLEET_CH_REAL={explicit} " \
+            "is not an executable"
+    on_path = shutil.which("cloud-hypervisor")
+    if on_path:
+        return on_path
+    bindir = SHARED / "cloud-hypervisor" / "bin"
+    sums = bindir / "SHA256SUMS"
+    if not sums.exists():
+        return (f"!no cloud-hypervisor on PATH and no {sums} (set HYPERFLEET_CH_REAL to a "
+                "cloud-hypervisor binary)")
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.strip().partition("  ")
+        candidate = bindir / name.lstrip("*")
+        if name and candidate.exists():
+            if hashlib.sha256(candidate.read_bytes()).hexdigest() != digest:
+                return f"!{candidate} does not match {sums}: a damaged or changed binary"
+            return str(candidate)
+    return f"!{sums} names no binary that exists beside it"
+
+
+def _guest_kernel() -> str:
+    """A path, or "!" and why there is none."""
+    explicit = os.environ.get("HYPERFLEET_GUEST_KERNEL")
+    if explicit:
+        return explicit if Path(explicit).is_file() else \
+            f"!$HYPERFLEET_GUEST_KERNEL={explicit} is not a file"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hyperfleet-ch"
+    cached = sorted(cache.glob("vmlinux-*"))
+    if cached:
+        return str(cached[-1])
+    recipe = SHARED / "cloud-hypervisor" / "ch-build" / "get-vmlinux.sh"
+    if not recipe.exists():
+        return f"!no guest kernel: set HYPERFLEET_GUEST_KERNEL or provide {recipe}"
+    out = subprocess.run(["bash", str(recipe)], capture_output=True, text=True, timeout=600)
+    path = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    if out.returncode != 0 or not Path(path).is_file():
+        return f"!{recipe} failed ({out.returncode}): {out.stderr.strip()[-300:]}"
+    return path
 
 
 def ch_double_cmd() -> str:

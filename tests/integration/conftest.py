@@ -15,13 +15,17 @@ from typing import Any
 import pytest
 
 from hyperfleet.operator.devstack import (
+    REQUIRE_REAL_CH_ENV,
     ApiServer,
+    RealVmm,
     ch_double_cmd,
+    find_real_vmm,
     hyperfleet_cmd,
     install_crds,
     kill_pidfiles,
     kubectl,
     launch,
+    real_vmm_required,
     stop_process,
 )
 
@@ -74,10 +78,11 @@ class Cluster:
                           "--git-cache-dir", str(self.workdir / "git-cache"))
 
     def start_agent(self, node: str, cpus: int = 8, memory: str = "16Gi",
-                    pool: str = "default",
-                    env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+                    pool: str = "default", env: dict[str, str] | None = None,
+                    ch_binary: str | None = None) -> subprocess.Popen[bytes]:
         return self.start(
-            f"agent-{node}", "agent", "--node-name", node, "--ch-binary", ch_double_cmd(),
+            f"agent-{node}", "agent", "--node-name", node,
+            "--ch-binary", ch_binary or ch_double_cmd(),
             "--socket-dir", str(self.socket_dir(node)), "--cpus", str(cpus),
             "--memory", memory, "--pool", pool, "--heartbeat", "1", env=env,
         )
@@ -155,3 +160,69 @@ def new_cluster(apiserver: ApiServer) -> Iterator[Cluster]:
 def cluster(apiserver: ApiServer) -> Iterator[Cluster]:
     with new_cluster(apiserver) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def real_vmm() -> RealVmm:
+    """The genuine cloud-hypervisor: skipped, saying why, where this machine has none;
+    an error instead where it must run (CI, or $HYPERFLEET_REQUIRE_REAL_CH)."""
+    found = find_real_vmm()
+    if isinstance(found, str):
+        if real_vmm_required():
+            pytest.fail(f"the real cloud-hypervisor must run here (CI or "
+                        f"{REQUIRE_REAL_CH_ENV}) but cannot: {found}")
+        pytest.skip(f"no real cloud-hypervisor on this machine: {found}")
+    return found
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The VMM an agent drives, with files a VM spec can name (the real VMM opens them)."""
+
+    name: str  # "double" or "real"
+    binary: str
+    kernel: Path
+    images: Path
+
+    def disk(self, name: str, size: int = 16 << 20) -> str:
+        """A sparse raw disk image of its own (the real VMM locks each one it opens)."""
+        path = self.images / f"{name}.raw"
+        if not path.exists():
+            with open(path, "wb") as f:
+                f.truncate(size)
+        return str(path)
+
+    def kernel_alias(self, name: str) -> str:
+        """The same kernel under another path (a spec change the VMM must pick up)."""
+        alias = self.images / name
+        if not alias.exists():
+            alias.symlink_to(self.kernel)
+        return str(alias)
+
+
+@pytest.fixture(params=["double", "real"])
+def backend(request: pytest.FixtureRequest, cluster: Cluster) -> Backend:
+    """Each test using it runs against the CH double and against the real VMM, unless
+    marked ``double_only(reason)``: then the real run is skipped, saying why."""
+    only = request.node.get_closest_marker("double_only")
+    if request.param == "real" and only is not None:
+        pytest.skip(only.args[0])
+    images = cluster.workdir / "images"
+    images.mkdir(exist_ok=True)
+    if request.param == "real":
+        vmm: RealVmm = request.getfixturevalue("real_vmm")
+        return Backend("real", vmm.binary, Path(vmm.kernel), images)
+    kernel = images / "vmlinux"
+    kernel.write_bytes(b"\x7fELF not a kernel: the double opens no file")
+    return Backend("double", ch_double_cmd(), kernel, images)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say how many tests drove the genuine VMM, so a run that skipped them all shows."""
+    stats = terminalreporter.stats
+    real = {k: sum("[real" in r.nodeid for r in stats.get(k, []) if getattr(r, "when", "call")
+                   in ("call", "setup"))
+            for k in ("passed", "failed", "error", "skipped")}
+    if any(real.values()):
+        terminalreporter.write_line(
+            "real cloud-hypervisor: " + ", ".join(f"{n} {k}" for k, n in real.items() if n))
