@@ -134,12 +134,21 @@ def substitute(value: Any, mapping: dict[str, str]) -> Any:
 
 
 def normalise(value: Any, mapping: dict[str, str], pid: int | None) -> Any:
-    """The inverse of ``substitute`` for response bodies, plus the VMM's pid."""
+    """The inverse of ``substitute`` for response bodies, plus the VMM's pid. Object keys
+    are sorted: the VMM serialises Rust HashMaps, whose order changes from run to run."""
     reverse = {real: key for key, real in sorted(mapping.items(), key=lambda kv: -len(kv[1]))}
-    out = substitute(value, reverse)
+    out = _sorted_keys(substitute(value, reverse))
     if isinstance(out, dict) and pid is not None and out.get("pid") == pid:
         out = {**out, "pid": PID}
     return out
+
+
+def _sorted_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted_keys(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(v) for v in value]
+    return value
 
 
 def read_events(path: str) -> list[str]:
