@@ -93,6 +93,9 @@ class VmDriver:
         self._incoming.pop(key, None)
         self.departed.discard(key)
 
+    def not_coming(self, key: str) -> None:
+        self._incoming.pop(key, None)
+
     def expecting(self, key: str, window: float = 120.0) -> bool:
         since = self._incoming.get(key)
         return since is not None and time.monotonic() - since < window
@@ -119,7 +122,14 @@ class VmDriver:
             return Observed(process=False, snapshot=snapshot), None
         if not paths.socket.exists():
             return Observed(process=True, socket=False, snapshot=snapshot), pid
-        info = self._client(ns, name).info()
+        try:
+            info = self._client(ns, name).info()
+        except ChError as exc:
+            if exc.status is None and self.pm.pid(ns, name) is None:
+                # It exited while we asked (a guest power-off ends the VMM): a dead
+                # process, not a failing one.
+                return Observed(process=False, snapshot=snapshot), None
+            raise
         if info is None:
             return Observed(True, True, None, None, snapshot), pid
         return Observed(True, True, info["state"], info.get("config"), snapshot,

@@ -23,6 +23,7 @@ from hyperfleet.reconcilers import crdgen
 from hyperfleet.reconcilers.gitops.crd import GIT_SOURCE
 from hyperfleet.reconcilers.gitops.types import COMMIT_ANNOTATION, OWNER_LABEL, PATH_ANNOTATION
 from hyperfleet.reconcilers.gitops.webhook import push_payload, sign_gitea, sign_github, sign_gitlab
+from tests import PLACEHOLDER_KERNEL
 
 from ..unit.test_gitops_fetch import GitHttpServer
 from .conftest import Cluster, wait_for
@@ -38,7 +39,7 @@ def vm(name: str, cpus: int = 1, extra: str = "") -> str:
         "apiVersion: hyperfleet.dev/v1alpha1\nkind: VirtualMachine\n"
         f"metadata:\n  name: {name}\n  labels: {{app: demo}}\n"
         f"spec:\n  cpus: {cpus}\n  memory: 256Mi\n"
-        f"  boot: {{kernel: /images/vmlinux, cmdline: console=ttyS0}}\n{extra}"
+        f"  boot: {{kernel: {PLACEHOLDER_KERNEL}, cmdline: console=ttyS0}}\n{extra}"
     )
 
 

@@ -7,6 +7,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from tests import PLACEHOLDER_KERNEL
+
 from .conftest import Cluster, wait_for
 
 VM = """
@@ -16,10 +18,11 @@ metadata: {name: db}
 spec:
   cpus: 1
   memory: 256Mi
-  boot: {kernel: /k}
+  boot: {kernel: {kernel}}
   vsock: {cid: 3}
   guestAgent: {healthIntervalSeconds: 5}
 """
+VM = VM.replace("{kernel}", PLACEHOLDER_KERNEL)
 
 
 def hook(path: Path, body: str) -> None:

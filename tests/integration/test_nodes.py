@@ -14,6 +14,7 @@ from typing import Any
 
 from hyperfleet.operator.devstack import ch_double_cmd, hyperfleet_cmd, kill_pidfiles, launch
 from hyperfleet.reconcilers.hypervisor.process import pid_alive as alive
+from tests import PLACEHOLDER_KERNEL
 
 from .conftest import Cluster, wait_for
 
@@ -21,8 +22,9 @@ VM = """
 apiVersion: hyperfleet.dev/v1alpha1
 kind: VirtualMachine
 metadata: {{name: {name}}}
-spec: {{cpus: 2, memory: 256Mi, boot: {{kernel: /k}}}}
+spec: {{cpus: 2, memory: 256Mi, boot: {{kernel: {kernel}}}}}
 """
+VM = VM.replace("{kernel}", PLACEHOLDER_KERNEL)
 
 
 def vmm_pids(c: Cluster, name: str) -> list[tuple[str, int]]:

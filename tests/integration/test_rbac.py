@@ -41,6 +41,7 @@ from hyperfleet.operator.devstack import (
     launch,
     stop_process,
 )
+from tests import PLACEHOLDER_KERNEL
 from tests import chartutil as cu
 
 pytestmark = pytest.mark.integration
@@ -208,7 +209,7 @@ def _vm(name: str, namespace: str | None = None) -> str:
     meta = f"{{name: {name}, namespace: {namespace}}}" if namespace else f"{{name: {name}}}"
     return (f"apiVersion: hyperfleet.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {meta}\n"
             "spec:\n  cpus: 1\n  maxCpus: 2\n  memory: 128Mi\n  liveMigration: true\n"
-            "  boot: {kernel: /images/vmlinux}\n")
+            f"  boot: {{kernel: {PLACEHOLDER_KERNEL}}}\n")
 
 
 def _job(builder: Any, name: str, namespace: str) -> dict[str, Any]:

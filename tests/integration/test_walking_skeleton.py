@@ -7,6 +7,7 @@ from typing import Any
 
 from hyperfleet.reconcilers.hypervisor.client import ChClient
 from hyperfleet.reconcilers.hypervisor.process import pid_alive as alive
+from tests import PLACEHOLDER_KERNEL
 
 from .conftest import Cluster, wait_for
 
@@ -17,9 +18,10 @@ metadata: {{name: {name}}}
 spec:
   cpus: {cpus}
   memory: 512Mi
-  boot: {{kernel: /images/vmlinux, cmdline: console=ttyS0}}
+  boot: {{kernel: {kernel}, cmdline: console=ttyS0}}
   disks: [{{name: root, path: /images/{name}.raw}}]
 """
+VM = VM.replace("{kernel}", PLACEHOLDER_KERNEL)
 
 
 def test_apply_runs_vm_and_delete_cleans_up(cluster: Cluster) -> None:
@@ -78,7 +80,7 @@ def test_bad_fields_are_rejected_naming_the_field(cluster: Cluster) -> None:
     assert '"Always", "Halted", "Manual"' in bad_strategy.stderr
 
     no_boot = cluster.apply(VM.format(name="bad-3", cpus=1).replace(
-        "boot: {kernel: /images/vmlinux, cmdline: console=ttyS0}", "boot: {cmdline: x}"))
+        f"boot: {{kernel: {PLACEHOLDER_KERNEL}, cmdline: console=ttyS0}}", "boot: {cmdline: x}"))
     assert no_boot.returncode != 0
     assert "boot.kernel or boot.firmware" in no_boot.stderr
 

@@ -34,6 +34,7 @@ from hyperfleet.reconcilers.hypervisor.process import pid_alive as alive
 from hyperfleet.reconcilers.models.common import Condition
 from hyperfleet.reconcilers.models.vm import VirtualMachine
 from hyperfleet.reconcilers.vm import Action, Step
+from tests import PLACEHOLDER_KERNEL
 
 
 def hook(path: Path, body: str) -> None:
@@ -193,7 +194,7 @@ def test_driver_tells_a_slow_guest_from_a_missing_one(
     vm = VirtualMachine.from_body({
         "apiVersion": "hyperfleet.dev/v1alpha1", "kind": "VirtualMachine",
         "metadata": {"name": "vm1", "namespace": "default", "generation": 1, "uid": "u"},
-        "spec": {"cpus": 1, "memory": "256Mi", "boot": {"kernel": "/k"},
+        "spec": {"cpus": 1, "memory": "256Mi", "boot": {"kernel": PLACEHOLDER_KERNEL},
                  "vsock": {"cid": 3}, "guestAgent": {}}})
 
     def health() -> Condition:

@@ -29,7 +29,7 @@ class Broken:
 def test_cloud_hypervisor_provider_asks_a_live_vmm() -> None:
     report = providers.CloudHypervisorProvider(ch_double_cmd()).probe()
     assert report.available and report.healthy
-    assert report.version == "53.0.0"
+    assert report.version == "54.0.0"
     assert {"provision", "snapshot", "hot-resize", "migration"} <= set(report.capabilities)
 
 
