@@ -39,7 +39,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig, kube: Kube) -> None:
         self.cfg = cfg
         self.kube = kube
-        self.pm = ProcessManager(cfg.ch_binary, cfg.socket_dir)
+        self.pm = ProcessManager(cfg.ch_binary, cfg.socket_dir, list(cfg.vmm_args))
         self.driver = VmDriver(self.pm, cfg.node_name)
         self.jobs = JobRunner(cfg.node_name, kube, self.driver, cfg.migration_address)
         self.jobs.on_finish = lambda job, st: metrics.JOB_OUTCOMES.labels(

@@ -222,6 +222,9 @@ def agent(
     fence_after: Annotated[float, typer.Option(
         help="Stop every VM after this many seconds without reaching the API server, so a "
         "partitioned node cannot run a VM that moved elsewhere (0: off)")] = 0.0,
+    vmm_arg: Annotated[list[str] | None, typer.Option(
+        help="Extra cloud-hypervisor argument for every VM (repeatable), e.g. "
+        "--vmm-arg=--seccomp=log")] = None,
     log_format: LogFormatOpt = "json",
     metrics_port: MetricsOpt = 0,
     metrics_address: MetricsAddrOpt = "0.0.0.0",
@@ -234,7 +237,7 @@ def agent(
                       cpus=cpus, memory=memory, heartbeat_seconds=heartbeat,
                       lease_namespace=lease_namespace, fence_after_seconds=fence_after,
                       capabilities=tuple(capability or ()),
-                      migration_address=migration_address)
+                      migration_address=migration_address, vmm_args=tuple(vmm_arg or ()))
     registry, kube = _prepare(log_format, metrics_port, metrics_address, kubeconfig)
     agent_mod.register(registry, cfg, kube)
     _run_kopf(registry)

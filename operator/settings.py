@@ -24,6 +24,7 @@ class AgentConfig:
     capabilities: tuple[str, ...] = ()  # declared by the operator, on top of discovered ones
     migration_address: str | None = None  # reachable IP for incoming live migrations
     fence_after_seconds: float = 0.0  # 0: never stop VMs because the API is unreachable
+    vmm_args: tuple[str, ...] = ()  # appended to every cloud-hypervisor command line
 
 
 @dataclass(frozen=True)

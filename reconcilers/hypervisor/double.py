@@ -1487,10 +1487,11 @@ class Vmm:
                 raise ApiFailure(500, what, "Error binding migration listener", str(exc)) from None
             self.receiving = True
             self.receive_path = path
-        self.events.emit("vm", "migration-receive-started")
+        self.events.emit("vm", "migration-receive-ready")
         try:
             try:
                 conn, _ = listener.accept()
+                self.events.emit("vm", "migration-receive-started")
             finally:
                 listener.close()
                 if path:
@@ -1508,7 +1509,9 @@ class Vmm:
                     raise ApiFailure(500, what, "Error receiving migration", str(exc)) from None
             with self.lock:
                 self.vm = vm
-            self.events.emit("vm", "migration-receive-finished")
+            for event in ("restoring", "restored", "resuming", "resumed",
+                          "migration-receive-finished"):
+                self.events.emit("vm", event)
             return Reply(204)
         finally:
             with self.lock:
@@ -1529,11 +1532,16 @@ class Vmm:
         return vm
 
     def send_migration(self, body: dict[str, Any]) -> Reply:
-        """Hand the VM to a receiving double over ``unix:<path>``; the VM leaves."""
+        """Hand the VM to a receiving double; answers at once, as upstream does.
+
+        The real VMM validates, answers 204 and migrates in a worker thread: the outcome is
+        an event (``migration-finished``, after which the VMM deletes the VM and exits, or
+        ``migration-failed``, after which the VM runs on here). Non-local migrations need no
+        shared memory; ``local: true`` does."""
         what = "Error starting migration sender"
         url = body["destination_url"]
         with self.lock:
-            vm = self._booted(what)
+            self._booted(what)
             if not _migration_url_ok(url):
                 raise ApiFailure(
                     400,
@@ -1548,27 +1556,45 @@ class Vmm:
                     "Error validating send migration parameters",
                     "UNIX sockets and connections option cannot be used at the same time.",
                 )
-            if not _memory_shared(vm.config):
+            if body.get("local") and not _memory_shared(self._booted(what).config):
                 raise ApiFailure(
                     500,
                     what,
                     "Error sending migration",
                     "Migration requires shared memory or hugepages enabled",
                 )
-            payload = json.dumps({"config": vm.config, "state": vm.export_state()}).encode()
             self.events.emit("vm", "migration-started")
-            try:
-                with _migration_connection(url) as sock:
-                    _send_line(sock, payload)
-                    answer = _recv_line(sock, 65536).strip()
-                if answer != b"OK":
-                    raise ValueError(answer.decode(errors="replace") or "receiver hung up")
-            except (OSError, ValueError) as exc:
-                self.events.emit("vm", "migration-failed")
-                raise ApiFailure(500, what, "Error sending migration", str(exc)) from None
-            self.vm = None
-            self.events.emit("vm", "migration-finished")
+        threading.Thread(target=self._migrate, args=(url,), name="migration-worker",
+                         daemon=True).start()
         return Reply(204)
+
+    def _migrate(self, url: str) -> None:
+        """The migration worker: send, then leave (success) or run on (failure)."""
+        with self.lock:
+            vm = self.vm
+            if vm is None or not vm.instance:
+                self.events.emit("vm", "migration-failed")
+                return
+            payload = json.dumps({"config": vm.config, "state": vm.export_state()}).encode()
+        try:
+            with _migration_connection(url) as sock:
+                self.events.emit("vm", "migration-memory-iteration")
+                _send_line(sock, payload)
+                answer = _recv_line(sock, 65536).strip()
+            if answer != b"OK":
+                raise ValueError(answer.decode(errors="replace") or "receiver hung up")
+        except (OSError, ValueError) as exc:
+            _log(logging.WARNING, "migration failed", error=str(exc))
+            self.events.emit("vm", "migration-failed")
+            return
+        with self.lock:
+            for event in ("pausing", "paused", "snapshotting", "snapshotted",
+                          "migration-finished"):
+                self.events.emit("vm", event)
+            self.vm = None
+            self.events.emit("vm", "deleted")
+            self.emit_vmm_shutdown()
+        self._exit_process()
 
 
 def _migration_url_ok(url: str) -> bool:

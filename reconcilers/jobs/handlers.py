@@ -22,6 +22,8 @@ from typing import Any
 from ..driver import VmDriver
 from ..gitops.types import OWNER_LABEL
 from ..hypervisor.client import ChClient, ChError
+from ..hypervisor.events import EventTail
+from ..hypervisor.process import pid_alive
 from ..kube import NODES, VMS, Kube
 from ..models.common import format_quantity, parse_quantity
 from ..nodes import allocatable
@@ -184,7 +186,17 @@ def vm_reboot(ctx: JobContext) -> dict[str, Any]:
         if (vmm.info() or {}).get("state") != "Running":
             raise JobFailure("only a Running VM can be rebooted", retryable=False)
         ctx.check_cancelled()
+        ns, name = ctx.vm
+        events = EventTail(ctx.driver.pm.paths(ns, name).events)
+        events.read()
         vmm.put("vm.reboot")
+        # The reset may finish after the answer; a lifecycle call during it has killed the
+        # real VMM (BUILD.md), so the VM's lock is held until vm:rebooted arrives.
+        deadline = time.monotonic() + 10
+        while not any(e.get("event") == "rebooted" for e in events.read()):
+            if time.monotonic() > deadline:
+                raise JobFailure("the VMM did not report vm:rebooted within 10s")
+            time.sleep(0.02)
         state = (vmm.info() or {}).get("state")
     return {"mode": p.mode, "state": state}
 
@@ -310,6 +322,11 @@ def vm_migrate(ctx: JobContext) -> dict[str, Any]:
     pm = ctx.driver.pm
     with ctx.driver.lock(ns, name):
         ctx.check_cancelled()  # last point before the VM leaves this node
+        pid = pm.pid(ns, name)
+        if pid is None:
+            raise JobFailure(f"VM {ns}/{name} has no running VMM on node {ctx.node}")
+        events = EventTail(pm.paths(ns, name).events)
+        events.read()  # only what the migration brings counts
         client = pm.client(ns, name, wait_socket=1)
         try:
             client.request("PUT", "vm.send-migration", {"destination_url": receiver})
@@ -317,6 +334,8 @@ def vm_migrate(ctx: JobContext) -> dict[str, Any]:
             raise JobFailure(f"vm.send-migration failed: {exc}", retryable=False) from exc
         finally:
             client.close()
+        _await_migration(ctx, events, pid, p.timeout_seconds or 300,
+                         pm.paths(ns, name).log)
         ctx.driver.departed.add(f"{ns}/{name}")
         pm.stop(ns, name, grace=2)
         ctx.report(80, "memory and state sent")
@@ -324,3 +343,30 @@ def vm_migrate(ctx: JobContext) -> dict[str, Any]:
                                               "message": f"migrated from {ctx.node}"}},
                        ns, status=True)
     return {"from": ctx.node, "to": p.destination_node, "receiver": receiver}
+
+
+def _await_migration(ctx: JobContext, events: EventTail, pid: int, timeout: float,
+                     log: Path) -> None:
+    """Wait for the source VMM to say how the migration ended.
+
+    cloud-hypervisor answers vm.send-migration at once and migrates in a worker thread:
+    the answer says nothing of the outcome. ``migration-finished`` (after which the source
+    VMM exits by itself) is success; ``migration-failed``, or the VMM dying without it, is
+    not, and the VM must then stay this node's."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for event in events.read():
+            if event.get("event") == "migration-finished":
+                return
+            if event.get("event") == "migration-failed":
+                raise JobFailure(f"the source VMM reported migration-failed; see {log}",
+                                 retryable=False)
+        if not pid_alive(pid):
+            if any(e.get("event") == "migration-finished" for e in events.read()):
+                return
+            raise JobFailure(f"the source VMM (pid {pid}) exited before the migration "
+                             f"finished; see {log}", retryable=False)
+        if time.monotonic() > deadline:
+            raise JobFailure(f"the migration did not finish within {timeout:.0f}s",
+                             retryable=False)
+        time.sleep(0.05)

@@ -451,7 +451,8 @@ class MigrationPeers:
             listen, publish, ready = receiver_urls(
                 self.address, pm.paths(vm_ns, vm_name).socket.with_suffix(".migration"))
             client = pm.client(vm_ns, vm_name)
-            thread = threading.Thread(target=self._listen, args=(client, listen, key, adapter),
+            thread = threading.Thread(target=self._listen,
+                                      args=(client, listen, key, adapter, vm_ns, vm_name),
                                       daemon=True)
             thread.start()
             deadline = time.monotonic() + 10
@@ -467,13 +468,21 @@ class MigrationPeers:
                 "node": self.runner.node, "error": str(exc)}}}, ns, status=True)
             self.receiving.discard(key)
 
-    def _listen(self, client: Any, url: str, key: str, adapter: JobLog) -> None:
+    def _listen(self, client: Any, url: str, key: str, adapter: JobLog, vm_ns: str,
+                vm_name: str) -> None:
         try:
             client.timeout = RECEIVE_TIMEOUT
             client.request("PUT", "vm.receive-migration", {"receiver_url": url})
             adapter.info("migration received")
         except Exception as exc:
-            adapter.warning("migration receive failed", extra={"error": str(exc)})
+            # Nothing arrived: the receiving VMM holds no VM and would refuse this VM's
+            # next start here ("a migration is being received"), so it goes now.
+            adapter.warning("migration receive failed; stopping the receiving VMM",
+                            extra={"error": str(exc)})
+            driver = self.runner.driver
+            with driver.lock(vm_ns, vm_name):
+                driver.pm.stop(vm_ns, vm_name, grace=2)
+            driver.not_coming(f"{vm_ns}/{vm_name}")
         finally:
             client.close()
             self.receiving.discard(key)

@@ -79,9 +79,10 @@ class Cluster:
 
     def start_agent(self, node: str, cpus: int = 8, memory: str = "16Gi",
                     pool: str = "default", env: dict[str, str] | None = None,
-                    ch_binary: str | None = None) -> subprocess.Popen[bytes]:
+                    ch_binary: str | None = None,
+                    extra: list[str] | None = None) -> subprocess.Popen[bytes]:
         return self.start(
-            f"agent-{node}", "agent", "--node-name", node,
+            f"agent-{node}", "agent", "--node-name", node, *(extra or []),
             "--ch-binary", ch_binary or ch_double_cmd(),
             "--socket-dir", str(self.socket_dir(node)), "--cpus", str(cpus),
             "--memory", memory, "--pool", pool, "--heartbeat", "1", env=env,
