@@ -1,4 +1,10 @@
-"""The guest agent over vsock: checkpoint before sleep, restore on wake, health checks."""
+"""The guest agent over vsock: checkpoint before sleep, restore on wake, health checks.
+
+On the CH double only: the guest agent runs inside the guest, and under this machine's KVM
+(PVM) the genuine cloud-hypervisor's guest kernel hangs before userspace, so no guest
+program ever answers on vsock. The VMM side of vsock (the device, its hot-plug) is tested
+against the real VMM in the transcripts (tests/ch_transcripts).
+"""
 
 from __future__ import annotations
 
