@@ -40,21 +40,28 @@ class EventTail:
             chunk = f.read(st.st_size - self._offset)
         self._offset += len(chunk)
         text = self._pending + chunk.decode("utf-8", errors="replace")
-        events: list[dict[str, Any]] = []
-        pos = 0
-        while True:
-            while pos < len(text) and text[pos].isspace():
-                pos += 1
-            if pos >= len(text):
-                break
-            try:
-                value, pos = _DECODER.raw_decode(text, pos)
-            except json.JSONDecodeError:
-                break  # incomplete: the VMM is still writing it
-            if isinstance(value, dict):
-                events.append(value)
-        self._pending = text[pos:]
+        events, used = parse_events(text)
+        self._pending = text[used:]
         return events
+
+
+def parse_events(text: str) -> tuple[list[dict[str, Any]], int]:
+    """The complete events at the start of ``text`` and how much of it they took: the
+    rest is an event still being written."""
+    events: list[dict[str, Any]] = []
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return events, pos
+        try:
+            value, end = _DECODER.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return events, pos  # incomplete: the VMM is still writing it
+        pos = end
+        if isinstance(value, dict):
+            events.append(value)
 
 
 def is_outcome(event: dict[str, Any]) -> bool:

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from hyperfleet.reconcilers.hypervisor.events import parse_events
+
 MiB: Final = 1 << 20
 API_PREFIX: Final = "/api/v1/"
 KERNEL: Final = "{kernel}"
@@ -157,19 +159,7 @@ def read_events(path: str) -> list[str]:
         text = Path(path).read_text()
     except OSError:
         return []
-    decoder = json.JSONDecoder()
-    out: list[str] = []
-    pos = 0
-    while True:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if pos >= len(text):
-            return out
-        try:
-            event, pos = decoder.raw_decode(text, pos)
-        except ValueError:
-            return out
-        out.append(f"{event['source']}:{event['event']}")
+    return [f"{e['source']}:{e['event']}" for e in parse_events(text)[0]]
 
 
 def settle_events(path: str, seen: int, expect: str | None = None,

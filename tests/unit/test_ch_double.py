@@ -31,6 +31,7 @@ import requests_unixsocket
 
 from hyperfleet.reconcilers.guest import GuestClient
 from hyperfleet.reconcilers.hypervisor import double
+from hyperfleet.reconcilers.hypervisor.events import parse_events as events_in
 
 DOUBLE = [sys.executable, "-m", "hyperfleet.reconcilers.hypervisor.double"]
 GiB = 1024**3
@@ -85,16 +86,7 @@ class Double:
 
 def parse_events(text: str) -> list[dict[str, Any]]:
     """Split the monitor stream: pretty-printed JSON objects back to back."""
-    decoder = json.JSONDecoder()
-    events: list[dict[str, Any]] = []
-    pos = 0
-    while True:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if pos >= len(text):
-            return events
-        event, pos = decoder.raw_decode(text, pos)
-        events.append(event)
+    return events_in(text)[0]
 
 
 def names(events: list[dict[str, Any]]) -> list[str]:
