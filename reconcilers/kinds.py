@@ -41,6 +41,9 @@ WORKER_NODE = CrdKind(
     columns=[
         {"name": "Status", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Pool", "type": "string", "jsonPath": ".spec.pool"},
+        # Cordoned / draining, as `kubectl get nodes` shows SchedulingDisabled.
+        {"name": "Cordoned", "type": "boolean", "jsonPath": ".spec.unschedulable"},
+        {"name": "Draining", "type": "boolean", "jsonPath": ".spec.drain"},
         {"name": "VMs", "type": "integer", "jsonPath": ".status.vmCount"},
         {"name": "CPUs", "type": "integer", "jsonPath": ".status.allocatable.cpus"},
         {"name": "Memory", "type": "string", "jsonPath": ".status.allocatable.memory"},
