@@ -56,6 +56,9 @@ class Agent:
         # that a fence happened since its last pass.
         self.fenced = False
         self.fence_epoch = 0
+        # When the API server last answered a heartbeat. A longer silence (a partition, a
+        # frozen process, a suspended host) means every cached VM body may be stale.
+        self.last_contact = time.monotonic()
         # Separate threads, so that neither can starve the other nor the heartbeat: VM
         # converge passes (the loop's default executor), VmJobs (which may wait for a
         # converge pass), and the heartbeat.
@@ -139,17 +142,27 @@ class Agent:
                 if await asyncio.to_thread(self.driver.changed, ns, name):
                     ev.set()
 
+    def in_gap(self) -> bool:
+        """Out of touch with the API server for longer than a few heartbeats."""
+        return time.monotonic() - self.last_contact > max(3 * self.cfg.heartbeat_seconds, 3.0)
+
     async def heartbeat_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        last_ok = time.monotonic()
         while True:
             await asyncio.sleep(self.cfg.heartbeat_seconds)
             try:
                 if time.monotonic() - self._probed_at > PROBE_INTERVAL:
                     self._probed_at = time.monotonic()
                     await loop.run_in_executor(self.beat_thread, self.refresh_capabilities)
+                gap = self.in_gap()
                 await loop.run_in_executor(self.beat_thread, self.heartbeat)
-                last_ok = time.monotonic()
+                if gap:
+                    # Back from a partition or a freeze: VMs may have been placed elsewhere
+                    # meanwhile. Stop their copies here before anything else runs them.
+                    log.warning("API server reachable after a gap; checking every VMM",
+                                extra={"node": self.cfg.node_name})
+                    await asyncio.to_thread(self.fence_orphans)
+                self.last_contact = time.monotonic()
                 if self.fenced:
                     # Whatever moved away while we were cut off must not start here again.
                     await asyncio.to_thread(self.fence_orphans)
@@ -160,7 +173,7 @@ class Agent:
                         ev.set()
             except Exception:
                 log.exception("heartbeat failed", extra={"node": self.cfg.node_name})
-                lapse = time.monotonic() - last_ok
+                lapse = time.monotonic() - self.last_contact
                 if self.cfg.fence_after_seconds and lapse > self.cfg.fence_after_seconds \
                         and not self.fenced:
                     log.error("API server unreachable; fencing: stopping every VM on this node",
@@ -204,17 +217,28 @@ class Agent:
             self.driver.destroy(ns, name)
 
     def fence_orphans(self) -> list[str]:
-        """Stop VMMs whose VM is gone or bound elsewhere (moved while we were away)."""
+        """Stop every VMM here whose VM is gone or bound elsewhere, judged from a fresh
+        list of the VMs bound to this node, never from a VM loop's cached copy (a loop
+        that slept through a partition still holds "bound here")."""
+        since = time.monotonic()
+        bound = {f"{vm['metadata'].get('namespace')}/{vm['metadata']['name']}"
+                 for vm in self.kube.list(VMS, None, f"status.nodeName={self.cfg.node_name}")
+                 if (vm.get("status") or {}).get("evictFrom") != self.cfg.node_name}
         stopped = []
         for ns, name in self.pm.discover():
             key = f"{ns}/{name}"
-            if (key in self.wakeups and not self.fenced) \
-                    or self.driver.expecting(key, window=RECEIVE_TIMEOUT):
+            if key in bound or self.driver.expecting(key, window=RECEIVE_TIMEOUT):
                 continue
+            started = self.pm.started_at(ns, name)
+            if started is not None and started >= since:
+                continue  # started after the list was read: its binding is newer
+            self.driver.fence(ns, name)
+            stopped.append(key)
             vm = self.kube.get(VMS, name, ns)
-            if vm is None or (vm.get("status") or {}).get("nodeName") != self.cfg.node_name:
-                self.driver.destroy(ns, name)
-                stopped.append(key)
+            if vm is not None:
+                where = (vm.get("status") or {}).get("nodeName") or "no node"
+                self.kube.event(vm, "Fenced", f"stopped its VMM on {self.cfg.node_name}: the "
+                                f"VM is bound to {where} now", "Warning", "hyperfleet-agent")
         if stopped:
             log.warning("stopped VMMs of VMs not bound here", extra={"vms": stopped})
         return stopped
@@ -317,11 +341,17 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
                 if agent.fenced:
                     await _wait_either(wake, stopped, agent.cfg.heartbeat_seconds)
                     continue
-                if epoch != agent.fence_epoch:
-                    # Fenced since the last pass: our copy may predate a move elsewhere.
-                    fresh = await asyncio.to_thread(kube.get, VMS, name, namespace)
+                if epoch != agent.fence_epoch or agent.in_gap():
+                    # Fenced since the last pass, or out of touch with the API server: our
+                    # copy may predate a move elsewhere. Act only on a fresh read.
+                    try:
+                        fresh = await asyncio.to_thread(kube.get, VMS, name, namespace)
+                    except Exception:
+                        await _wait_either(wake, stopped, agent.cfg.heartbeat_seconds)
+                        continue
                     if fresh is None or (fresh.get("status") or {}).get("nodeName") \
                             != cfg.node_name:
+                        await asyncio.to_thread(agent.driver.fence, namespace, name)
                         return
                     epoch = agent.fence_epoch
                 if version_of(body) < written:

@@ -430,6 +430,15 @@ class VmDriver:
         else:
             self._client(ns, name).put(step.action.value, step.body)
 
+    def fence(self, ns: str, name: str) -> None:
+        """Stop this node's VMM of a VM that is no longer bound here; a VM loop still
+        holding an old copy then gets None from converge instead of starting it again."""
+        key = f"{ns}/{name}"
+        with self.lock(ns, name):
+            self.departed.discard(key)
+            self.destroy(ns, name)
+            self.departed.add(key)
+
     def destroy(self, ns: str, name: str) -> None:
         if f"{ns}/{name}" in self.departed:
             self.departed.discard(f"{ns}/{name}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import threading
@@ -345,3 +346,56 @@ def test_peered_replicas_schedule_from_one_and_a_standby_takes_over(cluster: Clu
     assert '"bound VM"' in taken_over and '"evicting VM"' not in taken_over
     assert {n: status(c, n).get("nodeName") for n in placed} == placed
     assert c.get("hvm", "p3") is None
+
+
+def vmms_in_proc(c: Cluster, name: str) -> list[tuple[str, int]]:
+    """Every live VMM of VM `name` on this machine, from /proc (no pid file trusted):
+    (node, pid), the node being the socket directory on its command line."""
+    needle = f"/{c.namespace}_{name}.sock".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for arg in args:
+            if arg.endswith(needle) and alive(int(entry.name)):
+                found.append((Path(arg.decode().removeprefix("path=")).parent.name,
+                              int(entry.name)))
+    return found
+
+
+def test_a_frozen_agent_stops_its_stale_copies_when_it_thaws(cluster: Cluster) -> None:
+    """A node agent frozen (SIGSTOP) past the eviction timeout, then thawed: a partition
+    that heals. Its VMs were placed again elsewhere; its stale VMMs must go at once, judged
+    from a fresh read, although its VM loops still hold "bound here"."""
+    c = cluster
+    start(c, ["a", "b"], eviction=6)
+    patch_node(c, "b", {"unschedulable": True})
+    names = ("z1", "z2", "z3")
+    for n in names:
+        assert c.apply(VM.format(name=n)).returncode == 0
+    for n in names:
+        running_on(c, n, "a")
+    patch_node(c, "b", {"unschedulable": False})
+    agent = c.procs[f"agent-{c.node('a')}"]
+    os.kill(agent.pid, signal.SIGSTOP)
+    try:
+        for n in names:
+            running_on(c, n, "b", timeout=90)
+        # Frozen, a's agent cannot stop its copies: during the partition they run twice.
+        assert all(len(vmms_in_proc(c, n)) == 2 for n in names)
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+    wait_for(lambda: all(vmms_in_proc(c, n) and {node for node, _ in vmms_in_proc(c, n)}
+                         == {c.node("b")} for n in names),
+             30, "one VMM per VM, on b only", c)
+    time.sleep(3)  # and it stays so: no VM loop of a starts one again from its old copy
+    for n in names:
+        assert [node for node, _ in vmms_in_proc(c, n)] == [c.node("b")]
+        assert status(c, n)["nodeName"] == c.node("b")
+    events = json.loads(c.kubectl("get", "events", "-o", "json").stdout)["items"]
+    fenced = {e["involvedObject"]["name"] for e in events if e["reason"] == "Fenced"}
+    assert fenced == set(names)
