@@ -156,7 +156,7 @@ class Agent:
                     await loop.run_in_executor(self.beat_thread, self.refresh_capabilities)
                 gap = self.in_gap()
                 await loop.run_in_executor(self.beat_thread, self.heartbeat)
-                if gap:
+                if gap and not self.fenced:  # a fenced node checks them just below
                     # Back from a partition or a freeze: VMs may have been placed elsewhere
                     # meanwhile. Stop their copies here before anything else runs them.
                     log.warning("API server reachable after a gap; checking every VMM",
