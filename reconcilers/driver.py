@@ -21,7 +21,7 @@ from .hypervisor.events import EventTail, is_outcome
 from .hypervisor.process import ProcessManager, UnsafeNameError
 from .models.common import Condition, now_utc, rfc3339, set_condition
 from .models.vm import Phase, RunStrategy, VirtualMachine
-from .vm import BOOTED, Action, Desired, Observed, Step, phase_of, reconcile
+from .vm import BOOTED, Action, Desired, Observed, Step, live_migratable, phase_of, reconcile
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,8 @@ class VmDriver:
                     conditions, "Ready", converged,
                     "Converged" if converged else "Converging",
                     f"hypervisor state {observed.state or 'none'}, desired {desired.state}", gen)
+            conditions = set_condition(conditions, "LiveMigratable",
+                                       *live_migratable(vm.spec, observed), gen)
             if any(c.type == "Failure" and c.status == "True" for c in conditions):
                 conditions = set_condition(conditions, "Failure", False, "Recovered", "", gen)
             self._failures.pop(key, None)

@@ -277,6 +277,23 @@ def phase_of(desired: Desired, observed: Observed) -> Phase:
     return Phase.STARTING
 
 
+def live_migratable(spec: VirtualMachineSpec, observed: Observed) -> tuple[bool, str, str]:
+    """The ``LiveMigratable`` condition: (status, reason, message). Drains move a VM live
+    only when it is True; otherwise they cold-move it (a restart) or hold."""
+    if not spec.live_migration:
+        return (False, "LiveMigrationDisabled",
+                "spec.liveMigration is false: the VM's memory is private to its VMM, so "
+                "vm.migrate is refused and a drain restarts it elsewhere; set it true (the "
+                "VM restarts once) to have it moved live")
+    memory = (observed.config or {}).get("memory") or {}
+    if observed.config is not None and not memory.get("shared"):
+        return (False, "RecreatePending",
+                "spec.liveMigration is true but this VMM was created without shared memory; "
+                "it is being recreated with it")
+    return (True, "SharedMemory",
+            "memory is shared: vm.migrate and drains move the VM without a restart")
+
+
 def vm_config(spec: VirtualMachineSpec, vsock_socket: str | None = None) -> dict[str, Any]:
     """The upstream ``VmConfig`` body for ``vm.create``."""
     payload = {

@@ -33,6 +33,7 @@ from .engine import (
     route,
     set_condition,
 )
+from .payloads import VmMigrateV1
 from .protocol import JobDocument, JobValidationError, from_manifest
 
 CANCEL_ANNOTATION = "hyperfleet.dev/cancel"
@@ -117,8 +118,12 @@ def dispatch(
     nodes: Sequence[WorkerView],
     vm_hosts: Mapping[str, str],
     now: datetime,
+    vms: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Decision]:
-    """One pass over every VmJob; returns only the jobs whose status must change."""
+    """One pass over every VmJob; returns only the jobs whose status must change.
+
+    ``vms`` (namespace/name -> VirtualMachine) lets a job that cannot succeed on the VM
+    as it is declared fail before it is routed, naming the field to change."""
     decisions: list[Decision] = []
     entries: list[_Entry] = []  # all valid jobs still relevant (live, or owning a key)
     for body in bodies:
@@ -160,7 +165,7 @@ def dispatch(
     for e in queue:
         st = e.stored.status or JobStatus()
         new_st, event = _pending(e.body, e.job, st, index, e.namespace, nodes, active,
-                                 vm_hosts, now)
+                                 vm_hosts, now, vms or {})
         if new_st is not None and new_st.to_status() != (e.body.get("status") or {}):
             decisions.append(_decide(e.body, new_st, event))
             if new_st.phase == JobPhase.SCHEDULED and new_st.assigned_node:
@@ -256,7 +261,7 @@ def _advance_active(body: Mapping[str, Any], job: JobDocument, st: JobStatus, re
 def _pending(
     body: Mapping[str, Any], job: JobDocument, st: JobStatus, index: IdempotencyIndex,
     scope: str, nodes: Sequence[WorkerView], active: Mapping[str, int],
-    vm_hosts: Mapping[str, str], now: datetime,
+    vm_hosts: Mapping[str, str], now: datetime, vms: Mapping[str, Mapping[str, Any]],
 ) -> tuple[JobStatus | None, tuple[str, str, str] | None]:
     meta = body["metadata"]
     if (meta.get("annotations") or {}).get(CANCEL_ANNOTATION):
@@ -269,6 +274,12 @@ def _pending(
     if not resolution.should_execute:
         out = apply_resolution(st, resolution, now)
         return out, ("Normal", str(out.reason or "Duplicate"), resolution.message)
+    refused = refusal(job, scope, nodes, vm_hosts, vms)
+    if refused is not None:
+        reason, message = refused
+        failed = advance(st, JobPhase.FAILED, now=now, reason=reason, message=message,
+                         error=message)
+        return failed, ("Warning", reason, message)
     if not ready_to_start(job, st, now):
         return None, None
     views = [replace(n, active_jobs=active.get(n.name, 0)) for n in nodes]
@@ -285,3 +296,39 @@ def _pending(
     scheduled = advance(st, JobPhase.SCHEDULED, now=now, node=decision.node,
                         message=decision.reason)
     return scheduled, ("Normal", "Scheduled", f"routed to {decision.node}: {decision.reason}")
+
+
+def refusal(job: JobDocument, scope: str, nodes: Sequence[WorkerView],
+            vm_hosts: Mapping[str, str], vms: Mapping[str, Mapping[str, Any]]
+            ) -> tuple[str, str] | None:
+    """(reason, message) when ``job`` cannot succeed as declared: better to fail before
+    it runs than late, with a raw VMM error and a receiver left on the destination."""
+    if job.operation != "vm.migrate" or job.routing.target_vm is None:
+        return None
+    payload = job.typed_payload()
+    if not isinstance(payload, VmMigrateV1):
+        return None
+    target = job.routing.target_vm
+    key = f"{target.namespace or scope}/{target.name}"
+    dest = payload.destination_node
+    vm = vms.get(key)
+    if vm is not None and not (vm.get("spec") or {}).get("liveMigration"):
+        return ("NotMigratable",
+                f"VirtualMachine {key} has spec.liveMigration false: its memory is private "
+                "to its VMM and cannot be sent. Set spec.liveMigration: true (the VM "
+                "restarts once, with shared memory), or stop it and let the scheduler "
+                "place it elsewhere")
+    if vm_hosts.get(key) == dest:
+        return ("InvalidDestination",
+                f"payload.data.destinationNode {dest} is the node VM {key} runs on already; "
+                "name another WorkerNode")
+    by_name = {n.name: n for n in nodes}
+    if dest not in by_name:
+        return ("InvalidDestination",
+                f"payload.data.destinationNode {dest} is not a registered WorkerNode; "
+                f"known: {', '.join(sorted(by_name)) or 'none'} (kubectl get wn)")
+    if "migration" not in by_name[dest].capabilities:
+        return ("InvalidDestination",
+                f"payload.data.destinationNode {dest} does not offer the 'migration' "
+                "capability (see its status.capabilities); name a node that does")
+    return None

@@ -176,21 +176,49 @@ def test_retry_then_success(stack: Cluster) -> None:
     assert st["attempts"] >= 2
 
 
+def ghost_node(c: Cluster, name: str) -> str:
+    """A registered WorkerNode offering migration whose agent never comes."""
+    c.apply(f"apiVersion: hyperfleet.dev/v1alpha1\nkind: WorkerNode\n"
+            f"metadata: {{name: {name}}}\nspec: {{pool: default}}\n")
+    c.kubectl("patch", "wn", name, "--subresource=status", "--type=merge", "-p",
+              '{"status": {"capabilities": ["migration"]}}', namespaced=False)
+    return name
+
+
 @NO_VMM
 def test_timeout_and_cancellation(stack: Cluster) -> None:
     c = stack
+    nowhere = ghost_node(c, c.node("nowhere"))
     # Migrating to a node with no agent waits for a receiver that never comes.
-    submit(c, JobBuilder("vm.migrate").payload(destination_node="nowhere")
+    submit(c, JobBuilder("vm.migrate").payload(destination_node=nowhere)
            .target("web").timeout(3).max_attempts(1), "slow")
     st = wait_phase(c, "slow", "TimedOut", "Failed", "Succeeded")
     assert st["phase"] == "TimedOut", st
 
-    submit(c, JobBuilder("vm.migrate").payload(destination_node="nowhere", timeout_seconds=60)
+    submit(c, JobBuilder("vm.migrate").payload(destination_node=nowhere, timeout_seconds=60)
            .target("web").timeout(120), "cancel-me")
     wait_phase(c, "cancel-me", "Running")
     c.kubectl("annotate", "vmjob", "cancel-me", "hyperfleet.dev/cancel=true")
     assert wait_phase(c, "cancel-me", "Cancelled", "Failed", "Succeeded")["phase"] == "Cancelled"
     assert _vm(c, "web")["hypervisor"]["state"] == "Running"  # nothing was half done
+
+
+@NO_VMM
+def test_migrating_a_vm_without_live_migration_is_refused_up_front(stack: Cluster) -> None:
+    """Its memory is private to its VMM: the migration would fail late, with a raw VMM
+    error, after starting a receiver on the destination. It fails before it is routed."""
+    c = stack
+    manifest = _vm_manifest(c, "private").replace("  liveMigration: true\n", "")
+    assert c.apply(manifest).returncode == 0
+    wait_for(lambda: _vm(c, "private").get("phase") == "Running", 60, "private Running", c)
+    submit(c, JobBuilder("vm.migrate").payload(destination_node=c.node("b"))
+           .target("private"), "no-live")
+    st = wait_phase(c, "no-live", "Failed", "Succeeded", "TimedOut")
+    assert st["reason"] == "NotMigratable" and "spec.liveMigration" in st["lastError"], st
+    assert st.get("attempts", 0) == 0 and not st.get("assignedNode")
+    assert not list(c.socket_dir(c.node("b")).glob(f"{c.namespace}_private.*"))
+    assert _vm(c, "private")["nodeName"] == c.node("a")
+    c.kubectl("delete", "hvm", "private", "--timeout=30s")
 
 
 @NO_VMM

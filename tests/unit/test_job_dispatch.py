@@ -173,6 +173,7 @@ def test_controller_passes_cordoned_nodes_as_ready_but_unschedulable() -> None:
     kube = Kube()
     ctl = Controller(ControllerConfig(), cast(Any, kube))
     ctl.vms = {"ns/web": {"metadata": {"name": "web", "namespace": "ns"},
+                          "spec": {"liveMigration": True},
                           "status": {"nodeName": "a", "hypervisor": {"state": "Running"}}}}
     ctl.jobs = {
         "ns/running": obj(JobBuilder("system.health-check"), "running", dict(RUNNING_ON_A)),
@@ -298,3 +299,38 @@ def test_a_reused_job_id_in_one_namespace_is_refused_naming_it() -> None:
     assert first["phase"] == "Scheduled"
     assert again["phase"] == "Failed" and again["reason"] == "DuplicateJobId"
     assert f"spec.jobId {job_id}" in again["lastError"] and "ns/first" in again["lastError"]
+
+
+# --------------------------------------------------------------------------- refused up front
+
+MIGRATABLE = [WorkerView("a", "default", frozenset({"migration"}), True),
+              WorkerView("b", "default", frozenset({"migration"}), True),
+              WorkerView("c", "default", frozenset({"snapshot"}), True)]
+
+
+def vm_body(live: bool) -> dict[str, Any]:
+    return {"metadata": {"name": "web", "namespace": "ns"},
+            "spec": {"cpus": 1, "memory": "1Gi", "liveMigration": live}}
+
+
+@pytest.mark.parametrize(("live", "dest", "reason", "says"), [
+    (False, "b", "NotMigratable", "spec.liveMigration false"),
+    (True, "a", "InvalidDestination", "runs on already"),
+    (True, "zz", "InvalidDestination", "not a registered WorkerNode; known: a, b, c"),
+    (True, "c", "InvalidDestination", "does not offer the 'migration' capability"),
+])
+def test_a_migration_that_cannot_succeed_fails_before_it_is_routed(
+        live: bool, dest: str, reason: str, says: str) -> None:
+    job = obj(JobBuilder("vm.migrate").payload(destination_node=dest).target("web", "ns"), "m")
+    d = by_name(dispatch([job], MIGRATABLE, {"ns/web": "a"}, NOW,
+                         {"ns/web": vm_body(live)}))["m"]
+    assert d.status["phase"] == "Failed" and d.status["reason"] == reason
+    assert says in d.status["lastError"] and "assignedNode" not in d.status
+    assert d.event is not None and d.event[:2] == ("Warning", reason)
+
+
+def test_a_migratable_vm_is_routed_to_its_host() -> None:
+    job = obj(JobBuilder("vm.migrate").payload(destination_node="b").target("web", "ns"), "m")
+    d = by_name(dispatch([job], MIGRATABLE, {"ns/web": "a"}, NOW,
+                         {"ns/web": vm_body(True)}))["m"]
+    assert d.status["phase"] == "Scheduled" and d.status["assignedNode"] == "a"

@@ -14,6 +14,7 @@ from hyperfleet.reconcilers.vm import (
     Action,
     Desired,
     Observed,
+    live_migratable,
     phase_of,
     reconcile,
     recreate_reasons,
@@ -310,3 +311,18 @@ def test_resized_vm_keeps_its_boot_ceiling() -> None:
     # A Created VM after vm.shutdown (the real VMM never reports Shutdown) boots again.
     assert [s.action for s in reconcile(want(created), Observed(
         True, True, "Created", vm_config(created), boot_memory=256 << 20))] == [Action.BOOT]
+
+
+@pytest.mark.parametrize(("live", "config", "status", "reason"), [
+    (False, {"memory": {"size": 1 << 30}}, False, "LiveMigrationDisabled"),
+    (False, None, False, "LiveMigrationDisabled"),
+    (True, {"memory": {"size": 1 << 30}}, False, "RecreatePending"),
+    (True, {"memory": {"size": 1 << 30, "shared": True}}, True, "SharedMemory"),
+    (True, None, True, "SharedMemory"),  # not created yet: it will be created shared
+])
+def test_live_migratable_condition(live: bool, config: dict[str, Any] | None, status: bool,
+                                   reason: str) -> None:
+    ok, why, message = live_migratable(spec(liveMigration=live),
+                                       Observed(process=config is not None, config=config))
+    assert (ok, why) == (status, reason)
+    assert "spec.liveMigration" in message or ok
