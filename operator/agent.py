@@ -18,12 +18,19 @@ from hyperfleet.reconcilers import providers
 from hyperfleet.reconcilers.driver import VmDriver
 from hyperfleet.reconcilers.eviction import unbound_status
 from hyperfleet.reconcilers.gitops.types import ADOPT_ANNOTATION
+from hyperfleet.reconcilers.hypervisor import fence
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
 from hyperfleet.reconcilers.jobs.runner import RECEIVE_TIMEOUT, JobRunner
 from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, Kube, version_of
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_quantity
 from hyperfleet.reconcilers.models.vm import VirtualMachine
-from hyperfleet.reconcilers.nodes import LEASE_LABEL, heartbeat_status, host_capacity, lease_name
+from hyperfleet.reconcilers.nodes import (
+    LEASE_LABEL,
+    heartbeat_status,
+    host_capacity,
+    lease_name,
+    merge_conditions,
+)
 
 from . import metrics
 from .settings import AgentConfig, configure_kopf
@@ -50,10 +57,11 @@ class Agent:
         self.node_status: dict[str, Any] = {}
         self._status_at = 0.0
         self._probed_at = time.monotonic()
-        # Fenced: the API server was unreachable for --fence-after and every VMM was
-        # stopped; no VM may start here again until a heartbeat gets through and each VM's
-        # binding has been re-read (it may have moved meanwhile). The epoch tells a VM loop
-        # that a fence happened since its last pass.
+        # Fenced: the API server was unreachable for --fence-after and every VM was paused
+        # (by us and by the watchdog, which also covers a frozen or dead agent); no VM may
+        # run here again until a heartbeat gets through and each VM's binding has been
+        # re-read (it may have moved meanwhile). The epoch tells a VM loop that a fence
+        # happened since its last pass.
         self.fenced = False
         self.fence_epoch = 0
         # When the API server last answered a heartbeat. A longer silence (a partition, a
@@ -116,6 +124,7 @@ class Agent:
         self.kube.renew_lease(self.cfg.lease_namespace, lease_name(node), node,
                               max(1, round(self.cfg.heartbeat_seconds * 3)),
                               {LEASE_LABEL: node, "app.kubernetes.io/part-of": "hyperfleet"})
+        self.contact()
         now = time.monotonic()
         if now - self._status_at < max(30.0, 6 * self.cfg.heartbeat_seconds):
             return
@@ -123,14 +132,35 @@ class Agent:
         fresh = heartbeat_status(0, 0, [], [], AGENT_VERSION)
         status = {**self.node_status, "heartbeatTime": fresh["heartbeatTime"]}
         try:
-            self.kube.patch(NODES, node, {"status": status}, status=True)
-        except Gone:
+            # The controller owns other conditions (DrainBlocked): send them back as they
+            # are, and only onto the version they were read from.
+            current = self.kube.get(NODES, node)
+            if current is None:
+                raise Gone(f"workernodes/{node}")
+            status["conditions"] = merge_conditions(
+                (current.get("status") or {}).get("conditions"), *status["conditions"])
+            self.kube.patch(NODES, node, {
+                "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
+                "status": status}, status=True)
+        except Conflict as exc:
+            if not isinstance(exc, Gone):
+                self._status_at = 0.0  # written meanwhile: again at the next beat
+                return
             # Deleted under a live agent (by hand, or pruned from Git): register again, as
             # a kubelet does, so its VMs are not left bound to a node that does not exist.
             log.warning("WorkerNode deleted while its agent runs; registering it again",
                         extra={"node": node})
             self._status_at = 0.0  # publish the whole status again right away
             self.register_node()
+
+    def contact(self) -> None:
+        """The API server answered: tell the watchdog, and make sure one is guarding."""
+        if not self.cfg.fence_after_seconds:
+            return
+        fence.record_contact(self.pm.socket_dir)
+        if fence.ensure_watchdog(self.pm.socket_dir, self.cfg.fence_after_seconds):
+            log.info("started the fencing watchdog", extra={
+                "node": self.cfg.node_name, "fence_after": self.cfg.fence_after_seconds})
 
     async def watch_vmms(self) -> None:
         """Notice a dead VMM or a new VMM event within half a second and wake its VM's
@@ -156,16 +186,16 @@ class Agent:
                     await loop.run_in_executor(self.beat_thread, self.refresh_capabilities)
                 gap = self.in_gap()
                 await loop.run_in_executor(self.beat_thread, self.heartbeat)
-                if gap and not self.fenced:  # a fenced node checks them just below
-                    # Back from a partition or a freeze: VMs may have been placed elsewhere
-                    # meanwhile. Stop their copies here before anything else runs them.
+                if gap or self.fenced:
+                    # Back from a partition or a freeze (fenced or not): VMs may have been
+                    # placed elsewhere meanwhile. Stop their copies here before anything
+                    # else runs them; the VM loops then resume the ones still bound here.
                     log.warning("API server reachable after a gap; checking every VMM",
-                                extra={"node": self.cfg.node_name})
+                                extra={"node": self.cfg.node_name, "fenced": self.fenced})
                     await asyncio.to_thread(self.fence_orphans)
+                    await asyncio.to_thread(self.report_fenced)
                 self.last_contact = time.monotonic()
                 if self.fenced:
-                    # Whatever moved away while we were cut off must not start here again.
-                    await asyncio.to_thread(self.fence_orphans)
                     self.fenced = False
                     log.warning("API server reachable again; lifting the fence",
                                 extra={"node": self.cfg.node_name})
@@ -176,11 +206,11 @@ class Agent:
                 lapse = time.monotonic() - self.last_contact
                 if self.cfg.fence_after_seconds and lapse > self.cfg.fence_after_seconds \
                         and not self.fenced:
-                    log.error("API server unreachable; fencing: stopping every VM on this node",
+                    log.error("API server unreachable; fencing: pausing every VM on this node",
                               extra={"node": self.cfg.node_name, "seconds": round(lapse)})
                     self.fenced = True
                     self.fence_epoch += 1
-                    await asyncio.to_thread(self.stop_all)
+                    await asyncio.to_thread(fence.pause_all, self.pm)
 
     def write_status(self, seen: dict[str, Any], status: dict[str, Any]
                      ) -> dict[str, Any] | None:
@@ -212,10 +242,6 @@ class Agent:
                         ns, status=True)
         self.kube.event(body, "Evicted", message, "Normal", "hyperfleet-agent")
 
-    def stop_all(self) -> None:
-        for ns, name in self.pm.discover():
-            self.driver.destroy(ns, name)
-
     def fence_orphans(self) -> list[str]:
         """Stop every VMM here whose VM is gone or bound elsewhere, judged from a fresh
         list of the VMs bound to this node, never from a VM loop's cached copy (a loop
@@ -242,6 +268,19 @@ class Agent:
         if stopped:
             log.warning("stopped VMMs of VMs not bound here", extra={"vms": stopped})
         return stopped
+
+    def report_fenced(self) -> None:
+        """An Event, once, on each VM that was paused by fencing and is still ours."""
+        for key, since in fence.take_fenced(self.pm.socket_dir).items():
+            ns, _, name = key.partition("/")
+            vm = self.kube.get(VMS, name, ns)
+            if vm is None or (vm.get("status") or {}).get("nodeName") != self.cfg.node_name:
+                continue  # moved away: fence_orphans stopped it and said so
+            self.kube.event(vm, "FencePaused", (
+                f"paused on {self.cfg.node_name} for {time.time() - since:.0f}s because its "
+                f"agent could not reach the API server (--fence-after "
+                f"{self.cfg.fence_after_seconds:g}s); still bound here, so it resumes"),
+                "Warning", "hyperfleet-agent")
 
     async def migration_loop(self) -> None:
         """Incoming live migrations are assigned to the source node, so this agent's

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 import kopf
 import typer
 
+from .settings import DEFAULT_EVICTION_SECONDS, DEFAULT_FENCE_AFTER
+
 if TYPE_CHECKING:
     from hyperfleet.reconcilers.kube import Kube
 
@@ -112,7 +114,8 @@ def controller(
     kubeconfig: KubeconfigOpt = None,
     node_grace: Annotated[float, typer.Option(help="Seconds without heartbeat -> NotReady")] = 20.0,
     eviction_timeout: Annotated[float, typer.Option(
-        help="Seconds without heartbeat -> node lost, its VMs are placed again")] = 300.0,
+        help="Seconds without heartbeat -> node lost, its VMs are placed again; keep it "
+        "well above the agents' --fence-after")] = DEFAULT_EVICTION_SECONDS,
     scheduling_policy: Annotated[str, typer.Option(
         help="spread (most free capacity first) or binpack (fill nodes up)")] = "spread",
     peering: Annotated[str | None, typer.Option(
@@ -220,8 +223,10 @@ def agent(
     capability: Annotated[list[str] | None, typer.Option(
         help="Extra capability this node offers (repeatable), e.g. gpu")] = None,
     fence_after: Annotated[float, typer.Option(
-        help="Stop every VM after this many seconds without reaching the API server, so a "
-        "partitioned node cannot run a VM that moved elsewhere (0: off)")] = 0.0,
+        help="Pause every VM after this many seconds without reaching the API server (a "
+        "watchdog process does it even if the agent is frozen or dead), so a partitioned "
+        "node cannot run a VM that moved elsewhere; keep it well under the controller's "
+        "--eviction-timeout (0: off)")] = DEFAULT_FENCE_AFTER,
     vmm_arg: Annotated[list[str] | None, typer.Option(
         help="Extra cloud-hypervisor argument for every VM (repeatable), e.g. "
         "--vmm-arg=--seccomp=log")] = None,

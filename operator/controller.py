@@ -13,10 +13,21 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
-from hyperfleet.reconcilers.eviction import Eviction, evictions, unbound_status
+from hyperfleet.reconcilers.eviction import (
+    DRAIN_LABEL,
+    Eviction,
+    EvictionDecision,
+    drain_blocked,
+    drain_job_name,
+    evictions,
+    plan_drain,
+    unbound_status,
+)
 from hyperfleet.reconcilers.jobs.dispatch import Decision, dispatch
 from hyperfleet.reconcilers.jobs.engine import WorkerView
+from hyperfleet.reconcilers.jobs.protocol import JobBuilder, to_manifest
 from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Kube, Resource, version_of
 from hyperfleet.reconcilers.models.common import (
     GROUP,
@@ -31,10 +42,11 @@ from hyperfleet.reconcilers.nodes import (
     allocatable,
     heartbeat_age,
     is_ready,
+    merge_conditions,
     node_view,
 )
 from hyperfleet.reconcilers.peering import is_active
-from hyperfleet.reconcilers.scheduler import NodeView, schedule, vm_view
+from hyperfleet.reconcilers.scheduler import NodeView, VmView, schedule, vm_view
 
 from . import metrics
 from .settings import ControllerConfig, configure_kopf
@@ -193,7 +205,7 @@ class Controller:
             metrics.VMS_BY_PHASE.labels(phase).set(n)
         nodes = [node_view(b, now, grace, alive.get(n)) for n, b in bodies.items()]
         await self._publish_allocations(placed)
-        await self._evict(vms, now, bodies, alive)
+        await self._evict(vms, now, bodies, alive, nodes, placed)
         await self._dispatch_jobs(now, nodes)
         if not pending_bodies:
             return
@@ -207,20 +219,30 @@ class Controller:
         ])
 
     async def _evict(self, vms: list[dict[str, Any]], now: datetime,
-                     bodies: dict[str, dict[str, Any]], alive: dict[str, datetime]) -> None:
+                     bodies: dict[str, dict[str, Any]], alive: dict[str, datetime],
+                     nodes: list[NodeView], placed: list[VmView]) -> None:
         timeout = timedelta(seconds=self.cfg.eviction_seconds)
         absent = {n for vm in vms if (n := (vm.get("status") or {}).get("nodeName"))
                   and n not in bodies}
         self.missing_since = {n: self.missing_since.get(n, now) for n in absent}
+        decisions = plan_drain(
+            evictions(vms, bodies, now, timeout, alive, self.missing_since),
+            nodes, placed, self.jobs, self.cfg.scheduling_policy)
         held: set[str] = set()
-        for d in evictions(vms, bodies, now, timeout, alive, self.missing_since):
+        for d in decisions:
             meta = d.vm["metadata"]
+            if d.action == Eviction.WAIT:
+                continue
             if d.action == Eviction.HOLD:
-                key = _key(dict(d.vm))
+                key = f"{_key(dict(d.vm))}:{d.reason}"
                 held.add(key)
-                if key not in self.held:  # say it once per drain, not every pass
-                    log.warning("drain holds VM", extra={"vm": key, "node": d.node})
+                if key not in self.held:  # say it once per drain and reason, not every pass
+                    log.warning("drain holds VM", extra={"vm": _key(dict(d.vm)),
+                                                         "node": d.node, "reason": d.reason})
                     self.record(dict(d.vm), "DrainBlocked", d.reason, "Warning")
+                continue
+            if d.action == Eviction.MIGRATE:
+                await self._drain_migrate(d)
                 continue
             if d.action == Eviction.ASK_AGENT:
                 status: dict[str, Any] = {"phase": "Evicting", "evictFrom": d.node,
@@ -235,6 +257,63 @@ class Controller:
             self.record(out, "Evicting" if d.action == Eviction.ASK_AGENT else "NodeLost",
                         d.reason, "Warning")
         self.held = held
+        await self._drain_conditions(bodies, vms, decisions)
+
+    async def _drain_migrate(self, d: EvictionDecision) -> None:
+        """Create the drain's vm.migrate VmJob (the source agent runs it like any other)."""
+        meta = d.vm["metadata"]
+        ns, name = meta.get("namespace") or "default", meta["name"]
+        job_name = drain_job_name(d.vm, d.node)
+        if d.replace_job:  # a finished one from an earlier drain of this node
+            await asyncio.to_thread(self.kube.delete, JOBS, job_name, ns)
+            self.jobs.pop(f"{ns}/{job_name}", None)
+            return  # created next pass, once the delete is seen
+        job = (JobBuilder("vm.migrate").payload(destination_node=d.destination)
+               .target(name, ns).build(now=now_utc()))
+        manifest = to_manifest(job, name=job_name, namespace=ns)
+        manifest["metadata"].setdefault("labels", {})[DRAIN_LABEL] = d.node
+        try:
+            created = await asyncio.to_thread(self.kube.create, JOBS, manifest)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            return  # created by an earlier pass; the watch brings it
+        self.jobs[f"{ns}/{job_name}"] = created
+        log.info("drain live-migrates VM", extra={"vm": f"{ns}/{name}", "node": d.node,
+                                                   "destination": d.destination, "job": job_name})
+        self.record(dict(d.vm), "Migrating", f"{d.reason} (VmJob {job_name})", "Normal")
+
+    async def _drain_conditions(self, bodies: dict[str, dict[str, Any]],
+                                vms: list[dict[str, Any]],
+                                decisions: list[EvictionDecision]) -> None:
+        """DrainBlocked on each draining WorkerNode: which VMs cannot leave, and why."""
+        held = [d for d in decisions if d.action == Eviction.HOLD]
+        left = Counter((vm.get("status") or {}).get("nodeName") for vm in vms)
+        ts = rfc3339(now_utc())
+        for name, body in list(bodies.items()):
+            conditions = (body.get("status") or {}).get("conditions") or []
+            old = next((c for c in conditions if c.get("type") == "DrainBlocked"), None)
+            if not (body.get("spec") or {}).get("drain"):
+                if old is None:
+                    continue
+                new_list = [c for c in conditions if c.get("type") != "DrainBlocked"]
+            else:
+                blocked, reason, message = drain_blocked(name, held, left[name])
+                cond = {"type": "DrainBlocked", "status": str(blocked), "reason": reason,
+                        "message": message, "lastTransitionTime": ts}
+                if old is not None and all(old.get(k) == cond[k]
+                                           for k in ("status", "reason", "message")):
+                    continue
+                if old is not None and old.get("status") == cond["status"]:
+                    cond["lastTransitionTime"] = old.get("lastTransitionTime", ts)
+                new_list = merge_conditions(conditions, cond)
+            patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
+                     "status": {"conditions": new_list}}
+            try:
+                self.nodes[name] = await asyncio.to_thread(
+                    self.kube.patch, NODES, name, patch, None, True)
+            except Conflict:
+                self.dirty.set()  # the agent wrote meanwhile: decide again on its version
 
     async def _dispatch_jobs(self, now: datetime, nodes: list[NodeView]) -> None:
         """Validate, time out, de-duplicate and route VmJobs (the agents run them)."""
@@ -250,7 +329,8 @@ class Controller:
             if (b.get("status") or {}).get("nodeName")
             and ((b["status"].get("hypervisor") or {}).get("state") in ("Running", "Paused"))
         }
-        await self.parallel([self._write_job(d) for d in dispatch(active, workers, hosts, now)])
+        decisions = dispatch(active, workers, hosts, now, self.vms)
+        await self.parallel([self._write_job(d) for d in decisions])
 
     async def _write_job(self, d: Decision) -> None:
         meta = {"name": d.name, "namespace": d.namespace, "resourceVersion": d.resource_version}
@@ -347,7 +427,8 @@ class Controller:
                 "type": "Ready", "status": "False", "reason": "HeartbeatLapsed",
                 "message": f"no heartbeat for {age.total_seconds():.0f}s" if age
                 else "the agent never reported", "lastTransitionTime": ts}
-            patch = {"status": {"phase": "Ready" if ready else "NotReady", "conditions": [cond]}}
+            patch = {"status": {"phase": "Ready" if ready else "NotReady",
+                                "conditions": merge_conditions(status.get("conditions"), cond)}}
             self.nodes[name] = await asyncio.to_thread(
                 self.kube.patch, NODES, name, patch, None, True
             )

@@ -9,6 +9,11 @@ import kopf
 
 from hyperfleet.reconcilers.models.common import GROUP
 
+DEFAULT_EVICTION_SECONDS = 300.0
+#: Half the eviction timeout: a partitioned node pauses its VMs well before the controller
+#: may start them elsewhere, with room for clock skew and a slow watch.
+DEFAULT_FENCE_AFTER = DEFAULT_EVICTION_SECONDS / 2
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -23,7 +28,7 @@ class AgentConfig:
     lease_namespace: str = "hyperfleet-system"
     capabilities: tuple[str, ...] = ()  # declared by the operator, on top of discovered ones
     migration_address: str | None = None  # reachable IP for incoming live migrations
-    fence_after_seconds: float = 0.0  # 0: never stop VMs because the API is unreachable
+    fence_after_seconds: float = DEFAULT_FENCE_AFTER  # 0: never fence
     vmm_args: tuple[str, ...] = ()  # appended to every cloud-hypervisor command line
 
 
@@ -40,7 +45,7 @@ class Peering:
 @dataclass(frozen=True)
 class ControllerConfig:
     node_grace_seconds: float = 20.0
-    eviction_seconds: float = 300.0  # NotReady this long: the node is lost, VMs move
+    eviction_seconds: float = DEFAULT_EVICTION_SECONDS  # NotReady this long: the node is lost, VMs move
     scheduling_policy: str = "spread"  # or "binpack"
     resync_seconds: float = 2.0
     peering: Peering | None = None  # None: the only replica, always active

@@ -1,7 +1,11 @@
 """Moving VMs off drained or lost nodes without ever running one VM twice.
 
-Drain: the controller asks the VM's agent to stop it (``status.evictFrom``); only once
-the agent reports the VMM stopped is the VM unbound and placed again. Lost node (no
+Drain, like ``kubectl drain`` with a PodDisruptionBudget that never lets a VM go down
+for nothing: a VM that can migrate live is moved by a ``vm.migrate`` VmJob to a node the
+scheduler picks; any other VM is cold-moved (the controller asks its agent to stop it,
+``status.evictFrom``, and only once the VMM is stopped is it unbound and placed again),
+but only when another node can take it. Otherwise the drain holds that VM and says why
+on the WorkerNode (``DrainBlocked``). Lost node (no
 heartbeat for ``eviction_timeout``): the controller unbinds the VM itself; the lost
 agent, if it ever returns, stops any VMM whose VM is no longer bound to it before doing
 anything else (and may fence itself earlier, see the agent's ``--fence-after``).
@@ -9,20 +13,31 @@ anything else (and may fence itself earlier, see the agent's ``--fence-after``).
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 from .models.common import rfc3339
 from .nodes import heartbeat_age
+from .scheduler import NodeView, Policy, VmView, schedule, vm_view
+
+#: Live migrations a draining node sends at once (KubeVirt's default per node is 2 too):
+#: each one copies the VM's whole memory over the network.
+PARALLEL_DRAIN_MIGRATIONS = 2
+DRAIN_LABEL = "hyperfleet.dev/drain-node"
+_TERMINAL = ("Succeeded", "Failed", "TimedOut", "Cancelled")
 
 
 class Eviction(StrEnum):
     ASK_AGENT = "ask-agent"  # drain: the agent stops the VMM, then unbinds
     UNBIND = "unbind"  # node lost: unbind now, the node is presumed dead
     HOLD = "hold"  # drain cannot move it without losing state: the operator decides
+    MIGRATE = "migrate"  # drain: create the vm.migrate VmJob to ``destination``
+    WAIT = "wait"  # drain: its migration is under way, or queued behind others
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,9 @@ class EvictionDecision:
     action: Eviction
     node: str
     reason: str
+    destination: str | None = None
+    #: MIGRATE only: a finished migration job of an earlier drain holds the name; delete it
+    replace_job: bool = False
 
 
 def evictions(
@@ -82,6 +100,134 @@ def evictions(
             out.append(EvictionDecision(vm, Eviction.ASK_AGENT, node_name,
                                         f"WorkerNode {node_name} is draining"))
     return out
+
+
+def drain_job_name(vm: Mapping[str, Any], node: str) -> str:
+    """The drain's vm.migrate VmJob for this VM: one name per (node, VM), so a controller
+    that restarts before it sees its own create cannot start a second migration."""
+    meta = vm["metadata"]
+    digest = hashlib.sha256(f"{node}/{meta.get('uid') or meta['name']}".encode()).hexdigest()
+    return f"drain-{meta['name'][:40].rstrip('-.')}-{digest[:10]}"
+
+
+def live_migratable(vm: Mapping[str, Any]) -> bool:
+    """Running or paused, declared with shared memory, and its agent does not say no."""
+    status = vm.get("status") or {}
+    cond = next((c for c in status.get("conditions") or [] if c.get("type") == "LiveMigratable"),
+                None)
+    return bool((vm.get("spec") or {}).get("liveMigration")) \
+        and (status.get("hypervisor") or {}).get("state") in ("Running", "Paused") \
+        and (cond is None or cond.get("status") == "True")
+
+
+def plan_drain(
+    decisions: Sequence[EvictionDecision],
+    nodes: Sequence[NodeView],
+    placed: Sequence[VmView],
+    jobs: Mapping[str, Mapping[str, Any]],
+    policy: Policy | str = Policy.SPREAD,
+) -> list[EvictionDecision]:
+    """Turn the drain's ASK_AGENT decisions into how each VM leaves, or why it stays.
+
+    ``jobs``: VmJobs by namespace/name (the drain's own are found by
+    :func:`drain_job_name`). ``placed``: every bound VM, for capacity. A VM that can move
+    live gets a destination from the scheduler among nodes offering ``migration``; any
+    other VM is cold-moved only if the scheduler can place it elsewhere; a stopped VM
+    always goes (nothing runs to lose). Capacity taken by the migrations under way and
+    chosen in this pass is counted, so two VMs are never sent to the one free slot.
+    """
+    out = [d for d in decisions if d.action != Eviction.ASK_AGENT]
+    asks = [d for d in decisions if d.action == Eviction.ASK_AGENT]
+    views = {d.node + "/" + _key(d.vm): vm_view(d.vm) for d in asks}
+    taken: list[VmView] = list(placed)
+    sending: Counter[str] = Counter()
+    live: list[EvictionDecision] = []
+    cold: list[EvictionDecision] = []
+    for d in asks:
+        job = jobs.get(f"{_key(d.vm).split('/')[0]}/{drain_job_name(d.vm, d.node)}")
+        phase = ((job or {}).get("status") or {}).get("phase")
+        if job is not None and phase not in _TERMINAL:
+            dest = _destination(job)
+            sending[d.node] += 1
+            if dest:
+                taken.append(replace(views[d.node + "/" + _key(d.vm)],
+                                     key=f"{_key(d.vm)}@{dest}", node=dest))
+            out.append(replace(d, action=Eviction.WAIT, destination=dest,
+                               reason=f"live-migrating to {dest} (VmJob {job['metadata']['name']})"))
+        elif job is not None and phase != "Succeeded":
+            error = (job.get("status") or {}).get("lastError") or phase
+            out.append(replace(d, action=Eviction.HOLD, reason=(
+                f"its live migration (VmJob {job['metadata']['name']}) ended {phase}: {error}. "
+                "Delete that VmJob to try again, or set spec.liveMigration false to let the "
+                "drain restart the VM elsewhere")))
+        elif live_migratable(d.vm):
+            live.append(replace(d, replace_job=job is not None))
+        elif ((d.vm.get("status") or {}).get("hypervisor") or {}).get("state") \
+                not in ("Running", "Paused"):
+            out.append(d)  # nothing runs: unbinding loses nothing
+        else:
+            cold.append(d)
+
+    placements = schedule(
+        [replace(views[d.node + "/" + _key(d.vm)], node=None,
+                 required_capabilities=views[d.node + "/" + _key(d.vm)].required_capabilities
+                 | {"migration"}) for d in live],
+        nodes, taken, policy=policy)
+    for d in sorted(live, key=lambda d: _key(d.vm)):
+        key = _key(d.vm)
+        dest = placements.placements.get(key)
+        if dest is None:
+            out.append(replace(d, action=Eviction.HOLD, reason=(
+                f"it can only move live, and no node can receive it: "
+                f"{placements.unschedulable.get(key, 'no node fits')}")))
+            continue
+        taken.append(replace(views[d.node + "/" + key], node=dest))
+        if sending[d.node] >= PARALLEL_DRAIN_MIGRATIONS:
+            out.append(replace(d, action=Eviction.WAIT, destination=dest, reason=(
+                f"queued: {sending[d.node]} live migrations off {d.node} are under way")))
+            continue
+        sending[d.node] += 1
+        out.append(replace(d, action=Eviction.MIGRATE, destination=dest,
+                           reason=f"WorkerNode {d.node} is draining: live-migrating to {dest}"))
+
+    fits = schedule([replace(views[d.node + "/" + _key(d.vm)], node=None) for d in cold],
+                    nodes, taken, policy=policy)
+    for d in cold:
+        key = _key(d.vm)
+        if key in fits.placements:
+            out.append(replace(d, reason=(
+                f"WorkerNode {d.node} is draining and the VM cannot move live "
+                "(spec.liveMigration false): it restarts on another node")))
+        else:
+            out.append(replace(d, action=Eviction.HOLD, reason=(
+                f"it cannot move live (spec.liveMigration false) and no other node can "
+                f"take it: {fits.unschedulable.get(key, 'no node fits')}. Add capacity, "
+                "uncordon a node, or stop the VM")))
+    return out
+
+
+def drain_blocked(node: str, held: Sequence[EvictionDecision], left: int
+                  ) -> tuple[bool, str, str]:
+    """The WorkerNode's DrainBlocked condition: (status, reason, message)."""
+    mine = sorted((d for d in held if d.node == node), key=lambda d: _key(d.vm))
+    if not mine:
+        return (False, "Draining" if left else "Drained",
+                f"{left} VM(s) still to move off {node}" if left
+                else f"no VM is bound to {node}")
+    shown = "; ".join(f"{_key(d.vm)}: {d.reason}" for d in mine[:5])
+    more = f"; and {len(mine) - 5} more" if len(mine) > 5 else ""
+    return True, "VmsCannotMove", f"{len(mine)} VM(s) cannot leave {node}: {shown}{more}"
+
+
+def _key(vm: Mapping[str, Any]) -> str:
+    meta = vm["metadata"]
+    return f"{meta.get('namespace') or 'default'}/{meta['name']}"
+
+
+def _destination(job: Mapping[str, Any]) -> str | None:
+    data = (((job.get("spec") or {}).get("payload") or {}).get("data") or {})
+    dest = data.get("destinationNode")
+    return str(dest) if dest else None
 
 
 def asleep(vm: Mapping[str, Any]) -> bool:

@@ -125,3 +125,12 @@ def heartbeat_status(
             }
         ],
     }
+
+
+def merge_conditions(old: list[dict[str, Any]] | None, *new: dict[str, Any]
+                     ) -> list[dict[str, Any]]:
+    """``old`` with each of ``new`` replacing the condition of its type. The agent and the
+    controller each own some WorkerNode condition types; a merge patch replaces the whole
+    list, so each writer sends the others' conditions back unchanged."""
+    types = {c["type"] for c in new}
+    return [c for c in old or [] if c.get("type") not in types] + list(new)

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from hyperfleet.operator.devstack import ch_double_cmd, hyperfleet_cmd, kill_pidfiles, launch
+from hyperfleet.operator.settings import DEFAULT_EVICTION_SECONDS, DEFAULT_FENCE_AFTER
+from hyperfleet.reconcilers.hypervisor.client import ChClient, ChError
 from hyperfleet.reconcilers.hypervisor.process import pid_alive as alive
 from tests import PLACEHOLDER_KERNEL
 
@@ -42,10 +44,11 @@ def status(c: Cluster, name: str) -> dict[str, Any]:
     return (c.get("hvm", name) or {}).get("status") or {}
 
 
-def start(c: Cluster, nodes: list[str], eviction: float = 300) -> None:
+def start(c: Cluster, nodes: list[str], eviction: float = 300,
+          agent_args: list[str] | None = None) -> None:
     c.start_controller(eviction_timeout=eviction)
     for n in nodes:
-        c.start_agent(c.node(n))
+        c.start_agent(c.node(n), extra=agent_args)
     wait_for(lambda: all((c.get("wn", c.node(n), namespaced=False) or {})
                          .get("status", {}).get("phase") == "Ready" for n in nodes),
              60, "nodes Ready", c)
@@ -83,27 +86,73 @@ def test_cordon_and_unschedulable_reason(cluster: Cluster) -> None:
     running_on(c, "v2", "a")
 
 
-def test_drain_moves_vms_one_copy_at_a_time(cluster: Cluster) -> None:
+LIVE_VM = VM.replace("memory: 256Mi,", "memory: 256Mi, liveMigration: true,")
+
+
+def condition(body: dict[str, Any] | None, type_: str) -> dict[str, Any]:
+    return next((x for x in ((body or {}).get("status") or {}).get("conditions") or []
+                 if x["type"] == type_), {})
+
+
+def test_drain_moves_live_cold_moves_where_it_fits_and_holds_the_rest(
+        cluster: Cluster) -> None:
+    """Like kubectl drain with a PodDisruptionBudget: the VM that can move live is
+    migrated by a VmJob, the other restarts elsewhere only once a node can take it, and
+    meanwhile the drain holds it, saying so on the WorkerNode. One copy at a time."""
     c = cluster
-    start(c, ["a", "b"])
-    patch_node(c, "b", {"unschedulable": True})
-    assert c.apply(VM.format(name="d1")).returncode == 0
-    running_on(c, "d1", "a")
-    patch_node(c, "b", {"unschedulable": False})
+    c.start_controller()
+    c.start_agent(c.node("a"))
+    wait_for(lambda: (c.get("wn", c.node("a"), namespaced=False) or {})
+             .get("status", {}).get("phase") == "Ready", 60, "a Ready", c)
+    assert c.apply(LIVE_VM.format(name="live")).returncode == 0
+    assert c.apply(VM.format(name="cold")).returncode == 0
+    running_on(c, "live", "a")
+    running_on(c, "cold", "a")
+    assert condition(c.get("hvm", "live"), "LiveMigratable")["status"] == "True"
+    cond = condition(c.get("hvm", "cold"), "LiveMigratable")
+    assert cond["status"] == "False" and "spec.liveMigration" in cond["message"]
+    c.start_agent(c.node("b"), cpus=2)  # room for one of the two
+    wait_for(lambda: (c.get("wn", c.node("b"), namespaced=False) or {})
+             .get("status", {}).get("capacity"), 60, "b registered", c)
+    live_pid = dict(vmm_pids(c, "live"))[c.node("a")]
+    cold_pid = dict(vmm_pids(c, "cold"))[c.node("a")]
     copies: set[int] = set()
 
-    def moved() -> bool:
-        procs = vmm_pids(c, "d1")
-        copies.add(len(procs))
-        s = status(c, "d1")
-        return s.get("phase") == "Running" and s.get("nodeName") == c.node("b")
+    def watch(pred: Any) -> Any:
+        def check() -> Any:
+            copies.update(len(executing(c, n)) for n in ("live", "cold"))
+            return pred()
+        return check
 
     patch_node(c, "a", {"drain": True})
-    wait_for(moved, 60, "d1 moved to b", c)
-    assert max(copies) <= 1  # never two VMMs for one VM
-    assert [n for n, _ in vmm_pids(c, "d1")] == [c.node("b")]
-    events = json.loads(c.kubectl("get", "events", "-o", "json").stdout)["items"]
-    assert "Evicted" in [e["reason"] for e in events if e["involvedObject"]["name"] == "d1"]
+    wait_for(watch(lambda: status(c, "live").get("nodeName") == c.node("b")
+                   and status(c, "live").get("phase") == "Running"), 60, "live migrated", c)
+    jobs = json.loads(c.kubectl("get", "vmjobs", "-o", "json").stdout)["items"]
+    assert [(j["spec"]["operation"], j["status"]["phase"]) for j in jobs] == [
+        ("vm.migrate", "Succeeded")]
+    assert "Migrating" in event_reasons(c, "live")
+
+    # No room for the VM that can only restart: it stays up on a, and a says why.
+    blocked = wait_for(lambda: condition(c.get("wn", c.node("a"), namespaced=False),
+                                         "DrainBlocked").get("status") == "True"
+                       and condition(c.get("wn", c.node("a"), namespaced=False),
+                                     "DrainBlocked"), 30, "DrainBlocked", c)
+    assert f"{c.namespace}/cold" in blocked["message"] and "0/" in blocked["message"]
+    assert "DrainBlocked" in event_reasons(c, "cold")
+    assert alive(cold_pid) and status(c, "cold")["nodeName"] == c.node("a")
+    row = c.kubectl("get", "wn", c.node("a"), namespaced=False).stdout
+    assert "true" in row.splitlines()[1]  # the Draining column
+
+    c.start_agent(c.node("c"))  # capacity arrives: the drain goes on
+    wait_for(watch(lambda: status(c, "cold").get("nodeName") == c.node("c")
+                   and status(c, "cold").get("phase") == "Running"), 60, "cold moved", c)
+    assert "Evicted" in event_reasons(c, "cold") and not alive(cold_pid)
+    assert not alive(live_pid)
+    done = wait_for(lambda: (d := condition(c.get("wn", c.node("a"), namespaced=False),
+                                            "DrainBlocked")).get("reason") == "Drained" and d,
+                    30, "Drained", c)
+    assert done["status"] == "False"
+    assert max(copies) <= 1, "a VM executed on two nodes at once"
 
 
 def test_a_workernode_deleted_under_its_live_agent_comes_back(cluster: Cluster) -> None:
@@ -122,8 +171,11 @@ def test_a_workernode_deleted_under_its_live_agent_comes_back(cluster: Cluster) 
 
 
 def test_lost_node_and_returning_agent_is_fenced(cluster: Cluster) -> None:
+    """The agent dies with a VMM still running (a partition rather than a crash): its
+    watchdog pauses the VMM before the controller places the VM elsewhere, and the agent,
+    back, stops the stale copy before anything else."""
     c = cluster
-    start(c, ["a", "b"], eviction=8)
+    start(c, ["a", "b"], eviction=8, agent_args=["--fence-after", "3"])
     patch_node(c, "b", {"unschedulable": True})
     assert c.apply(VM.format(name="l1")).returncode == 0
     assert c.apply(VM.format(name="l2")).returncode == 0
@@ -144,9 +196,10 @@ def test_lost_node_and_returning_agent_is_fenced(cluster: Cluster) -> None:
     running_on(c, "l2", "b", timeout=60)
     events = json.loads(c.kubectl("get", "events", "-o", "json").stdout)["items"]
     assert "NodeLost" in [e["reason"] for e in events if e["involvedObject"]["name"] == "l1"]
+    assert alive(old) and executing(c, "l1") == [c.node("b")]  # a's copy is paused
 
     # The partitioned agent returns: before anything else it stops the stale copy.
-    c.start_agent(c.node("a"))
+    c.start_agent(c.node("a"), extra=["--fence-after", "3"])
     wait_for(lambda: not alive(old), 30, "stale VMM on a stopped", c)
     assert [n for n, _ in vmm_pids(c, "l1")] == [c.node("b")]
     assert [n for n, _ in vmm_pids(c, "l2")] == [c.node("b")]
@@ -207,38 +260,108 @@ class Partition:
         self.server.close()
 
 
-def test_fenced_agent_keeps_its_vms_stopped_until_it_reaches_the_api_again(
-        cluster: Cluster) -> None:
-    """--fence-after: an agent cut off from the API server stops its VMs (the controller
-    may place them elsewhere) and starts none until it can read their bindings again."""
-    c = cluster
+def partitioned_agent(c: Cluster, relay: Partition, node: str, *args: str) -> None:
+    """Start node's agent reaching the API server only through ``relay``."""
     url = urllib.parse.urlsplit(c.api.url)
-    relay = Partition((url.hostname or "127.0.0.1", url.port or 443))
+    kubeconfig = c.workdir / f"partitioned-{node}.kubeconfig"
+    kubeconfig.write_text(c.kubeconfig.read_text().replace(
+        c.api.url, f"{url.scheme}://127.0.0.1:{relay.port}"))
+    c.procs[f"agent-{c.node(node)}"] = launch(
+        hyperfleet_cmd("agent", "--node-name", c.node(node), "--ch-binary", ch_double_cmd(),
+                       "--socket-dir", str(c.socket_dir(c.node(node))), "--cpus", "8",
+                       "--memory", "16Gi", "--heartbeat", "1", *args),
+        c.workdir / f"agent-{c.node(node)}.log", kubeconfig)
+
+
+def api_relay(c: Cluster) -> Partition:
+    url = urllib.parse.urlsplit(c.api.url)
+    return Partition((url.hostname or "127.0.0.1", url.port or 443))
+
+
+def test_a_partitioned_agent_pauses_its_vms_and_resumes_them_when_back(
+        cluster: Cluster) -> None:
+    """--fence-after: an agent cut off from the API server pauses its VMs (the controller
+    may place them elsewhere) and runs none until it can read their bindings again; a VM
+    still bound here then resumes in the same process, its memory intact."""
+    c = cluster
+    relay = api_relay(c)
     try:
-        kubeconfig = c.workdir / "partitioned.kubeconfig"
-        kubeconfig.write_text(c.kubeconfig.read_text().replace(
-            c.api.url, f"{url.scheme}://127.0.0.1:{relay.port}"))
         c.start_controller()
-        c.procs["agent-a"] = launch(
-            hyperfleet_cmd("agent", "--node-name", c.node("a"), "--ch-binary", ch_double_cmd(),
-                           "--socket-dir", str(c.socket_dir(c.node("a"))), "--cpus", "8",
-                           "--memory", "16Gi", "--heartbeat", "1", "--fence-after", "3"),
-            c.workdir / "agent-a.log", kubeconfig)
+        partitioned_agent(c, relay, "a", "--fence-after", "3")
         assert c.apply(VM.format(name="f1")).returncode == 0
         running_on(c, "f1", "a")
         first = dict(vmm_pids(c, "f1"))[c.node("a")]
 
         relay.cut()
-        wait_for(lambda: not alive(first), 30, "the fenced agent stops its VMM", c)
-        time.sleep(6)  # a fenced agent that restarted its VMs would have done so by now
-        assert vmm_pids(c, "f1") == []
-        assert "fencing" in (c.workdir / "agent-a.log").read_text()
+        wait_for(lambda: not executing(c, "f1"), 30, "the fenced node pauses f1", c)
+        time.sleep(6)  # a fenced agent that resumed its VMs would have done so by now
+        assert vmm_pids(c, "f1") == [(c.node("a"), first)] and executing(c, "f1") == []
+        log = (c.workdir / f"agent-{c.node('a')}.log").read_text()
+        assert "fencing: pausing every VM" in log
 
-        relay.heal()  # still bound to a (eviction timeout 300 s): it runs here again
-        st = wait_for(lambda: (s := status(c, "f1")).get("phase") == "Running"
-                      and s["hypervisor"]["pid"] != first and s, 60, "f1 Running again", c)
-        assert st["nodeName"] == c.node("a")
-        assert "lifting the fence" in (c.workdir / "agent-a.log").read_text()
+        relay.heal()  # still bound to a (eviction timeout 300 s): it resumes here
+        wait_for(lambda: executing(c, "f1") == [c.node("a")], 60, "f1 resumed on a", c)
+        st = wait_for(lambda: (s := status(c, "f1")).get("phase") == "Running" and s, 30,
+                      "f1 Running", c)
+        assert st["nodeName"] == c.node("a") and st["hypervisor"]["pid"] == first
+        assert "lifting the fence" in (c.workdir / f"agent-{c.node('a')}.log").read_text()
+        reasons = wait_for(lambda: "FencePaused" in (r := event_reasons(c, "f1")) and r, 30,
+                           "a FencePaused event", c)
+        assert "Fenced" not in reasons  # it was not stopped: it is still bound here
+    finally:
+        relay.close()
+
+
+def test_with_default_timeouts_a_partition_longer_than_eviction_never_runs_a_vm_twice(
+        cluster: Cluster) -> None:
+    """Neither --eviction-timeout nor --fence-after given: a node partitioned for longer
+    than the eviction timeout has paused its VMs before the controller starts them
+    elsewhere, and stops its copies when the partition heals. Sampled every second
+    throughout: no VM ever executes on two nodes. (About six minutes.)"""
+    c = cluster
+    relay = api_relay(c)
+    names = ("d1", "d2")
+    try:
+        c.start("controller", "controller", "--node-grace", "6",
+                "--git-cache-dir", str(c.workdir / "git-cache"))
+        partitioned_agent(c, relay, "a")
+        c.start_agent(c.node("b"))
+        wait_for(lambda: all((c.get("wn", c.node(n), namespaced=False) or {})
+                             .get("status", {}).get("phase") == "Ready" for n in "ab"),
+                 60, "nodes Ready", c)
+        patch_node(c, "b", {"unschedulable": True})
+        for n in names:
+            assert c.apply(VM.format(name=n)).returncode == 0
+        for n in names:
+            running_on(c, n, "a")
+        patch_node(c, "b", {"unschedulable": False})
+
+        relay.cut()
+        cut_at = time.monotonic()
+        twice: list[tuple[float, str]] = []
+        paused_at = moved_at = None
+        while time.monotonic() - cut_at < DEFAULT_EVICTION_SECONDS + 90:
+            where = {n: executing(c, n) for n in names}
+            twice += [(time.monotonic() - cut_at, n) for n, nodes in where.items()
+                      if len(nodes) > 1]
+            if paused_at is None and not any(where.values()):
+                paused_at = time.monotonic() - cut_at
+            if all(status(c, n).get("nodeName") == c.node("b") and where[n] == [c.node("b")]
+                   for n in names):
+                moved_at = time.monotonic() - cut_at
+                break
+            time.sleep(1)
+        assert not twice, f"VMs executing on two nodes at once: {twice}\n{c.logs()}"
+        assert paused_at is not None and DEFAULT_FENCE_AFTER - 5 < paused_at \
+            < DEFAULT_EVICTION_SECONDS, f"paused at {paused_at}"
+        assert moved_at is not None and moved_at > DEFAULT_EVICTION_SECONDS, c.logs()
+        assert all(len(vmms_in_proc(c, n)) == 2 for n in names)  # a's paused copies
+
+        relay.heal()
+        wait_for(lambda: all([node for node, _ in vmms_in_proc(c, n)] == [c.node("b")]
+                             for n in names), 30, "a's stale copies stopped", c)
+        for n in names:
+            assert "Fenced" in event_reasons(c, n)
     finally:
         relay.close()
 
@@ -367,12 +490,38 @@ def vmms_in_proc(c: Cluster, name: str) -> list[tuple[str, int]]:
     return found
 
 
+def executing(c: Cluster, name: str) -> list[str]:
+    """Nodes where VM `name` executes: a live VMM (from /proc) whose vm.info says Running.
+    A VMM without its API socket yet has created no VM; one whose socket does not answer
+    counts as executing (it cannot be shown idle)."""
+    nodes = []
+    for node, _ in vmms_in_proc(c, name):
+        sock = c.socket_dir(node) / f"{c.namespace}_{name}.sock"
+        if not sock.exists():
+            continue
+        client = ChClient(str(sock), timeout=2, wait_socket=0)
+        try:
+            state = (client.info() or {}).get("state")
+        except (ChError, OSError):
+            state = "unknown"
+        finally:
+            client.close()
+        if state in ("Running", "unknown"):
+            nodes.append(node)
+    return sorted(nodes)
+
+
+def event_reasons(c: Cluster, name: str) -> list[str]:
+    events = json.loads(c.kubectl("get", "events", "-o", "json").stdout)["items"]
+    return [e["reason"] for e in events if e["involvedObject"]["name"] == name]
+
+
 def test_a_frozen_agent_stops_its_stale_copies_when_it_thaws(cluster: Cluster) -> None:
     """A node agent frozen (SIGSTOP) past the eviction timeout, then thawed: a partition
     that heals. Its VMs were placed again elsewhere; its stale VMMs must go at once, judged
     from a fresh read, although its VM loops still hold "bound here"."""
     c = cluster
-    start(c, ["a", "b"], eviction=6)
+    start(c, ["a", "b"], eviction=6, agent_args=["--fence-after", "3"])
     patch_node(c, "b", {"unschedulable": True})
     names = ("z1", "z2", "z3")
     for n in names:
@@ -385,8 +534,10 @@ def test_a_frozen_agent_stops_its_stale_copies_when_it_thaws(cluster: Cluster) -
     try:
         for n in names:
             running_on(c, n, "b", timeout=90)
-        # Frozen, a's agent cannot stop its copies: during the partition they run twice.
+        # Frozen, a's agent cannot stop its copies, but its watchdog has paused them: two
+        # processes, one executing.
         assert all(len(vmms_in_proc(c, n)) == 2 for n in names)
+        assert all(executing(c, n) == [c.node("b")] for n in names)
     finally:
         os.kill(agent.pid, signal.SIGCONT)
     wait_for(lambda: all(vmms_in_proc(c, n) and {node for node, _ in vmms_in_proc(c, n)}
@@ -396,6 +547,4 @@ def test_a_frozen_agent_stops_its_stale_copies_when_it_thaws(cluster: Cluster) -
     for n in names:
         assert [node for node, _ in vmms_in_proc(c, n)] == [c.node("b")]
         assert status(c, n)["nodeName"] == c.node("b")
-    events = json.loads(c.kubectl("get", "events", "-o", "json").stdout)["items"]
-    fenced = {e["involvedObject"]["name"] for e in events if e["reason"] == "Fenced"}
-    assert fenced == set(names)
+    assert all("Fenced" in event_reasons(c, n) for n in names)

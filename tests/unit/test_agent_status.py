@@ -80,3 +80,25 @@ def test_a_deleted_vm_is_not_written() -> None:
     seen = copy.deepcopy(vm_of(kube))
     kube.vm = None
     assert agent(kube).write_status(seen, {"phase": "Running"}) is None
+
+
+def test_the_heartbeat_status_write_keeps_the_controllers_node_conditions() -> None:
+    """A merge patch replaces the whole conditions list: the agent's periodic status write
+    must send DrainBlocked (the controller's) back unchanged, onto the version it read."""
+    drain = {"type": "DrainBlocked", "status": "True", "reason": "VmsCannotMove",
+             "message": "1 VM(s) cannot leave a"}
+    node = {"metadata": {"name": "a", "resourceVersion": "3"},
+            "status": {"conditions": [{"type": "Ready", "status": "False"}, drain]}}
+
+    class NodeKube(FakeKube):
+        def renew_lease(self, *args: Any) -> None:
+            pass
+
+    kube = NodeKube(node)
+    a = Agent(AgentConfig(node_name="a", ch_binary="/bin/true", socket_dir="/tmp/hf-unit",
+                          fence_after_seconds=0), kube)  # type: ignore[arg-type]
+    a.node_status = {"phase": "Ready", "conditions": [{"type": "Ready", "status": "True"}]}
+    a.heartbeat()
+    conditions = {c["type"]: c for c in vm_of(kube)["status"]["conditions"]}
+    assert conditions == {"Ready": {"type": "Ready", "status": "True"}, "DrainBlocked": drain}
+    assert kube.writes[0]["metadata"]["resourceVersion"] == "3"

@@ -382,7 +382,20 @@ def test_webhook_receiver_service_and_secret() -> None:
     assert not [o for o in cu.objects({}) if o["metadata"]["name"].endswith("-webhook")]
 
 
+def test_agents_fence_well_before_the_controller_evicts() -> None:
+    def args(values: dict[str, Any], kind: str) -> list[str]:
+        w = next(o for o in cu.objects(values) if o["kind"] == kind)
+        return list(next(iter(_walk_containers(w)))["args"])
+
+    assert "--eviction-timeout=300" in args({}, "Deployment")
+    assert "--fence-after=150" in args({}, "DaemonSet")
+    tight = {"controller": {"evictionTimeoutSeconds": 60}}
+    assert "--fence-after=30" in args(tight, "DaemonSet")
+    assert "--fence-after=0" in args({"agent": {"fenceAfterSeconds": 0}}, "DaemonSet")
+
+
 @pytest.mark.parametrize("values, message", [
+    ({"agent": {"fenceAfterSeconds": 400}}, "agent.fenceAfterSeconds .400. must be below"),
     ({"gitSource": {"enabled": True}}, "gitSource.url is required"),
     ({"gitops": {"webhook": {"enabled": True}}}, "gitops.webhook.secret"),
 ])

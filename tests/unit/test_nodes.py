@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hyperfleet.reconcilers.eviction import Eviction, evictions, unbound_status
+from hyperfleet.reconcilers.eviction import (
+    PARALLEL_DRAIN_MIGRATIONS,
+    Eviction,
+    EvictionDecision,
+    drain_blocked,
+    drain_job_name,
+    evictions,
+    plan_drain,
+    unbound_status,
+)
 from hyperfleet.reconcilers.nodes import allocatable, heartbeat_age, is_ready, node_view
+from hyperfleet.reconcilers.scheduler import NodeView, vm_view
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 GRACE = timedelta(seconds=20)
@@ -114,3 +125,86 @@ def test_unbound_status_clears_the_binding() -> None:
     assert st["nodeName"] is None and st["phase"] == "Pending"
     assert st["snapshot"] is None  # the snapshot stays behind on the old node
     assert {c["type"] for c in st["conditions"]} == {"Scheduled", "Ready"}
+
+
+# --------------------------------------------------------------------------- drain plans
+
+def running(name: str, node_name: str, live: bool, state: str = "Running",
+            cpus: int = 2) -> dict[str, Any]:
+    body = vm(name, node_name, cpus=cpus, memory="1Gi", liveMigration=live)
+    body["metadata"]["uid"] = f"uid-{name}"
+    body["status"]["hypervisor"] = {"state": state}
+    return body
+
+
+def drain_views(free_cpus: dict[str, int], caps: frozenset[str] = frozenset({"migration"})
+                ) -> list[NodeView]:
+    views = [NodeView("n1", capabilities=caps, cpus=16, memory=64 << 30, unschedulable=True)]
+    views += [NodeView(n, capabilities=caps, cpus=c, memory=64 << 30)
+              for n, c in free_cpus.items()]
+    return views
+
+
+def plan(vms: list[dict[str, Any]], views: list[NodeView],
+         jobs: dict[str, dict[str, Any]] | None = None) -> dict[str, EvictionDecision]:
+    asks = evictions(vms, {"n1": node("n1", drain=True)}, NOW, timedelta(minutes=5))
+    placed = [vm_view(v) for v in vms]
+    return {d.vm["metadata"]["name"]: d for d in plan_drain(asks, views, placed, jobs or {})}
+
+
+def test_drain_moves_live_what_can_move_live_and_cold_moves_only_where_it_fits() -> None:
+    vms = [running("live", "n1", True), running("cold", "n1", False),
+           running("off", "n1", False, state="Shutdown")]
+    out = plan(vms, drain_views({"n2": 3}))
+    assert out["live"].action == Eviction.MIGRATE and out["live"].destination == "n2"
+    # The migration takes 2 of n2's 3 CPUs: the cold VM has nowhere to go, so it stays.
+    assert out["cold"].action == Eviction.HOLD
+    assert "spec.liveMigration false" in out["cold"].reason and "0/" in out["cold"].reason
+    assert out["off"].action == Eviction.ASK_AGENT  # nothing runs: it just goes
+    out = plan(vms, drain_views({"n2": 8}))
+    assert out["cold"].action == Eviction.ASK_AGENT and "restarts" in out["cold"].reason
+
+
+def test_drain_holds_a_live_vm_no_node_can_receive() -> None:
+    out = plan([running("live", "n1", True)], drain_views({"n2": 8}, frozenset()))
+    assert out["live"].action == Eviction.HOLD
+    assert "only move live" in out["live"].reason and "migration" in out["live"].reason
+    refused = running("live", "n1", True)
+    refused["status"]["conditions"] = [{"type": "LiveMigratable", "status": "False"}]
+    assert plan([refused], drain_views({"n2": 8}))["live"].action == Eviction.ASK_AGENT
+
+
+def test_drain_migrations_are_limited_per_node_and_their_capacity_is_counted() -> None:
+    vms = [running(f"v{i}", "n1", True) for i in range(4)]
+    first = plan(vms, drain_views({"n2": 8, "n3": 8}))
+    started = [d for d in first.values() if d.action == Eviction.MIGRATE]
+    assert len(started) == PARALLEL_DRAIN_MIGRATIONS
+    assert all(d.action == Eviction.WAIT for d in first.values() if d not in started)
+    # Next pass: those two are VmJobs under way; they still hold their destinations.
+    jobs: dict[str, dict[str, Any]] = {f"ns/{drain_job_name(d.vm, 'n1')}": {
+        "metadata": {"name": drain_job_name(d.vm, "n1")},
+        "spec": {"payload": {"data": {"destinationNode": d.destination}}},
+        "status": {"phase": "Running"}} for d in started}
+    assert {d.destination for d in started} == {"n2", "n3"}  # spread
+    again = plan(vms, drain_views({"n2": 2, "n3": 2}), jobs)
+    assert Counter(d.action for d in again.values()) == {Eviction.WAIT: 2, Eviction.HOLD: 2}
+    # A migration that failed holds its VM and says how to go on.
+    failed = next(iter(jobs.values()))
+    failed["status"] = {"phase": "Failed", "lastError": "the source VMM reported migration-failed"}
+    name = next(d.vm["metadata"]["name"] for d in started
+                if drain_job_name(d.vm, "n1") == failed["metadata"]["name"])
+    held = plan(vms, drain_views({"n2": 8, "n3": 8}), jobs)[name]
+    assert held.action == Eviction.HOLD and "migration-failed" in held.reason
+    assert "Delete that VmJob" in held.reason
+    # A job that succeeded in an earlier drain is replaced, not taken for this one's.
+    failed["status"] = {"phase": "Succeeded"}
+    assert plan(vms, drain_views({"n2": 8, "n3": 8}), jobs)[name].replace_job
+
+
+def test_drain_blocked_condition_names_the_vms_and_why() -> None:
+    out = plan([running("cold", "n1", False)], drain_views({}))
+    blocked, reason, message = drain_blocked("n1", list(out.values()), 1)
+    assert blocked and reason == "VmsCannotMove"
+    assert message.startswith("1 VM(s) cannot leave n1: ns/cold: it cannot move live")
+    assert drain_blocked("n1", [], 2) == (False, "Draining", "2 VM(s) still to move off n1")
+    assert drain_blocked("n1", [], 0)[1] == "Drained"

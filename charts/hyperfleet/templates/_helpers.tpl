@@ -66,3 +66,17 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- $out | uniq | join "," -}}
 {{- end -}}
+
+{{/* The agents' --fence-after: half the eviction timeout unless set; it must stay below
+     it, or a partitioned node could still run VMs the controller has moved elsewhere. */}}
+{{- define "hyperfleet.fenceAfter" -}}
+{{- $eviction := .Values.controller.evictionTimeoutSeconds -}}
+{{- $fence := .Values.agent.fenceAfterSeconds -}}
+{{- if kindIs "invalid" $fence -}}
+{{- $fence = divf $eviction 2 -}}
+{{- end -}}
+{{- if ge (float64 $fence) (float64 $eviction) -}}
+{{- fail (printf "agent.fenceAfterSeconds (%v) must be below controller.evictionTimeoutSeconds (%v): a partitioned node would run its VMs after they were placed elsewhere; lower it, or use 0 to turn fencing off" $fence $eviction) -}}
+{{- end -}}
+{{- $fence -}}
+{{- end -}}
