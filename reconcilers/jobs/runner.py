@@ -9,6 +9,7 @@ the controller may have handed it back or timed it out meanwhile.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import socket
 import threading
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..driver import VmDriver
-from ..kube import JOBS, Conflict, Gone, Kube
+from ..kube import JOBS, VMS, Conflict, Gone, Kube
 from ..models.common import now_utc
 from .dispatch import CANCEL_ANNOTATION, current_status, job_key, parse
 from .engine import (
@@ -211,7 +212,7 @@ class JobRunner:
                                             "error": final.last_error})
         try:
             recorded = self._record(ns, name, attempt, final)
-        except Exception:
+        except Exception:  # API unreachable: keep waiting, judge later
             adapter.exception("could not record the job outcome")
             return
         if not recorded:
@@ -246,7 +247,7 @@ class JobRunner:
                 patch = {"metadata": {"resourceVersion": fresh["metadata"]["resourceVersion"]},
                          "status": {"progress": {"percent": percent, "message": message}}}
                 self.kube.patch(JOBS, key.split("/")[1], patch, ns, status=True)
-            except Exception as exc:
+            except Exception as exc:  # reported below, whatever it was
                 adapter.debug("progress not recorded: %s", exc)
 
         ctx = JobContext(job=job, payload=job.typed_payload(), name=key.split("/")[1],
@@ -401,6 +402,7 @@ class MigrationPeers:
         self.runner = runner
         self.address = address  # this node's address for TCP migrations (None: same host)
         self.receiving: set[str] = set()
+        self.poll_interval = 1.0  # seconds between looks at a job being received
 
     def await_receiver(self, ctx: JobContext, dest: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -470,19 +472,82 @@ class MigrationPeers:
 
     def _listen(self, client: Any, url: str, key: str, adapter: JobLog, vm_ns: str,
                 vm_name: str) -> None:
+        """Receive, while watching the job: a source that gives up (its attempt failed,
+        timed out, was cancelled or deleted) sends nothing more, and the receiving VMM
+        would otherwise wait for RECEIVE_TIMEOUT and refuse this VM's next start here."""
+        outcome: list[BaseException | None] = []
+
+        def receive() -> None:
+            try:
+                client.timeout = RECEIVE_TIMEOUT
+                client.request("PUT", "vm.receive-migration", {"receiver_url": url})
+                outcome.append(None)
+            except Exception as exc:  # reported below, whatever it was
+                outcome.append(exc)
+
+        worker = threading.Thread(target=receive, daemon=True, name=f"receive-{vm_name}")
+        worker.start()
+        driver = self.runner.driver
+        abandoned: str | None = None
         try:
-            client.timeout = RECEIVE_TIMEOUT
-            client.request("PUT", "vm.receive-migration", {"receiver_url": url})
-            adapter.info("migration received")
-        except Exception as exc:
-            # Nothing arrived: the receiving VMM holds no VM and would refuse this VM's
-            # next start here ("a migration is being received"), so it goes now.
-            adapter.warning("migration receive failed; stopping the receiving VMM",
-                            extra={"error": str(exc)})
-            driver = self.runner.driver
+            while worker.is_alive():
+                worker.join(self.poll_interval)
+                if worker.is_alive() and (abandoned := self._abandoned(key)):
+                    break
+            if abandoned is None and outcome and outcome[0] is None:
+                adapter.info("migration received")
+                self._take_binding(key, vm_ns, vm_name, adapter)
+                return
+            why = abandoned or str(outcome[0] if outcome else "no answer")
+            # Nothing (complete) arrived: the receiving VMM holds no VM and would refuse
+            # this VM's next start here ("a migration is being received"), so it goes now.
+            adapter.warning("migration not received; stopping the receiving VMM",
+                            extra={"error": why})
             with driver.lock(vm_ns, vm_name):
                 driver.pm.stop(vm_ns, vm_name, grace=2)
+                with contextlib.suppress(FileNotFoundError):
+                    driver.pm.paths(vm_ns, vm_name).socket.with_suffix(".migration").unlink()
             driver.not_coming(f"{vm_ns}/{vm_name}")
         finally:
+            worker.join(5)
             client.close()
             self.receiving.discard(key)
+
+    def _take_binding(self, key: str, vm_ns: str, vm_name: str, adapter: JobLog) -> None:
+        """The whole VM is here now, and the source VMM exits: bind the VM to this node at
+        once, rather than rely on the source agent living long enough to do it (if it
+        died first, its successor would find the VM bound to it with no VMM and boot a
+        second copy)."""
+        ns, _, name = key.partition("/")
+        job = self.runner.kube.get(JOBS, name, ns) or {}
+        source = (job.get("status") or {}).get("assignedNode")
+        for _ in range(3):
+            vm = self.runner.kube.get(VMS, vm_name, vm_ns)
+            if vm is None or (vm.get("status") or {}).get("nodeName") != source:
+                return  # deleted, or already rebound (by the source, or the controller)
+            try:
+                self.runner.kube.patch(VMS, vm_name, {
+                    "metadata": {"resourceVersion": vm["metadata"]["resourceVersion"]},
+                    "status": {"nodeName": self.runner.node,
+                               "message": f"migrated from {source}"}}, vm_ns, status=True)
+                return
+            except Conflict:
+                continue
+        adapter.warning("could not bind the received VM here; the source agent will",
+                        extra={"vm": f"{vm_ns}/{vm_name}"})
+
+    def _abandoned(self, key: str) -> str | None:
+        """Why the migration job ``key`` will send nothing more, or None."""
+        ns, _, name = key.partition("/")
+        try:
+            body = self.runner.kube.get(JOBS, name, ns)
+        except Exception:  # API unreachable: keep waiting, judge later
+            return None
+        if body is None:
+            return "the migration job was deleted"
+        phase = (body.get("status") or {}).get("phase")
+        if phase in ("Failed", "TimedOut", "Cancelled"):
+            return f"the migration job ended {phase}"
+        if phase in ("Pending", "Scheduled"):
+            return f"the migration job is {phase} again (its attempt was handed back)"
+        return None  # Running, or Succeeded just before our answer arrived

@@ -397,3 +397,89 @@ def test_migration_receiver_logs_carry_the_job_trace_ids(
     rec = next(r.__dict__ for r in caplog.records if r.getMessage() == "cannot receive migration")
     assert rec["traceId"] == job.observability.trace_id and rec["correlationId"] == "move-1"
     assert "already runs here" in rec["error"]
+
+
+@pytest.mark.parametrize(("phase", "stopped"), [
+    ("Cancelled", True), ("Failed", True), ("TimedOut", True), ("Pending", True),
+    (None, True),  # deleted
+    ("Running", False), ("Succeeded", False),
+])
+def test_a_receiver_whose_source_gave_up_stops_its_vmm(
+        tmp_path: Any, phase: str | None, stopped: bool) -> None:
+    """Without this, the receiving VMM waited 10 minutes for a sender that had failed, and
+    refused the VM's next start on this node ("a migration is being received")."""
+    gone = threading.Event()
+    (tmp_path / "ns_web.migration").touch()
+
+    class Client:
+        timeout = 0.0
+
+        def request(self, method: str, action: str, body: Any) -> None:
+            assert action == "vm.receive-migration"
+            if not gone.wait(0.5):
+                return  # the whole VM arrived
+            raise ConnectionError("the VMM went away")
+
+        def close(self) -> None:
+            pass
+
+    class Pm:
+        def stop(self, ns: str, name: str, grace: float) -> None:
+            gone.set()
+
+        def paths(self, ns: str, name: str) -> Any:
+            return type("P", (), {"socket": tmp_path / f"{ns}_{name}.sock"})
+
+    class Driver:
+        pm = Pm()
+        let_go: list[str] = []
+
+        def lock(self, ns: str, name: str) -> threading.Lock:
+            return threading.Lock()
+
+        def not_coming(self, key: str) -> None:
+            self.let_go.append(key)
+
+    job = to_manifest(JobBuilder("vm.migrate").payload(destination_node="b").target("web")
+                      .build(now=now_utc()), name="mig", namespace="ns")
+    job["metadata"].update(resourceVersion="1")
+    job["status"] = {"phase": phase}
+    kube = FakeKube(job)
+    if phase is None:
+        kube.body = None
+    peers = MigrationPeers(JobRunner("b", cast(Kube, kube), driver=cast(Any, Driver())))
+    peers.poll_interval = 0.05
+    peers.receiving.add("ns/mig")
+    adapter = runner_mod.job_log(None, "b", "ns/mig")
+    peers._listen(Client(), "unix:x", "ns/mig", adapter, "ns", "web")
+    assert gone.is_set() == stopped
+    assert (Driver.let_go == ["ns/web"]) == stopped
+    assert (tmp_path / "ns_web.migration").exists() != stopped
+    assert "ns/mig" not in peers.receiving
+
+
+@pytest.mark.parametrize(("bound_to", "after"), [("a", "b"), ("c", "c"), (None, None)])
+def test_a_received_vm_is_bound_to_its_new_node_at_once(bound_to: str | None,
+                                                        after: str | None) -> None:
+    """Only while it is still bound to the migration's source: a VM the controller or the
+    source agent rebound meanwhile is left as it is."""
+    class Kube:
+        def __init__(self) -> None:
+            self.vm: dict[str, Any] = {"metadata": {"name": "web", "resourceVersion": "5"},
+                                       "status": {"nodeName": bound_to}}
+            self.job = {"status": {"phase": "Running", "assignedNode": "a"}}
+
+        def get(self, res: Resource, name: str, ns: str | None = None) -> dict[str, Any]:
+            return copy.deepcopy(self.vm if res.plural == "virtualmachines" else self.job)
+
+        def patch(self, res: Resource, name: str, patch: dict[str, Any], ns: str | None = None,
+                  status: bool = False) -> dict[str, Any]:
+            assert res.plural == "virtualmachines" and name == "web"
+            assert patch["metadata"]["resourceVersion"] == "5"
+            self.vm["status"].update(patch["status"])
+            return self.vm
+
+    kube = Kube()
+    peers = MigrationPeers(JobRunner("b", cast(Any, kube), driver=cast(Any, None)))
+    peers._take_binding("ns/mig", "ns", "web", runner_mod.job_log(None, "b", "ns/mig"))
+    assert kube.vm["status"]["nodeName"] == after
