@@ -44,7 +44,7 @@ crds: $(VENV)/.installed
 system-deps:
 	@missing=""; \
 	for c in kubectl:kubectl openssl:openssl git:git debootstrap:debootstrap curl:curl \
-	         nix-instantiate:nix-bin; do \
+	         nix-instantiate:nix-bin qemu-img:qemu-utils; do \
 	  command -v $${c%%:*} >/dev/null || missing="$$missing $${c#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \

@@ -21,6 +21,7 @@ from typing import Any
 
 from hyperfleet.operator.devstack import (
     ApiServer,
+    agent_cmd,
     ch_double_cmd,
     hyperfleet_cmd,
     install_crds,
@@ -121,9 +122,9 @@ def job_throughput(api: ApiServer, kube: Kube, work: Path, jobs: int, agents: in
     procs = [start(work, api, "controller-jobs", "controller")]
     try:
         for i in range(agents):
-            procs.append(start(work, api, f"agent-{i}", "agent", "--node-name", f"ag-{i}",
-                               "--ch-binary", ch_double_cmd(), "--socket-dir",
-                               str(work / f"ag-{i}"), "--heartbeat", "3"))
+            procs.append(launch(agent_cmd(f"ag-{i}", work / f"ag-{i}", ch_double_cmd(),
+                                          "--heartbeat", "3"),
+                                work / f"agent-{i}.log", api.kubeconfig))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             ready = [n for n in kube.list(NODES) if n["metadata"]["name"].startswith("ag-")

@@ -31,6 +31,7 @@ from kubernetes import watch
 
 from hyperfleet.operator.devstack import (
     ApiServer,
+    agent_cmd,
     ch_double_cmd,
     free_port,
     hyperfleet_cmd,
@@ -315,9 +316,8 @@ def main() -> None:
         m, k = args.running_vms, args.agents
         b.start("controller", hyperfleet_cmd("controller"))
         for i in range(k):
-            b.start(f"agent-{i}", hyperfleet_cmd(
-                "agent", "--node-name", f"node-{i}", "--ch-binary", ch_double_cmd(),
-                "--socket-dir", str(work / f"node-{i}"),
+            b.start(f"agent-{i}", agent_cmd(
+                f"node-{i}", work / f"node-{i}", ch_double_cmd(),
                 # room for all m one-CPU VMs, with headroom
                 "--cpus", str(max(32, 2 * -(-m // k))), "--memory", "1Ti",
                 "--heartbeat", "3"))

@@ -15,11 +15,13 @@ from typing import Any
 import kopf
 
 from hyperfleet.reconcilers import providers
+from hyperfleet.reconcilers.disks import NodeStorage
 from hyperfleet.reconcilers.driver import VmDriver
 from hyperfleet.reconcilers.eviction import unbound_status
 from hyperfleet.reconcilers.gitops.types import ADOPT_ANNOTATION
 from hyperfleet.reconcilers.hypervisor import fence
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
+from hyperfleet.reconcilers.images import DEFAULT_ROOTS
 from hyperfleet.reconcilers.jobs.runner import RECEIVE_TIMEOUT, JobRunner
 from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, Kube, version_of
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_quantity
@@ -47,7 +49,9 @@ class Agent:
         self.cfg = cfg
         self.kube = kube
         self.pm = ProcessManager(cfg.ch_binary, cfg.socket_dir, list(cfg.vmm_args))
-        self.driver = VmDriver(self.pm, cfg.node_name)
+        self.storage = NodeStorage(cfg.state_dir, cfg.allowed_path_roots or DEFAULT_ROOTS,
+                                   parse_quantity(cfg.image_cache_size))
+        self.driver = VmDriver(self.pm, cfg.node_name, storage=self.storage)
         self.jobs = JobRunner(cfg.node_name, kube, self.driver, cfg.migration_address)
         self.jobs.on_finish = lambda job, st: metrics.JOB_OUTCOMES.labels(
             st.phase.value, job.operation).inc()
@@ -111,6 +115,7 @@ class Agent:
         new_status = heartbeat_status(
             cpus, mem, reports, providers.capabilities(reports), AGENT_VERSION
         )
+        new_status["images"] = self.storage.report()
         if self.node_status and {k: v for k, v in new_status.items() if k != "heartbeatTime"} \
                 != {k: v for k, v in self.node_status.items() if k != "heartbeatTime"}:
             self._status_at = 0.0  # publish the change with the next heartbeat
@@ -126,6 +131,10 @@ class Agent:
                               {LEASE_LABEL: node, "app.kubernetes.io/part-of": "hyperfleet"})
         self.contact()
         now = time.monotonic()
+        images = self.storage.report()
+        if images != self.node_status.get("images"):
+            self.node_status["images"] = images  # pulled or evicted: say so now
+            self._status_at = 0.0
         if now - self._status_at < max(30.0, 6 * self.cfg.heartbeat_seconds):
             return
         self._status_at = now
@@ -237,6 +246,7 @@ class Agent:
     def evict(self, ns: str, name: str, body: dict[str, Any]) -> None:
         """Drain: stop the VMM here first, then hand the VM back to the scheduler."""
         self.driver.destroy(ns, name)
+        self.drop_left_disks(ns, name, body)
         message = f"stopped on {self.cfg.node_name} (drain); placing it again"
         self.kube.patch(VMS, name, {"status": unbound_status("Evicted", message, now_utc())},
                         ns, status=True)
@@ -262,12 +272,19 @@ class Agent:
             stopped.append(key)
             vm = self.kube.get(VMS, name, ns)
             if vm is not None:
+                self.drop_left_disks(ns, name, vm)
                 where = (vm.get("status") or {}).get("nodeName") or "no node"
                 self.kube.event(vm, "Fenced", f"stopped its VMM on {self.cfg.node_name}: the "
                                 f"VM is bound to {where} now", "Warning", "hyperfleet-agent")
         if stopped:
             log.warning("stopped VMMs of VMs not bound here", extra={"vms": stopped})
         return stopped
+
+    def drop_left_disks(self, ns: str, name: str, vm: dict[str, Any]) -> None:
+        """A VM that left this node with ``onMove: Recreate`` starts afresh where it went:
+        its old overlay here is garbage. Any other VM's disk is data, and stays."""
+        if ((vm.get("spec") or {}).get("image") or {}).get("onMove") == "Recreate":
+            self.storage.remove(ns, name)
 
     def report_fenced(self) -> None:
         """An Event, once, on each VM that was paused by fencing and is still ours."""
@@ -436,9 +453,13 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
             agent.wakeups.pop(key, None)
 
     @kopf.on.delete(GROUP, VERSION, "virtualmachines", registry=registry, when=bound_here)
-    async def vm_delete(*, name: str, namespace: str | None, **_: Any) -> None:
+    async def vm_delete(*, name: str, namespace: str | None, spec: kopf.Spec,
+                        **_: Any) -> None:
         namespace = namespace or "default"
         await asyncio.to_thread(agent.driver.destroy, namespace, name)
+        image: dict[str, Any] = dict(spec.get("image") or {})
+        if image and image.get("reclaimPolicy", "Delete") == "Delete":
+            await asyncio.to_thread(agent.storage.remove, namespace, name)
         log.info("VM removed from node", extra={"vm": f"{namespace}/{name}"})
 
     return agent

@@ -227,6 +227,16 @@ def agent(
         "watchdog process does it even if the agent is frozen or dead), so a partitioned "
         "node cannot run a VM that moved elsewhere; keep it well under the controller's "
         "--eviction-timeout (0: off)")] = DEFAULT_FENCE_AFTER,
+    state_dir: Annotated[str, typer.Option(
+        help="Image cache and the VMs' root disks (keep it on persistent storage)")
+    ] = "/var/lib/hyperfleet",
+    allowed_path_root: Annotated[list[str] | None, typer.Option(
+        help="Host directory VM specs may name files under (kernel, disks, images; "
+        "repeatable). Default: /var/lib/hyperfleet and /nix/store. Never /proc, /sys, /dev")
+    ] = None,
+    image_cache_size: Annotated[str, typer.Option(
+        help="Size limit of the image cache; least recently used images not in use go "
+        "first")] = "20Gi",
     vmm_arg: Annotated[list[str] | None, typer.Option(
         help="Extra cloud-hypervisor argument for every VM (repeatable), e.g. "
         "--vmm-arg=--seccomp=log")] = None,
@@ -242,7 +252,9 @@ def agent(
                       cpus=cpus, memory=memory, heartbeat_seconds=heartbeat,
                       lease_namespace=lease_namespace, fence_after_seconds=fence_after,
                       capabilities=tuple(capability or ()),
-                      migration_address=migration_address, vmm_args=tuple(vmm_arg or ()))
+                      migration_address=migration_address, vmm_args=tuple(vmm_arg or ()),
+                      state_dir=state_dir, allowed_path_roots=tuple(allowed_path_root or ()),
+                      image_cache_size=image_cache_size)
     registry, kube = _prepare(log_format, metrics_port, metrics_address, kubeconfig)
     agent_mod.register(registry, cfg, kube)
     _run_kopf(registry)

@@ -237,9 +237,9 @@ class Controller:
                 key = f"{_key(dict(d.vm))}:{d.reason}"
                 held.add(key)
                 if key not in self.held:  # say it once per drain and reason, not every pass
-                    log.warning("drain holds VM", extra={"vm": _key(dict(d.vm)),
-                                                         "node": d.node, "reason": d.reason})
-                    self.record(dict(d.vm), "DrainBlocked", d.reason, "Warning")
+                    log.warning("VM held on its node", extra={
+                        "vm": _key(dict(d.vm)), "node": d.node, "reason": d.reason})
+                    self.record(dict(d.vm), d.event, d.reason, "Warning")
                 continue
             if d.action == Eviction.MIGRATE:
                 await self._drain_migrate(d)

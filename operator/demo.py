@@ -18,6 +18,7 @@ from .devstack import (
     REPO,
     ApiServer,
     RealVmm,
+    agent_cmd,
     ch_double_cmd,
     find_real_vmm,
     hyperfleet_cmd,
@@ -92,9 +93,9 @@ def _run(workdir: Path, n_nodes: int, keep: bool, api: ApiServer,
 
     start("controller", "controller", "--git-cache-dir", str(workdir / "git-cache"))
     for i in range(1, n_nodes + 1):
-        start(f"agent-node-{i}", "agent", "--node-name", f"node-{i}",
-              "--ch-binary", binary, "--socket-dir", str(workdir / f"node-{i}"),
-              "--cpus", "8", "--memory", "16Gi", "--heartbeat", "3")
+        procs.append(launch(agent_cmd(f"node-{i}", workdir / f"node-{i}", binary,
+                                      "--cpus", "8", "--memory", "16Gi", "--heartbeat", "3"),
+                            logs / f"agent-node-{i}.log", kc))
     _wait_nodes_ready(kc, n_nodes, timeout=60)
     repo = _sample_repo(workdir, real=binary != ch_double_cmd())
     print(f"==> GitSource 'fleet' follows {repo} (examples/vms.yaml, pushed with git)",

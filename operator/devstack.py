@@ -256,6 +256,22 @@ def hyperfleet_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "hyperfleet.operator.cli", *args]
 
 
+def dev_path_roots() -> list[str]:
+    """Where a dev stack's VM specs name files: its work dirs under /tmp, this checkout
+    (the tests' placeholder kernel), the guest kernel cache, and the Nix store."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return ["/tmp", str(REPO), str(cache / "hyperfleet-ch"), "/nix/store"]
+
+
+def agent_cmd(node: str, socket_dir: Path, ch_binary: str, *args: str) -> list[str]:
+    """A dev stack's node agent: its sockets in ``socket_dir``, its image cache and root
+    disks beside them (``<socket_dir>.state``), host paths confined to dev_path_roots()."""
+    roots = [a for r in dev_path_roots() for a in ("--allowed-path-root", r)]
+    return hyperfleet_cmd("agent", "--node-name", node, "--ch-binary", ch_binary,
+                          "--socket-dir", str(socket_dir),
+                          "--state-dir", f"{socket_dir}.state", *roots, *args)
+
+
 #: The team's shared folder beside the checkout: the prebuilt cloud-hypervisor and its recipes.
 SHARED = Path(os.environ.get("HYPERFLEET_SHARED", str(REPO.parent / "shared")))
 #: Set (CI sets it) when the tests that need the genuine VMM must run rather than skip.

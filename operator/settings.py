@@ -30,6 +30,9 @@ class AgentConfig:
     migration_address: str | None = None  # reachable IP for incoming live migrations
     fence_after_seconds: float = DEFAULT_FENCE_AFTER  # 0: never fence
     vmm_args: tuple[str, ...] = ()  # appended to every cloud-hypervisor command line
+    state_dir: str = "/var/lib/hyperfleet"  # image cache and the VMs' root disks
+    allowed_path_roots: tuple[str, ...] = ()  # () : DEFAULT_ROOTS
+    image_cache_size: str = "20Gi"
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from .disks import NodeStorage, PathRefused, RootDisk, RootDiskError
 from .guest import GuestClient, GuestError, GuestTimeout, GuestUnreachable
 from .hypervisor.client import ChClient, ChError
 from .hypervisor.events import EventTail, is_outcome
@@ -72,9 +74,11 @@ def _ts(t: datetime | None) -> str | None:
 
 
 class VmDriver:
-    def __init__(self, pm: ProcessManager, node_name: str, socket_wait: float = 5.0) -> None:
+    def __init__(self, pm: ProcessManager, node_name: str, socket_wait: float = 5.0,
+                 storage: NodeStorage | None = None) -> None:
         self.pm = pm
         self.node_name = node_name
+        self.storage = storage  # None: no images, no path confinement (unit tests)
         self.socket_wait = socket_wait
         self._clients: dict[str, ChClient] = {}
         self._failures: dict[str, int] = {}
@@ -190,10 +194,18 @@ class VmDriver:
         boot_memory = st.hypervisor.boot_memory if st.hypervisor else None
         retry_after: float | None = None
         observed, pid = Observed(process=False), None
+        image_status: dict[str, Any] | None = None
+        message: str | None = None
         try:
             paths = self.pm.paths(ns, name)
             observed, pid = self.observe(ns, name, boot_memory)
-            desired = self._desired(vm, halted_gen)
+            root = self._root_disk(vm)
+            if root is not None:
+                image_status = root.status
+                conditions = set_condition(
+                    conditions, "ImageReady", root.ready, "Ready" if root.ready else "Pulling",
+                    root.status.get("progress") or f"root disk {root.path}", gen)
+            desired = self._desired(vm, halted_gen, root.path if root else None)
             exited = self._guest_exited(vm, observed)
             if exited and vm.spec.run_strategy == RunStrategy.MANUAL \
                     and desired.state in BOOTED:
@@ -202,6 +214,12 @@ class VmDriver:
                                "guest stopped on its own; runStrategy Manual keeps it off"))
                 desired = self._desired(vm, halted_gen)
             plan = reconcile(desired, observed)
+            if root is not None and not root.ready:
+                # Nothing that needs the root disk runs before it exists.
+                plan, retry_after = [], 1.0
+                message = f"pulling image {root.status['key']}: {root.status.get('progress')}"
+                conditions = set_condition(conditions, "Ready", False, "ImagePulling",
+                                           message, gen)
             auto = vm.spec.run_strategy == RunStrategy.ALWAYS and desired.state in BOOTED
             if restart_at is not None and not (auto and plan):
                 restart_at = None  # up again, stopped, asleep or Manual now: nothing to wait for
@@ -277,11 +295,18 @@ class VmDriver:
             if any(c.type == "Failure" and c.status == "True" for c in conditions):
                 conditions = set_condition(conditions, "Failure", False, "Recovered", "", gen)
             self._failures.pop(key, None)
-            message: str | None = None
-        except (ChError, UnsafeNameError, OSError, ValueError) as exc:
-            reason = "InvalidName" if isinstance(exc, UnsafeNameError) else "HypervisorError"
+        except (ChError, UnsafeNameError, OSError, ValueError, RootDiskError) as exc:
+            reason = "InvalidName" if isinstance(exc, UnsafeNameError) \
+                else "PathNotAllowed" if isinstance(exc, PathRefused) \
+                else exc.reason if isinstance(exc, RootDiskError) else "HypervisorError"
             n = self._failures[key] = self._failures.get(key, 0) + 1
             retry_after = min(60.0, 0.5 * 2 ** min(n, 7))
+            if isinstance(exc, RootDiskError):
+                retry_after = exc.retry_after or 30.0
+                image_status = {"key": vm.spec.image.key if vm.spec.image else "",
+                                "phase": "Failed", "message": str(exc)}
+                conditions = set_condition(conditions, "ImageReady", False, reason, str(exc),
+                                           gen)
             log.warning("converge failed", extra={"vm": key, "error": str(exc), "attempt": n})
             was = next((c for c in conditions if c.type == "Failure"), None)
             conditions = set_condition(conditions, "Ready", False, reason, str(exc), gen)
@@ -309,6 +334,7 @@ class VmDriver:
             "nextRestartTime": _ts(restart_at),
             "haltedGeneration": halted_gen,
             "snapshot": snapshot,
+            "image": image_status,
             "conditions": [c.wire() for c in conditions],
         }
         return Outcome(status=status, events=events, converged=converged, retry_after=retry_after)
@@ -366,14 +392,30 @@ class VmDriver:
         return set_condition(conditions, "GuestHealthy", healthy, reason, msg,
                              vm.metadata.generation)
 
-    def _desired(self, vm: VirtualMachine, halted_gen: int | None) -> Desired:
+    def _desired(self, vm: VirtualMachine, halted_gen: int | None,
+                 root_disk: Path | None = None) -> Desired:
         paths = self.pm.paths(vm.metadata.namespace or "default", vm.metadata.name)
         return Desired(
             spec=vm.spec,
             halted=halted_gen is not None,
             snapshot_url=f"file://{paths.snapshots}",
             vsock_socket=str(paths.socket.with_suffix(".vsock")),
+            root_disk=str(root_disk) if root_disk else None,
         )
+
+    def _root_disk(self, vm: VirtualMachine) -> RootDisk | None:
+        """Check the spec's host paths, then make sure the root disk exists (or is on its
+        way): before any step that could hand a path to the VMM."""
+        if self.storage is None:
+            if vm.spec.image is not None:
+                raise RootDiskError("NoImageStore", "spec.image: this agent keeps no images "
+                                    "(start it with --state-dir)", None)
+            return None
+        self.storage.check_paths(vm.spec)
+        if vm.spec.image is None:
+            return None
+        return self.storage.prepare(vm.metadata.namespace or "default", vm.metadata.name,
+                                    vm.spec.image)
 
     @staticmethod
     def _guest_exited(vm: VirtualMachine, observed: Observed) -> bool:

@@ -21,7 +21,10 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from pydantic import ValidationError
+
 from .models.common import rfc3339
+from .models.vm import VirtualMachineSpec
 from .nodes import heartbeat_age
 from .scheduler import NodeView, Policy, VmView, schedule, vm_view
 
@@ -49,6 +52,7 @@ class EvictionDecision:
     destination: str | None = None
     #: MIGRATE only: a finished migration job of an earlier drain holds the name; delete it
     replace_job: bool = False
+    event: str = "DrainBlocked"  # HOLD: the Event reason that tells the user
 
 
 def evictions(
@@ -86,6 +90,14 @@ def evictions(
             why = (f"WorkerNode {node_name} is gone and its agent silent" if node is None else
                    f"WorkerNode {node_name} has not heartbeated for "
                    f"{(age or eviction_timeout).total_seconds():.0f}s")
+            stuck = node_local(vm)
+            if stuck:
+                # Placed elsewhere it would boot without what it wrote: it waits for its node.
+                out.append(EvictionDecision(vm, Eviction.HOLD, node_name, (
+                    f"{why}, but the VM's data is on that node alone ({stuck[0]}); it waits "
+                    "for the node to return. To give that data up, delete the VM and create "
+                    "it again"), event="WaitingForNode"))
+                continue
             out.append(EvictionDecision(vm, Eviction.UNBIND, node_name, why))
         elif node is not None and (node.get("spec") or {}).get("drain") \
                 and status.get("evictFrom") != node_name:
@@ -108,6 +120,15 @@ def drain_job_name(vm: Mapping[str, Any], node: str) -> str:
     meta = vm["metadata"]
     digest = hashlib.sha256(f"{node}/{meta.get('uid') or meta['name']}".encode()).hexdigest()
     return f"drain-{meta['name'][:40].rstrip('-.')}-{digest[:10]}"
+
+
+def node_local(vm: Mapping[str, Any]) -> list[str]:
+    """Why the VM cannot leave its node (see VirtualMachineSpec.node_local_data)."""
+    try:
+        spec = VirtualMachineSpec.model_validate(vm.get("spec") or {})
+    except ValidationError:
+        return []  # it cannot run anywhere as written; its own status says why
+    return spec.node_local_data()
 
 
 def live_migratable(vm: Mapping[str, Any]) -> bool:
@@ -160,6 +181,10 @@ def plan_drain(
                 f"its live migration (VmJob {job['metadata']['name']}) ended {phase}: {error}. "
                 "Delete that VmJob to try again, or set spec.liveMigration false to let the "
                 "drain restart the VM elsewhere")))
+        elif stuck := node_local(d.vm):
+            out.append(replace(d, action=Eviction.HOLD, reason=(
+                f"its data is on {d.node} alone ({stuck[0]}): moving it would boot it "
+                "without what it wrote")))
         elif live_migratable(d.vm):
             live.append(replace(d, replace_job=job is not None))
         elif ((d.vm.get("status") or {}).get("hypervisor") or {}).get("state") \

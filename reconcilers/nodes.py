@@ -89,6 +89,8 @@ def node_view(
         memory=mem,
         ready=is_ready(body, now, grace, lease),
         unschedulable=bool(spec.get("unschedulable") or spec.get("drain")),
+        images=frozenset(str(i.get("key")) for i in status.get("images") or ()
+                         if isinstance(i, dict)),
     )
 
 

@@ -67,6 +67,7 @@ class Desired:
     halted: bool = False  # runStrategy Manual and the guest stopped on its own
     snapshot_url: str = ""
     vsock_socket: str | None = None
+    root_disk: str | None = None  # the VM's overlay over spec.image, on this node
 
     @property
     def state(self) -> str:
@@ -106,7 +107,7 @@ def reconcile(desired: Desired, observed: Observed) -> list[Step]:
         sim.add(Action.SPAWN)
     elif not observed.socket:
         return [Step(Action.WAIT)]
-    target = vm_config(desired.spec, desired.vsock_socket)
+    target = vm_config(desired.spec, desired.vsock_socket, desired.root_disk)
     if sim.state is not None and observed.snapshot:
         sim.add(Action.DISCARD_SNAPSHOT, why=_STALE)
     if sim.state is None:
@@ -280,6 +281,11 @@ def phase_of(desired: Desired, observed: Observed) -> Phase:
 def live_migratable(spec: VirtualMachineSpec, observed: Observed) -> tuple[bool, str, str]:
     """The ``LiveMigratable`` condition: (status, reason, message). Drains move a VM live
     only when it is True; otherwise they cold-move it (a restart) or hold."""
+    stuck = spec.node_local_data()
+    if stuck:
+        return (False, "NodeLocalDisk",
+                f"{stuck[0]}: cloud-hypervisor migrates memory, not disks, so the VM cannot "
+                "run on another node without it")
     if not spec.live_migration:
         return (False, "LiveMigrationDisabled",
                 "spec.liveMigration is false: the VM's memory is private to its VMM, so "
@@ -294,7 +300,8 @@ def live_migratable(spec: VirtualMachineSpec, observed: Observed) -> tuple[bool,
             "memory is shared: vm.migrate and drains move the VM without a restart")
 
 
-def vm_config(spec: VirtualMachineSpec, vsock_socket: str | None = None) -> dict[str, Any]:
+def vm_config(spec: VirtualMachineSpec, vsock_socket: str | None = None,
+              root_disk: str | None = None) -> dict[str, Any]:
     """The upstream ``VmConfig`` body for ``vm.create``."""
     payload = {
         k: v
@@ -318,11 +325,14 @@ def vm_config(spec: VirtualMachineSpec, vsock_socket: str | None = None) -> dict
         "serial": {"mode": _mode(spec.serial)},
         "console": {"mode": _mode(spec.console)},
     }
-    if spec.disks:
-        config["disks"] = [
-            {"id": d.name, "path": d.path, "readonly": d.readonly, "direct": d.direct}
-            for d in spec.disks
-        ]
+    disks = [{"id": d.name, "path": d.path, "readonly": d.readonly, "direct": d.direct}
+             for d in spec.disks]
+    if root_disk:
+        # A qcow2 overlay: cloud-hypervisor opens its backing file only when told to.
+        disks.insert(0, {"id": "root", "path": root_disk, "readonly": False, "direct": False,
+                         "backing_files": True, "image_type": "Qcow2"})
+    if disks:
+        config["disks"] = disks
     if spec.interfaces:
         config["net"] = [
             {

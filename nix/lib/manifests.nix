@@ -15,7 +15,7 @@ let
 
   inherit (builtins)
     attrNames concatLists concatStringsSep elem filter genList hasAttr isAttrs isList
-    listToAttrs mapAttrs removeAttrs substring toString hashString throw;
+    listToAttrs mapAttrs removeAttrs substring toString hashString throw elemAt;
 
   # Drop nulls (and empty lists/sets) so the object carries only what was said.
   clean = v:
@@ -61,8 +61,21 @@ let
         cmdline = d.cmdline or image.cmdline or null;
         firmware = str (d.firmware or null);
       };
-      imageDisks =
-        if image ? disk then [{ name = "root"; path = toString image.disk; readonly = false; }] else [ ];
+      # The image's disk is a base image: each VM (each replica) gets its own copy-on-write
+      # overlay of it on its node, never a shared writable file. A store path is realised
+      # on the node (from image.nixCache when given).
+      disk = if image ? disk then toString image.disk else null;
+      inStore = if disk == null then null else builtins.match "(/nix/store/[^/]+)(/(.+))?" disk;
+      rootImage =
+        if disk == null then null
+        else clean ({
+          onMove = image.onMove or null;
+          sha256 = image.sha256 or null;
+        } // (if inStore == null then { path = disk; } else {
+          nixStorePath = elemAt inStore 0;
+          nixFile = elemAt inStore 2;
+          nixCache = image.nixCache or null;
+        }));
       nics =
         (d.interfaces or [ ])
         ++ (if (d.network or null) == "bridge" then [{
@@ -87,7 +100,8 @@ let
         maxMemory = d.maxMemory or null;
         liveMigration = d.liveMigration or null;
         inherit boot;
-        disks = imageDisks ++ (d.disks or [ ]);
+        image = rootImage;
+        disks = d.disks or [ ];
         interfaces = nics;
         vsock = d.vsock or null;
         serial = d.serial or null;

@@ -15,6 +15,7 @@ from typing import Any
 
 from ulid import ULID
 
+from ..eviction import node_local
 from ..models.common import parse_time
 from .engine import (
     IdempotencyIndex,
@@ -312,6 +313,11 @@ def refusal(job: JobDocument, scope: str, nodes: Sequence[WorkerView],
     key = f"{target.namespace or scope}/{target.name}"
     dest = payload.destination_node
     vm = vms.get(key)
+    stuck = node_local(vm) if vm is not None else []
+    if stuck:
+        return ("NotMigratable",
+                f"VirtualMachine {key}: {stuck[0]}; cloud-hypervisor migrates memory, not "
+                "disks, so it cannot run on another node")
     if vm is not None and not (vm.get("spec") or {}).get("liveMigration"):
         return ("NotMigratable",
                 f"VirtualMachine {key} has spec.liveMigration false: its memory is private "

@@ -41,6 +41,14 @@ class Provider(CamelModel):
     message: str | None = None
 
 
+class CachedImage(CamelModel):
+    """A base image in the node's cache (the scheduler prefers nodes that hold a VM's)."""
+
+    key: str = Field(description="sha256:<hex>, nix:<store path>, or path:<host path>")
+    size_bytes: int = Field(ge=0)
+    last_used: datetime | None = None
+
+
 class WorkerNodeStatus(CamelModel):
     model_config = CamelModel.model_config | {"extra": "allow"}
 
@@ -53,6 +61,9 @@ class WorkerNodeStatus(CamelModel):
     hypervisor_version: str | None = None
     agent_version: str | None = None
     heartbeat_time: datetime | None = None
+    images: list[CachedImage] = Field(
+        default_factory=list, description="Base images cached on the node, most recently used "
+        "first (at most 50)")
     conditions: list[Condition] = Field(default_factory=list)
     phase: Literal["Ready", "NotReady", "Unknown"] = "Unknown"
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -75,9 +76,98 @@ class Boot(CamelModel):
 
 class Disk(CamelModel):
     name: str = Field(pattern=NAME_PATTERN, max_length=63, description="Device id in the VMM")
-    path: str = Field(min_length=1, description="Host path of the disk image")
+    path: str = Field(min_length=1, description="Host path of the disk image, under one of the "
+                      "agent's --allowed-path-root")
     readonly: bool = False
     direct: bool = False
+    shared: bool = Field(
+        default=False,
+        description="The path is on storage every node sees at the same path (NFS, CephFS, a "
+        "SAN), so the VM may move with it. False: node-local; a VM with a writable "
+        "node-local disk is never moved to another node (drains hold it)")
+
+
+class OnMove(StrEnum):
+    REFUSE = "Refuse"
+    RECREATE = "Recreate"
+
+
+class ReclaimPolicy(StrEnum):
+    DELETE = "Delete"
+    RETAIN = "Retain"
+
+
+class ImageSpec(CamelModel):
+    """The VM's root disk: a base image the node caches, under a copy-on-write overlay of
+    the VM's own (never shared with another VM)."""
+
+    model_config = CamelModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.path) ? 1 : 0) + (has(self.url) ? 1 : 0) + "
+                    "(has(self.nixStorePath) ? 1 : 0) == 1",
+                    "message": "set exactly one of image.path, image.url, image.nixStorePath",
+                },
+                {
+                    "rule": "!has(self.url) || has(self.sha256)",
+                    "message": "image.url needs image.sha256 (the image's sha256 digest, 64 hex "
+                    "digits): an unverified download is never booted",
+                },
+            ]
+        }
+    }
+
+    path: str | None = Field(default=None, description="Host path of a base image (qcow2 or "
+                             "raw) under one of the agent's --allowed-path-root")
+    url: str | None = Field(default=None, pattern=r"^https?://",
+                            description="http(s) URL of a base image (qcow2 or raw)")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+                               description="sha256 of the base image file; required with url")
+    nix_store_path: str | None = Field(
+        default=None, pattern=r"^/nix/store/[0-9a-z]{32}-[^/]+$",
+        description="Nix store path holding the image, realised on the node")
+    nix_file: str | None = Field(
+        default=None, pattern=r"^[^/].*$",
+        description="The image file inside nixStorePath (default: the store path itself)")
+    nix_cache: str | None = Field(
+        default=None, description="Binary cache to fetch nixStorePath from (nix copy --from)")
+    on_move: OnMove = Field(
+        default=OnMove.REFUSE,
+        description="Refuse: the overlay holds the VM's writes and exists only on its node, so "
+        "the VM never moves to another node (drains hold it); Recreate: on another node it "
+        "starts from a fresh overlay, losing what it wrote (like a container disk)")
+    reclaim_policy: ReclaimPolicy = Field(
+        default=ReclaimPolicy.DELETE,
+        description="What becomes of the VM's overlay when the VM is deleted")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageSpec:
+        given = [f for f in ("path", "url", "nix_store_path") if getattr(self, f)]
+        if len(given) != 1:
+            raise ValueError("image: set exactly one of image.path, image.url, "
+                             "image.nixStorePath")
+        if self.url and not self.sha256:
+            raise ValueError("image.url needs image.sha256 (the image's sha256 digest, 64 hex "
+                             "digits): an unverified download is never booted")
+        return self
+
+    @property
+    def key(self) -> str:
+        """What a WorkerNode reports for a cached image, and the scheduler matches."""
+        return str(image_key(self.model_dump(by_alias=True)))
+
+
+def image_key(image: Mapping[str, Any] | None) -> str | None:
+    """The cache key of a spec.image (as stored, camelCase): its digest when declared."""
+    if not image:
+        return None
+    if image.get("sha256"):
+        return f"sha256:{image['sha256']}"
+    if image.get("nixStorePath"):
+        nix_file = image.get("nixFile")
+        return f"nix:{image['nixStorePath']}" + (f"/{nix_file}" if nix_file else "")
+    return f"path:{image.get('path')}"
 
 
 class Interface(CamelModel):
@@ -160,6 +250,9 @@ class VirtualMachineSpec(CamelModel):
         default=False, description="Shared guest memory, which vm.send-migration requires"
     )
     boot: Boot
+    image: ImageSpec | None = Field(
+        default=None, description="Root disk from a base image: the VM gets its own "
+        "copy-on-write overlay of it, as its first disk")
     disks: list[Disk] = Field(default_factory=list)
     interfaces: list[Interface] = Field(default_factory=list)
     vsock: Vsock | None = None
@@ -204,6 +297,18 @@ class VirtualMachineSpec(CamelModel):
     def memory_bytes(self) -> int:
         return parse_quantity(self.memory)
 
+    def node_local_data(self) -> list[str]:
+        """Why this VM cannot leave its node: its writes live on that node alone. Empty:
+        it may move (cold, or live if it also has shared memory)."""
+        why = []
+        if self.image is not None and self.image.on_move == OnMove.REFUSE:
+            why.append("spec.image: its copy-on-write root disk exists only on this node "
+                       "(set spec.image.onMove: Recreate to let it start afresh elsewhere)")
+        why += [f"spec.disks[{i}] ({d.name}) is writable and node-local (set shared: true if "
+                "it is on storage every node sees)"
+                for i, d in enumerate(self.disks) if not d.readonly and not d.shared]
+        return why
+
     @property
     def max_memory_bytes(self) -> int:
         return parse_quantity(self.max_memory) if self.max_memory else self.memory_bytes
@@ -217,6 +322,17 @@ class HypervisorStatus(CamelModel):
         default=None,
         description="Bytes of memory the VM was created with: with maxMemory, how far it can "
         "grow live (the VMM rewrites its reported size on a resize)")
+
+
+class ImageStatus(CamelModel):
+    """The root disk: its base image on this node, and the VM's overlay over it."""
+
+    key: str
+    phase: Literal["Pulling", "Ready", "Failed"]
+    progress: str | None = None
+    digest: str | None = None
+    root_disk: str | None = Field(default=None, description="The VM's overlay on its node")
+    message: str | None = None
 
 
 class SnapshotStatus(CamelModel):
@@ -257,6 +373,7 @@ class VirtualMachineStatus(CamelModel):
         "it stays off until the spec changes",
     )
     snapshot: SnapshotStatus | None = None
+    image: ImageStatus | None = None
     evict_from: str | None = Field(
         default=None, description="The node asked to stop this VM so it can move elsewhere"
     )

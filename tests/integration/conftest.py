@@ -18,6 +18,7 @@ from hyperfleet.operator.devstack import (
     REQUIRE_REAL_CH_ENV,
     ApiServer,
     RealVmm,
+    agent_cmd,
     ch_double_cmd,
     find_real_vmm,
     hyperfleet_cmd,
@@ -81,12 +82,12 @@ class Cluster:
                     pool: str = "default", env: dict[str, str] | None = None,
                     ch_binary: str | None = None,
                     extra: list[str] | None = None) -> subprocess.Popen[bytes]:
-        return self.start(
-            f"agent-{node}", "agent", "--node-name", node, *(extra or []),
-            "--ch-binary", ch_binary or ch_double_cmd(),
-            "--socket-dir", str(self.socket_dir(node)), "--cpus", str(cpus),
-            "--memory", memory, "--pool", pool, "--heartbeat", "1", env=env,
-        )
+        cmd = agent_cmd(node, self.socket_dir(node), ch_binary or ch_double_cmd(),
+                        *(extra or []), "--cpus", str(cpus), "--memory", memory,
+                        "--pool", pool, "--heartbeat", "1")
+        p = launch(cmd, self.workdir / f"agent-{node}.log", self.kubeconfig, env)
+        self.procs[f"agent-{node}"] = p
+        return p
 
     def node(self, suffix: str) -> str:
         """A WorkerNode name unique to this test (WorkerNodes are cluster-scoped)."""

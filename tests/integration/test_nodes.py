@@ -13,11 +13,11 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from hyperfleet.operator.devstack import ch_double_cmd, hyperfleet_cmd, kill_pidfiles, launch
+from hyperfleet.operator.devstack import agent_cmd, ch_double_cmd, kill_pidfiles, launch
 from hyperfleet.operator.settings import DEFAULT_EVICTION_SECONDS, DEFAULT_FENCE_AFTER
-from hyperfleet.reconcilers.hypervisor.client import ChClient, ChError
 from hyperfleet.reconcilers.hypervisor.process import pid_alive as alive
 from tests import PLACEHOLDER_KERNEL
+from tests.faults import find_vmms, vm_state
 
 from .conftest import Cluster, wait_for
 
@@ -267,9 +267,8 @@ def partitioned_agent(c: Cluster, relay: Partition, node: str, *args: str) -> No
     kubeconfig.write_text(c.kubeconfig.read_text().replace(
         c.api.url, f"{url.scheme}://127.0.0.1:{relay.port}"))
     c.procs[f"agent-{c.node(node)}"] = launch(
-        hyperfleet_cmd("agent", "--node-name", c.node(node), "--ch-binary", ch_double_cmd(),
-                       "--socket-dir", str(c.socket_dir(c.node(node))), "--cpus", "8",
-                       "--memory", "16Gi", "--heartbeat", "1", *args),
+        agent_cmd(c.node(node), c.socket_dir(c.node(node)), ch_double_cmd(), "--cpus", "8",
+                  "--memory", "16Gi", "--heartbeat", "1", *args),
         c.workdir / f"agent-{c.node(node)}.log", kubeconfig)
 
 
@@ -474,41 +473,15 @@ def test_peered_replicas_schedule_from_one_and_a_standby_takes_over(cluster: Clu
 def vmms_in_proc(c: Cluster, name: str) -> list[tuple[str, int]]:
     """Every live VMM of VM `name` on this machine, from /proc (no pid file trusted):
     (node, pid), the node being the socket directory on its command line."""
-    needle = f"/{c.namespace}_{name}.sock".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for arg in args:
-            if arg.endswith(needle) and alive(int(entry.name)):
-                found.append((Path(arg.decode().removeprefix("path=")).parent.name,
-                              int(entry.name)))
-    return found
+    return [(v.node, v.pid) for v in find_vmms(c.workdir, c.namespace).get(name, [])]
 
 
 def executing(c: Cluster, name: str) -> list[str]:
     """Nodes where VM `name` executes: a live VMM (from /proc) whose vm.info says Running.
     A VMM without its API socket yet has created no VM; one whose socket does not answer
     counts as executing (it cannot be shown idle)."""
-    nodes = []
-    for node, _ in vmms_in_proc(c, name):
-        sock = c.socket_dir(node) / f"{c.namespace}_{name}.sock"
-        if not sock.exists():
-            continue
-        client = ChClient(str(sock), timeout=2, wait_socket=0)
-        try:
-            state = (client.info() or {}).get("state")
-        except (ChError, OSError):
-            state = "unknown"
-        finally:
-            client.close()
-        if state in ("Running", "unknown"):
-            nodes.append(node)
-    return sorted(nodes)
+    return sorted(v.node for v in find_vmms(c.workdir, c.namespace).get(name, [])
+                  if vm_state(v.socket, timeout=2) in ("Running", None))
 
 
 def event_reasons(c: Cluster, name: str) -> list[str]:

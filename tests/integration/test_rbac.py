@@ -33,6 +33,7 @@ import yaml
 
 from hyperfleet.operator.devstack import (
     ApiServer,
+    agent_cmd,
     ch_double_cmd,
     hyperfleet_cmd,
     install_crds,
@@ -241,9 +242,9 @@ def _run_workload(s: Stack, ns: str) -> None:
                                 "--cache-dir", str(s.work / "git-cache"), "--log-format", "text"])
     nodes = [f"{ns}-a", f"{ns}-b"]
     for node in nodes:
-        s.start(f"agent-{node}", agent, hyperfleet_cmd(
-            "agent", "--node-name", node, "--log-format", "text", "--ch-binary", ch_double_cmd(),
-            "--socket-dir", str(s.work / node[-1]), "--cpus", "8", "--memory", "16Gi", "--heartbeat", "1",
+        s.start(f"agent-{node}", agent, agent_cmd(
+            node, s.work / node[-1], ch_double_cmd(), "--log-format", "text",
+            "--cpus", "8", "--memory", "16Gi", "--heartbeat", "1",
             "--lease-namespace", cu.NAMESPACE))  # as the chart's POD_NAMESPACE does
     # What the chart installs besides workloads and RBAC: the peering object, the GitSource.
     custom = [o for o in s.objs if o["apiVersion"].startswith(("kopf.dev/", "hyperfleet.dev/"))]

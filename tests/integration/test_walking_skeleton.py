@@ -19,7 +19,7 @@ spec:
   cpus: {cpus}
   memory: 512Mi
   boot: {{kernel: {kernel}, cmdline: console=ttyS0}}
-  disks: [{{name: root, path: /images/{name}.raw}}]
+  disks: [{{name: root, path: /tmp/hf-images/{name}.raw}}]
 """
 VM = VM.replace("{kernel}", PLACEHOLDER_KERNEL)
 

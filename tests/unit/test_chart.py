@@ -34,7 +34,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "custom-ch-no-metrics": {
         "agent": {"cloudHypervisor": {"path": "/opt/ch/bin/cloud-hypervisor"},
-                  "hostPaths": ["/srv/images", "/srv/disks"], "cpus": 32, "memory": "128Gi",
+                  "hostPaths": ["/srv/images", "/srv/disks"], "stateDir": "/srv/disks",
+                  "cpus": 32, "memory": "128Gi",
                   "pool": "gpu", "tolerations": [{"key": "dedicated", "operator": "Exists"}]},
         "metrics": {"enabled": False},
         "image": {"repository": "registry.example.com/hyperfleet", "tag": "1.2.3"},
@@ -285,7 +286,9 @@ def test_custom_cloud_hypervisor_path_and_host_paths() -> None:
     (c,) = pod["containers"]
     assert "--ch-binary=/opt/ch/bin/cloud-hypervisor" in c["args"]
     assert _env(c)["HYPERFLEET_CH_BINARY"] == "/opt/ch/bin/cloud-hypervisor"
-    assert {"--cpus=32", "--memory=128Gi", "--pool=gpu", "--log-format=text"} <= set(c["args"])
+    assert {"--cpus=32", "--memory=128Gi", "--pool=gpu", "--log-format=text",
+            "--state-dir=/srv/disks", "--allowed-path-root=/srv/images",
+            "--allowed-path-root=/srv/disks"} <= set(c["args"])
     host_paths = {v["hostPath"]["path"]: v["hostPath"]["type"] for v in pod["volumes"] if "hostPath" in v}
     assert host_paths["/opt/ch/bin/cloud-hypervisor"] == "File"
     assert {"/srv/images", "/srv/disks"} <= set(host_paths) and "/var/lib/hyperfleet" not in host_paths
@@ -396,6 +399,7 @@ def test_agents_fence_well_before_the_controller_evicts() -> None:
 
 @pytest.mark.parametrize("values, message", [
     ({"agent": {"fenceAfterSeconds": 400}}, "agent.fenceAfterSeconds .400. must be below"),
+    ({"agent": {"stateDir": "/srv/x"}}, r"agent.stateDir \(/srv/x\) must be one of agent.hostPaths"),
     ({"gitSource": {"enabled": True}}, "gitSource.url is required"),
     ({"gitops": {"webhook": {"enabled": True}}}, "gitops.webhook.secret"),
 ])

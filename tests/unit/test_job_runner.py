@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import pytest
 
@@ -432,7 +432,7 @@ def test_a_receiver_whose_source_gave_up_stops_its_vmm(
 
     class Driver:
         pm = Pm()
-        let_go: list[str] = []
+        let_go: ClassVar[list[str]] = []
 
         def lock(self, ns: str, name: str) -> threading.Lock:
             return threading.Lock()

@@ -82,8 +82,9 @@ def test_example_cluster_renders_valid_manifests() -> None:
     nics = [s["interfaces"][0] for s in web]
     assert nics[0]["mac"] != nics[1]["mac"] and nics[0]["tap"] != nics[1]["tap"]
     assert all(len(n["tap"]) <= 15 and n["tap"].startswith("hf") for n in nics)
-    assert web[0]["disks"] == [{"name": "root", "path": "/var/lib/hyperfleet/images/web/disk.raw",
-                                "readonly": False}]
+    # Replicas share the base image, never a writable disk: each gets its own overlay.
+    assert web[0]["image"] == web[1]["image"] == {"path": "/var/lib/hyperfleet/images/web/disk.raw"}
+    assert "disks" not in web[0]
     assert web[0]["boot"]["initramfs"].endswith("/initrd")
     assert by_name["web-0"]["metadata"] == {"name": "web-0", "namespace": "fleet", "labels": {"app": "web"}}
     assert by_name["worker-1"]["metadata"]["labels"] == {"hyperfleet.dev/node": "worker-1"}
@@ -134,3 +135,19 @@ def test_defaults_replicas_and_model_errors() -> None:
     # cpus = 0 passes through Nix and is caught by the model, with the field named.
     result = render_objects([(SourceLocation("c.nix", 0), objs[3])], "default", None)
     assert not result.ok and "spec.cpus" in str(result.errors[0])
+
+
+def test_a_store_path_image_becomes_a_nix_image_per_replica() -> None:
+    store = "/nix/store/" + "a" * 32 + "-nixos-disk"
+    objs = manifests_of(f"""{{
+        vms.web = {{ replicas = 2; kernel = "/var/lib/hyperfleet/vmlinux";
+                     image = {{ disk = "{store}/nixos.img"; nixCache = "http://cache:5000";
+                                onMove = "Recreate"; }}; }};
+      }}""")
+    specs = [o["spec"] for o in objs]
+    assert len(specs) == 2
+    for spec in specs:
+        assert spec["image"] == {"nixStorePath": store, "nixFile": "nixos.img",
+                                 "nixCache": "http://cache:5000", "onMove": "Recreate"}
+        validate({"apiVersion": "hyperfleet.dev/v1alpha1", "kind": "VirtualMachine",
+                  "metadata": {"name": "x"}, "spec": spec})

@@ -612,3 +612,18 @@ def test_schedule_properties(
     assert (
         schedule(shuffled(pending, rng), shuffled(nodes, rng), shuffled(placed, rng), policy=policy) == result
     )
+
+
+def test_nodes_holding_the_vms_image_come_first() -> None:
+    """Among nodes that fit, a node with the base image cached wins over emptier ones;
+    without such a node the policy decides as before."""
+    nodes = [NodeView("a", cpus=8, memory=16 << 30),
+             NodeView("b", cpus=4, memory=8 << 30, images=frozenset({"sha256:" + "1" * 64})),
+             NodeView("c", cpus=8, memory=16 << 30)]
+    vm = VmView("ns/v", 2, 1 << 30, image="sha256:" + "1" * 64)
+    assert schedule([vm], nodes, []).placements == {"ns/v": "b"}
+    other = VmView("ns/w", 2, 1 << 30, image="sha256:" + "2" * 64)
+    assert schedule([other], nodes, []).placements == {"ns/w": "a"}
+    full = [NodeView("a", cpus=8, memory=16 << 30),
+            NodeView("b", cpus=1, memory=8 << 30, images=frozenset({"sha256:" + "1" * 64}))]
+    assert schedule([vm], full, []).placements == {"ns/v": "a"}  # holding it but too small
