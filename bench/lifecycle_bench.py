@@ -24,6 +24,7 @@ from typing import Any
 from hyperfleet.operator.devstack import (
     ApiServer,
     RealVmm,
+    agent_cmd,
     ch_double_cmd,
     find_real_vmm,
     hyperfleet_cmd,
@@ -118,38 +119,75 @@ def crash_recovery(api: ApiServer, vmm: Vmm, trials: int = 5) -> list[float]:
     return out
 
 
-def client_overhead(requests: int = 300) -> tuple[float, float]:
-    """Mean seconds per vm.info: our ChClient vs curl reusing one connection."""
-    tmp = Path(tempfile.mkdtemp(prefix="hf-bench-", dir="/tmp"))
-    pm = ProcessManager(ch_double_cmd(), tmp)
-    try:
-        pm.spawn("bench", "vm")
-        client = pm.client("bench", "vm")
-        kernel = tmp / "vmlinux"
-        kernel.write_bytes(b"the double opens no kernel, but wants it to exist")
-        client.create({"payload": {"kernel": str(kernel)}, "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
-                       "memory": {"size": 64 << 20}})
-        client.put("vm.boot")
-        for _ in range(20):
-            client.info()  # warm up
-        t = time.perf_counter()
-        for _ in range(requests):
-            client.info()
-        ours = (time.perf_counter() - t) / requests
-        client.close()
-        sock = str(pm.paths("bench", "vm").socket)
-        urls = ["http://localhost/api/v1/vm.info"] * requests
-        curl = shutil.which("curl") or "curl"
-        subprocess.run([curl, "-s", "--unix-socket", sock, urls[0]], check=True,
-                       stdout=subprocess.DEVNULL)
-        t = time.perf_counter()
-        subprocess.run([curl, "-s", "--unix-socket", sock, *urls], check=True,
-                       stdout=subprocess.DEVNULL)
-        raw = (time.perf_counter() - t) / requests
-    finally:
-        pm.stop("bench", "vm")
-        shutil.rmtree(tmp, ignore_errors=True)
-    return ours, raw
+def client_overhead(kinds: list[str], requests: int = 300) -> None:
+    """Per-request cost of vm.info: our ChClient vs curl reusing one connection, against the
+    fast stand-in (bench/fastvmm) and, as asked, the CH double and the real VMM.
+
+    ChClient: each call timed. curl: one process, one connection for all requests, timed
+    two ways: its own time_total of each transfer, and the wall time of the whole run per
+    request (start-up included). Prints min/median/max of each; asserts nothing."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.fastvmm
+    from bench.fastvmm import fastvmm_binary
+
+    targets: list[tuple[str, str, str | None]] = [("fastvmm", fastvmm_binary(), None)]
+    if "double" in kinds:
+        targets.append(("double", ch_double_cmd(), None))
+    if "real" in kinds:
+        found = find_real_vmm()
+        if isinstance(found, RealVmm):
+            targets.append(("real", found.binary, found.kernel))
+        else:
+            print(f"\nreal VMM: client cost not measured, {found}")
+    curl = shutil.which("curl") or "curl"
+    print(f"\nCH client per-request cost, vm.info over the unix socket ({requests} requests, ms)")
+    print(f"{'VMM':>8} {'client':<22} {'min':>7} {'median':>7} {'max':>7}")
+    for name, binary, kernel in targets:
+        tmp = Path(tempfile.mkdtemp(prefix="hf-bench-", dir="/tmp"))
+        pm = ProcessManager(binary, tmp)
+        try:
+            pm.spawn("bench", "vm")
+            client = pm.client("bench", "vm")
+            if kernel is None:
+                kernel = str(tmp / "vmlinux")
+                Path(kernel).write_bytes(b"the stand-ins open no kernel, but want it to exist")
+            client.create({"payload": {"kernel": kernel},
+                           "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+                           "memory": {"size": 256 << 20}, "serial": {"mode": "Null"},
+                           "console": {"mode": "Off"}})
+            client.put("vm.boot")
+            for _ in range(20):
+                client.info()  # warm up
+            ours = []
+            for _ in range(requests):
+                t = time.perf_counter()
+                client.info()
+                ours.append(time.perf_counter() - t)
+            client.close()
+            sock = str(pm.paths("bench", "vm").socket)
+            url = "http://localhost/api/v1/vm.info"
+            subprocess.run([curl, "-s", "--unix-socket", sock, url], check=True,
+                           stdout=subprocess.DEVNULL)
+            t = time.perf_counter()
+            subprocess.run([curl, "-s", "--unix-socket", sock, *[url] * requests], check=True,
+                           stdout=subprocess.DEVNULL)
+            wall = (time.perf_counter() - t) / requests
+            out = subprocess.run([curl, "-s", "--unix-socket", sock, "-w", "%{time_total}\n",
+                                  *(["-o", "/dev/null", url] * requests)],
+                                 check=True, capture_output=True, text=True).stdout
+            transfers = [float(x) for x in out.split()]
+        finally:
+            pm.stop("bench", "vm")
+            shutil.rmtree(tmp, ignore_errors=True)
+        for label, values in (("ChClient", ours), ("curl (each transfer)", transfers)):
+            print(f"{name:>8} {label:<22} {min(values) * 1e3:7.3f} "
+                  f"{statistics.median(values) * 1e3:7.3f} {max(values) * 1e3:7.3f}")
+        print(f"{name:>8} {'curl (wall / request)':<22} {'':>7} {wall * 1e3:7.3f}")
+        median = statistics.median(ours)
+        print(f"{name:>8} ratio ChClient / curl: {median / statistics.median(transfers):.2f}x "
+              f"per transfer, {median / wall:.2f}x per request of wall time (medians)",
+              flush=True)
 
 
 def vmms(kinds: list[str], work: Path) -> list[Vmm]:
@@ -183,9 +221,8 @@ def main() -> None:
         procs.append(launch(hyperfleet_cmd("controller"), work / "controller.log",
                             api.kubeconfig))
         for vmm in backends:
-            cmd = hyperfleet_cmd("agent", "--node-name", vmm.node, "--ch-binary", vmm.binary,
-                                 "--socket-dir", str(work / vmm.kind), "--cpus", "1000",
-                                 "--memory", "1Ti", "--heartbeat", "2")
+            cmd = agent_cmd(vmm.node, work / vmm.kind, vmm.binary, "--cpus", "1000",
+                            "--memory", "1Ti", "--heartbeat", "2")
             procs.append(launch(cmd, work / f"agent-{vmm.kind}.log", api.kubeconfig))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -218,11 +255,7 @@ def main() -> None:
         api.stop()
         for vmm in backends:
             kill_pidfiles(work / vmm.kind, "*.pid")
-    ours, raw = client_overhead()
-    print("\nCH client per-request cost (vm.info over the unix socket)")
-    print(f"  ChClient (requests-unixsocket): {ours * 1e3:7.3f} ms")
-    print(f"  curl --unix-socket (one conn):  {raw * 1e3:7.3f} ms")
-    print(f"  ratio ChClient / curl:          {ours / raw:7.2f}x")
+    client_overhead(args.vmm)
     if os.environ.get("BENCH_KEEP"):
         print(f"logs kept in {work}")
     else:
