@@ -69,6 +69,7 @@ class _Connection:
     """One HTTP/1.1 connection to a unix socket (the Host header says ``localhost``)."""
 
     def __init__(self, socket_path: str, timeout: float | None) -> None:
+        self.answered = False  # some byte of the current call's answer was received
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.settimeout(timeout)
@@ -100,13 +101,16 @@ class _Connection:
             head += "Content-Length: 0\r\n"
         self.sock.settimeout(timeout)
         self.sock.sendall(head.encode() + b"\r\n" + (data or b""))
+        self.answered = False
         return self._answer()
 
     def _more(self, buf: bytearray) -> None:
         chunk = self.sock.recv(65536)
         if not chunk:
+            # Not ``buf``: the parsed part of the answer is no longer in it.
             raise ProtocolError("the VMM closed the connection " +
-                                ("mid-answer" if buf else "without answering"))
+                                ("mid-answer" if self.answered else "without answering"))
+        self.answered = True
         buf += chunk
 
     def _answer(self) -> _Answer:
@@ -137,10 +141,9 @@ class _Connection:
         elif headers.get(b"transfer-encoding", b"identity").lower() != b"identity":
             body = self._chunked(buf)
         elif b"content-length" in headers:
-            try:
-                length = int(headers[b"content-length"])
-            except ValueError:
-                raise ProtocolError("bad Content-Length") from None
+            if not headers[b"content-length"].isdigit():  # int() takes "-1", "+1", "1_0"
+                raise ProtocolError("bad Content-Length")
+            length = int(headers[b"content-length"])
             while len(buf) < length:
                 self._more(buf)
             body = bytes(buf[:length])
