@@ -16,6 +16,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,9 @@ class NodeStorage:
             err = pull.error
             wait = None if err is None or not err.transient or pull.retry_at is None \
                 else max(1.0, pull.retry_at - time.monotonic())
-            raise RootDiskError(err.reason if err else "PullFailed",
+            reason = err.reason if err else "PullFailed"
+            # One name for a refused host path, wherever in the spec it is.
+            raise RootDiskError("PathNotAllowed" if reason == "PathRefused" else reason,
                                 str(err) if err else "the image pull failed", wait)
         try:
             create_overlay(pull.path, disk)
@@ -176,8 +179,6 @@ def rfc3339_now() -> str:
 
 
 def rfc3339_from(ts: float) -> str:
-    from datetime import UTC, datetime
-
     return rfc3339(datetime.fromtimestamp(ts, UTC))
 
 

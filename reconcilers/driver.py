@@ -27,6 +27,9 @@ from .vm import BOOTED, Action, Desired, Observed, Step, live_migratable, phase_
 
 log = logging.getLogger(__name__)
 
+#: Steps that start a VMM or hand it host paths: the spec's paths are checked first.
+_STARTS = frozenset({Action.SPAWN, Action.CREATE, Action.ADD_DISK, Action.RESTORE})
+
 #: How long a freshly spawned VMM may take to create its API socket.
 SOCKET_TIMEOUT = 10.0
 #: Restart backoff: immediate first, then doubling up to the cap; reset after a quiet spell.
@@ -139,6 +142,16 @@ class VmDriver:
         return Observed(True, True, info["state"], info.get("config"), snapshot,
                         boot_memory), pid
 
+    def changed_among(self, keys: list[str]) -> list[str]:
+        """The VMs (namespace/name) whose VMM died or reported something since their last
+        pass: one call per watcher tick for the whole node, not a thread hop per VM."""
+        out = []
+        for key in keys:
+            ns, _, name = key.partition("/")
+            if self.changed(ns, name):
+                out.append(key)
+        return out
+
     def changed(self, ns: str, name: str) -> bool:
         """Cheap check for the watcher: did the VMM die, or report something that happened,
         since the last converge pass ended? What a pass itself set off (including a failed
@@ -214,6 +227,10 @@ class VmDriver:
                                "guest stopped on its own; runStrategy Manual keeps it off"))
                 desired = self._desired(vm, halted_gen)
             plan = reconcile(desired, observed)
+            if self.storage is not None and any(s.action in _STARTS for s in plan):
+                # Before anything hands the spec's host paths to a VMM (not every pass:
+                # resolving each path is the dearest part of a pass with nothing to do).
+                self.storage.check_paths(vm.spec)
             if root is not None and not root.ready:
                 # Nothing that needs the root disk runs before it exists.
                 plan, retry_after = [], 1.0
@@ -404,14 +421,13 @@ class VmDriver:
         )
 
     def _root_disk(self, vm: VirtualMachine) -> RootDisk | None:
-        """Check the spec's host paths, then make sure the root disk exists (or is on its
-        way): before any step that could hand a path to the VMM."""
+        """Make sure the root disk exists (or is on its way) before any step could hand
+        its path to the VMM; spec.image.path is confined by the image cache."""
         if self.storage is None:
             if vm.spec.image is not None:
                 raise RootDiskError("NoImageStore", "spec.image: this agent keeps no images "
                                     "(start it with --state-dir)", None)
             return None
-        self.storage.check_paths(vm.spec)
         if vm.spec.image is None:
             return None
         return self.storage.prepare(vm.metadata.namespace or "default", vm.metadata.name,

@@ -50,8 +50,17 @@ class ProcessManager:
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._started: dict[str, float] = {}
+        self._paths: dict[tuple[str, str], VmPaths] = {}
 
     def paths(self, namespace: str, name: str) -> VmPaths:
+        """The VM's files (validated once per name: every watcher tick asks)."""
+        key = (namespace, name)
+        known = self._paths.get(key)
+        if known is None:
+            known = self._paths[key] = self._make_paths(namespace, name)
+        return known
+
+    def _make_paths(self, namespace: str, name: str) -> VmPaths:
         for part, what in ((namespace, "metadata.namespace"), (name, "metadata.name")):
             if not _SAFE.match(part) or ".." in part:
                 raise UnsafeNameError(
@@ -107,7 +116,9 @@ class ProcessManager:
         """The live VMM's pid, or None; reaps our own dead children so they do not linger."""
         p = self.paths(namespace, name)
         child = self._children.get(str(p.socket))
-        if child is not None and child.poll() is not None:
+        if child is not None:
+            if child.poll() is None:
+                return child.pid  # ours, alive: no need to read its pid file and /proc
             del self._children[str(p.socket)]
             return None
         try:

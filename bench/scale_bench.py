@@ -1,0 +1,124 @@
+"""Operator efficiency at scale: one git push of N VMs onto K agents driving the fast
+stand-in VMM (bench/fastvmm), so the figures are the operator's, not the VMM double's.
+
+Prints, for one run: push -> all Running; operator CPU (controller, GitSource controller,
+agents; the VMMs excluded) in ms per VM started; idle CPU per VM once converged; RSS of
+each process; node heartbeat lapses (NotReady transitions). Asserts nothing.
+
+Usage: python bench/scale_bench.py [--vms 1000] [--agents 10] [--idle 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.fastvmm import fastvmm_binary
+from bench.gitops_bench import NS, Bench, vm, wait
+from hyperfleet.operator.devstack import agent_cmd, hyperfleet_cmd, kubectl
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's own user+system CPU (not its children: the VMMs are not ours)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vms", type=int, default=1000)
+    ap.add_argument("--agents", type=int, default=10)
+    ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle measurement")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    args = ap.parse_args()
+    n, k = args.vms, args.agents
+    binary = fastvmm_binary()
+    work = Path(tempfile.mkdtemp(prefix="hf-bench-scale-", dir="/tmp"))
+    b = Bench(work)
+    figures: list[tuple[str, str]] = []
+    try:
+        b.up()
+        b.start("controller", hyperfleet_cmd("controller"))
+        for i in range(k):
+            b.start(f"agent-{i}", agent_cmd(
+                f"node-{i}", work / f"node-{i}", binary,
+                "--cpus", str(max(32, 2 * -(-n // k))), "--memory", "1Ti", "--heartbeat", "3"))
+        wait(lambda: kubectl(b.kc, "get", "wn", "-o",
+                             "jsonpath={.items[*].status.phase}").stdout.split().count("Ready")
+             >= k, 120, f"{k} WorkerNodes Ready", every=0.5)
+        b.repo.set_fleet({})
+        empty = b.repo.commit("empty fleet")
+        b.repo.push()
+        kubectl(b.kc, "apply", "-f", "-", input_=(
+            "apiVersion: hyperfleet.dev/v1alpha1\nkind: GitSource\n"
+            f"metadata: {{name: fleet, namespace: {NS}}}\n"
+            f"spec: {{url: {b.repo.bare}, ref: {{branch: main}}, path: fleet, interval: 1h}}\n"))
+        wait(lambda: b.status().get("lastAppliedCommit") == empty, 60, "empty fleet applied")
+        b.repo.set_fleet({f"vm-{i:04d}.yaml": vm(i) for i in range(n)})
+        sha = b.repo.commit(f"{n} VMs")
+        pids = {name: p.pid for name, p in b.procs.items()}
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        t0 = b.push_and_notify(sha)
+        assert b.vms is not None
+        wait(lambda: b.vms is not None and b.vms.count("Running") >= n, args.timeout,
+             f"{n} VMs Running", every=0.1)
+        took = time.time() - t0
+        cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        time.sleep(args.idle)
+        cpu2 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        used = {name: cpu1[name] - cpu0[name] for name in pids}
+        idle = {name: cpu2[name] - cpu1[name] for name in pids}
+        agents = [name for name in pids if name.startswith("agent-")]
+        total = sum(used.values())
+        figures += [
+            (f"push of {n} VMs -> all Running on {k} agents (fastvmm)", f"{took:.1f} s"),
+            ("operator CPU while starting (all processes)", f"{total:.1f} s = "
+             f"{1e3 * total / n:.1f} ms per VM started"),
+            ("  controller / GitSource controller / agents (sum)",
+             f"{used['controller']:.1f} / {used['gitops']:.1f} / "
+             f"{sum(used[a] for a in agents):.1f} s"),
+            (f"idle CPU over {args.idle:g} s, all processes",
+             f"{sum(idle.values()) / args.idle * 1e3:.0f} ms/s = "
+             f"{sum(idle.values()) / args.idle / n * 1e6:.0f} us/s per VM"),
+            ("  controller / GitSource controller / agents (sum)",
+             f"{idle['controller'] / args.idle * 1e3:.0f} / {idle['gitops'] / args.idle * 1e3:.0f}"
+             f" / {sum(idle[a] for a in agents) / args.idle * 1e3:.0f} ms/s"),
+            ("RSS controller / GitSource controller / agent (max)",
+             f"{rss_mib(pids['controller']):.0f} / {rss_mib(pids['gitops']):.0f} / "
+             f"{max(rss_mib(pids[a]) for a in agents):.0f} MiB"),
+        ]
+        lapses = (work / "controller.log").read_text().count('"node NotReady"')
+        figures.append(("WorkerNodes turned NotReady (heartbeat lapses)", str(lapses)))
+    finally:
+        b.down()
+        if os.environ.get("BENCH_KEEP"):
+            print(f"logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    width = max(len(key) for key, _ in figures) if figures else 0
+    print(f"\nScale benchmark ({os.cpu_count()} cores, real API server + etcd on loopback)")
+    for key, value in figures:
+        print(f"  {key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
