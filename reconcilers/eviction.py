@@ -21,10 +21,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from pydantic import ValidationError
-
 from .models.common import rfc3339
-from .models.vm import VirtualMachineSpec
+from .models.vm import node_local_reasons
 from .nodes import heartbeat_age
 from .scheduler import NodeView, Policy, VmView, schedule, vm_view
 
@@ -123,12 +121,8 @@ def drain_job_name(vm: Mapping[str, Any], node: str) -> str:
 
 
 def node_local(vm: Mapping[str, Any]) -> list[str]:
-    """Why the VM cannot leave its node (see VirtualMachineSpec.node_local_data)."""
-    try:
-        spec = VirtualMachineSpec.model_validate(vm.get("spec") or {})
-    except ValidationError:
-        return []  # it cannot run anywhere as written; its own status says why
-    return spec.node_local_data()
+    """Why the VM cannot leave its node (see node_local_reasons)."""
+    return node_local_reasons(vm.get("spec") or {})
 
 
 def live_migratable(vm: Mapping[str, Any]) -> bool:

@@ -298,20 +298,28 @@ class VirtualMachineSpec(CamelModel):
         return parse_quantity(self.memory)
 
     def node_local_data(self) -> list[str]:
-        """Why this VM cannot leave its node: its writes live on that node alone. Empty:
-        it may move (cold, or live if it also has shared memory)."""
-        why = []
-        if self.image is not None and self.image.on_move == OnMove.REFUSE:
-            why.append("spec.image: its copy-on-write root disk exists only on this node "
-                       "(set spec.image.onMove: Recreate to let it start afresh elsewhere)")
-        why += [f"spec.disks[{i}] ({d.name}) is writable and node-local (set shared: true if "
-                "it is on storage every node sees)"
-                for i, d in enumerate(self.disks) if not d.readonly and not d.shared]
-        return why
+        """Why this VM cannot leave its node (see node_local_reasons)."""
+        return node_local_reasons(self.model_dump(by_alias=True))
 
     @property
     def max_memory_bytes(self) -> int:
         return parse_quantity(self.max_memory) if self.max_memory else self.memory_bytes
+
+
+def node_local_reasons(spec: Mapping[str, Any]) -> list[str]:
+    """Why a VM (its spec as stored, camelCase) cannot leave its node: its writes live on
+    that node alone. Empty: it may move (cold, or live if it also has shared memory).
+    Works on the raw spec, so a spec the models would refuse is judged all the same."""
+    why = []
+    image = spec.get("image") or {}
+    if image and image.get("onMove", OnMove.REFUSE) != OnMove.RECREATE:
+        why.append("spec.image: its copy-on-write root disk exists only on this node "
+                   "(set spec.image.onMove: Recreate to let it start afresh elsewhere)")
+    why += [f"spec.disks[{i}] ({d.get('name')}) is writable and node-local (set shared: true "
+            "if it is on storage every node sees)"
+            for i, d in enumerate(spec.get("disks") or [])
+            if not d.get("readonly") and not d.get("shared")]
+    return why
 
 
 class HypervisorStatus(CamelModel):

@@ -208,3 +208,21 @@ def test_drain_blocked_condition_names_the_vms_and_why() -> None:
     assert message.startswith("1 VM(s) cannot leave n1: ns/cold: it cannot move live")
     assert drain_blocked("n1", [], 2) == (False, "Draining", "2 VM(s) still to move off n1")
     assert drain_blocked("n1", [], 0)[1] == "Drained"
+
+
+def test_drain_holds_a_vm_whose_writable_disk_is_node_local() -> None:
+    """Only a disk declared shared (or read-only) may move with its VM."""
+    local = running("local", "n1", True)
+    local["spec"]["disks"] = [{"name": "data", "path": "/var/lib/hyperfleet/d.raw"}]
+    shared = running("shared", "n1", True)
+    shared["spec"]["disks"] = [{"name": "data", "path": "/mnt/nfs/d.raw", "shared": True},
+                               {"name": "iso", "path": "/var/lib/hyperfleet/i.iso",
+                                "readonly": True}]
+    out = plan([local, shared], drain_views({"n2": 8}))
+    assert out["local"].action == Eviction.HOLD
+    assert "spec.disks[0] (data) is writable and node-local" in out["local"].reason
+    assert out["shared"].action == Eviction.MIGRATE
+    # A lost node's VM with node-local data waits for its node instead of moving.
+    lost = {"n1": node("n1", beat=NOW - timedelta(minutes=10))}
+    (d,) = evictions([local], lost, NOW, timedelta(minutes=5))
+    assert d.action == Eviction.HOLD and d.event == "WaitingForNode"
