@@ -19,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 CONTACT_FILE = ".api-contact"
 FENCED_FILE = ".fenced.json"  # VMs the watchdog paused, for the agent's Events
 LOCK_FILE = ".watchdog.lock"
+PID_FILE = "watchdog.pid"  # no "_": never taken for a VMM's <ns>_<name>.pid
 INTERVAL = 1.0
 
 
@@ -139,6 +141,16 @@ def watch(socket_dir: Path, fence_after: float, binary: str = "cloud-hypervisor"
     """The watchdog loop (its caller holds the lock). Exits when the directory goes, or
     when no VMM is left to guard and no agent is in touch (the next agent starts one)."""
     pm = ProcessManager(binary, socket_dir)
+    pidfile = socket_dir / PID_FILE  # beside the VMMs' own, so whoever stops those finds it
+    pidfile.write_text(f"{os.getpid()}\n")
+    try:
+        _guard(socket_dir, fence_after, pm)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            pidfile.unlink()
+
+
+def _guard(socket_dir: Path, fence_after: float, pm: ProcessManager) -> None:
     fencing = False
     while socket_dir.is_dir():
         age = contact_age(socket_dir)
@@ -158,6 +170,7 @@ def watch(socket_dir: Path, fence_after: float, binary: str = "cloud-hypervisor"
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # leave no stale pid file
     socket_dir, fence_after = Path(argv[0]), float(argv[1])
     if len(argv) < 3 and _try_lock(socket_dir) is None:
         return 0  # started by hand while one runs

@@ -3,7 +3,9 @@ when its agent is frozen or dead (the watchdog is a process of its own)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -111,3 +113,16 @@ def test_a_vmm_that_cannot_be_paused_is_stopped(sockdir: Path) -> None:
     socket.unlink()  # its API is unreachable
     assert fence.pause_all(pm) == ["default/vm1"]
     assert pm.pid("default", "vm1") is None
+
+
+def test_the_watchdog_leaves_a_pid_file_for_whoever_stops_the_node(sockdir: Path) -> None:
+    """Stopping a dev stack (or a test) by its pid files stops the watchdog too; the file
+    is never taken for a VMM's."""
+    fence.record_contact(sockdir)
+    assert fence.ensure_watchdog(sockdir, 60)
+    pidfile = sockdir / fence.PID_FILE
+    wait(pidfile.exists, 5, "the watchdog's pid file")
+    assert ProcessManager(DOUBLE, sockdir).discover() == []
+    os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    wait(lambda: not fence.watchdog_running(sockdir), 5, "the watchdog to stop")
+    wait(lambda: not pidfile.exists(), 5, "its pid file gone")
