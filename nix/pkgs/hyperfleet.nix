@@ -1,5 +1,5 @@
 # The `hyperfleet` command (controller and agent) from this repository's source.
-{ lib, python3Packages, git, src }:
+{ lib, python3Packages, git, qemu-utils, src }:
 python3Packages.buildPythonApplication {
   pname = "hyperfleet";
   version = "0.1.0";
@@ -22,8 +22,10 @@ python3Packages.buildPythonApplication {
     python-ulid
     jsonschema
     aiohttp
+    numpy
   ];
-  makeWrapperArgs = [ "--prefix" "PATH" ":" (lib.makeBinPath [ git ]) ];
+  # git for GitSources; qemu-img for the VMs' copy-on-write root disks.
+  makeWrapperArgs = [ "--prefix" "PATH" ":" (lib.makeBinPath [ git qemu-utils ]) ];
   doCheck = false; # the test suite needs the API server build (see the Makefile)
   meta = {
     description = "GitOps reconciler for cloud-hypervisor VMs on Kubernetes";

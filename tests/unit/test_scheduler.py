@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hyperfleet.reconcilers import scheduler
 from hyperfleet.reconcilers.scheduler import (
     FILTERS,
     Filter,
@@ -34,6 +35,7 @@ from hyperfleet.reconcilers.scheduler import (
     vm_anti_affinity,
     vm_view,
 )
+from tests.unit import scheduler_reference as reference
 
 GI = 1 << 30
 
@@ -627,3 +629,189 @@ def test_nodes_holding_the_vms_image_come_first() -> None:
     full = [NodeView("a", cpus=8, memory=16 << 30),
             NodeView("b", cpus=1, memory=8 << 30, images=frozenset({"sha256:" + "1" * 64}))]
     assert schedule([vm], full, []).placements == {"ns/v": "a"}  # holding it but too small
+
+
+# -- equivalence with the plain implementation the vectorised schedule() replaced ----------------
+#
+# tests/unit/scheduler_reference.py is a verbatim copy of the module before it was
+# vectorised: every random fleet must get the very same placements (in the same order) and
+# the very same unschedulable reasons from both, under both policies.
+
+IMAGES = ["img-a", "img-b", "img-c"]
+
+
+def sometimes(strategy: st.SearchStrategy[Any], otherwise: Any) -> st.SearchStrategy[Any]:
+    """``strategy`` about one time in three, else ``otherwise``."""
+    return st.one_of(st.just(otherwise), st.just(otherwise), strategy)
+
+
+def node_views(unit: int, huge: bool) -> st.SearchStrategy[NodeView]:
+    memory = st.sampled_from([0, 6, 16, 16, 24]).map(lambda n: n * unit)  # 1/6, 1/24: inexact
+    return st.builds(
+        NodeView,
+        name=st.sampled_from([f"n{i:02d}" for i in range(16)]),
+        pool=st.sampled_from(["p", "q", "r"]),
+        labels=st.fixed_dictionaries({"zone": zones}, optional={"disk": st.just("ssd")}),
+        capabilities=st.frozensets(st.sampled_from(["gpu", "migration", "sev"])),
+        cpus=st.sampled_from([0, 3, 8, 8, 12, 16]),  # few shapes: many exact ties
+        memory=st.one_of(memory, st.just(1 << 70)) if huge else memory,
+        ready=st.integers(0, 9).map(bool),
+        unschedulable=st.integers(0, 9).map(lambda n: n == 0),
+        images=st.frozensets(st.sampled_from(IMAGES), max_size=2),
+    )
+
+
+def vm_views(unit: int, on: st.SearchStrategy[str | None]) -> st.SearchStrategy[VmView]:
+    """VMs whose key is only their namespace: :func:`rich_fleets` names them."""
+    return st.builds(
+        VmView,
+        key=st.sampled_from(["ns1", "ns2"]),
+        cpus=st.integers(0, 5),
+        memory=st.integers(0, 16).map(lambda n: n * unit // 4),
+        labels=label_maps,
+        pool=sometimes(st.sampled_from(["p", "q"]), None),
+        node_selector=sometimes(st.fixed_dictionaries({"zone": zones}), {}),
+        required_capabilities=sometimes(st.frozensets(st.sampled_from(["gpu", "migration"])), frozenset()),
+        affinity=sometimes(st.lists(label_maps, min_size=1, max_size=2).map(tuple), ()),
+        anti_affinity=sometimes(st.lists(label_maps, min_size=1, max_size=2).map(tuple), ()),
+        node=on,
+        image=sometimes(st.sampled_from([*IMAGES, "img-unheld"]), None),
+    )
+
+
+@st.composite
+def rich_fleets(draw: st.DrawFn) -> tuple[list[VmView], list[NodeView], list[VmView]]:
+    """Fleets with every kind of constraint, many equal scores, and now and then a huge size."""
+    huge = draw(st.integers(0, 19)) == 19  # beyond int64: schedule() takes its plain path
+    unit = draw(st.sampled_from([1, GI]))
+
+    def some(strategy: st.SearchStrategy[Any], most: int, **kw: Any) -> list[Any]:
+        n = draw(st.integers(0, most))  # not st.lists' preference for short lists
+        return draw(st.lists(strategy, min_size=n, max_size=n, **kw))
+
+    nodes = some(node_views(unit, huge), 12, unique_by=lambda n: n.name)
+    names = [n.name for n in nodes]
+    placed = some(vm_views(unit, st.sampled_from([*names, "gone"])), 10)
+    pending = some(vm_views(unit, st.none()), 30)
+
+    def named(vms: list[VmView], prefix: str) -> list[VmView]:
+        return [replace(v, key=f"{v.key}/{prefix}{i:02d}") for i, v in enumerate(vms)]
+
+    return named(pending, "p"), nodes, named(placed, "r")
+
+
+def assert_same_as_reference(
+    pending: Sequence[VmView], nodes: Sequence[NodeView], placed: Sequence[VmView], policy: Policy
+) -> ScheduleResult:
+    got = schedule(pending, nodes, placed, policy=policy)
+    want = reference.schedule(pending, nodes, placed, policy=policy)
+    assert list(got.unschedulable.items()) == list(want.unschedulable.items())
+    assert list(got.placements.items()) == list(want.placements.items())
+    return got
+
+
+@settings(max_examples=150, deadline=None)
+@given(fleet=rich_fleets())
+def test_schedule_equals_the_reference_implementation(
+    fleet: tuple[list[VmView], list[NodeView], list[VmView]],
+) -> None:
+    pending, nodes, placed = fleet
+    for policy in Policy:
+        assert_same_as_reference(pending, nodes, placed, policy)
+
+
+@pytest.mark.parametrize("evict", [False, True])
+@pytest.mark.parametrize("policy", list(Policy))
+def test_big_batch_equals_the_reference_implementation(
+    policy: Policy, evict: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Enough placements between two VMs of one size to re-score whole arrays, and (with the
+    cache shrunk) more VM sizes than the score-array cache keeps, so it evicts."""
+    if evict:
+        monkeypatch.setattr(scheduler, "_SCORE_FLOATS", 0)  # keep the minimum: 16 sizes
+    rng = random.Random(11)
+    nodes = [
+        NodeView(
+            name=f"n{i:03d}",
+            pool=rng.choice(["a", "b"]),
+            labels={"zone": f"z{i % 3}"},
+            capabilities=frozenset(c for c in ("gpu", "migration") if rng.random() < 0.4),
+            cpus=rng.choice([8, 16, 32]),
+            memory=rng.choice([16, 32, 64]) * GI,
+            ready=rng.random() > 0.05,
+            images=frozenset(img for img in IMAGES if rng.random() < 0.2),
+        )
+        for i in range(150)
+    ]
+    placed = [vm(f"t/r{i}", cpus=1, labels={"app": f"a{i % 9}"}, node=f"n{i % 150:03d}") for i in range(100)]
+    pending = [
+        vm(
+            f"t{i % 3}/p{i:04d}",
+            cpus=rng.choice([1, 1, 2, 2, 4, 8]),
+            memory=rng.choice([1, 2, 4, 8]) * GI + (rng.randrange(40) << 20 if i % 50 == 0 else 0),
+            labels={"app": f"a{i % 9}", "tier": rng.choice(["web", "db"])},
+            pool=rng.choice([None, None, None, "a"]),
+            node_selector={"zone": "z1"} if i % 11 == 0 else {},
+            required_capabilities=frozenset({"gpu"}) if i % 13 == 0 else frozenset(),
+            affinity=({"app": f"a{(i + 1) % 9}", "tier": "web"},) if i % 7 == 0 else (),
+            anti_affinity=({"app": f"a{i % 9}", "tier": "web"},) if i % 5 == 0 else (),
+            image=rng.choice([None, *IMAGES]),
+        )
+        for i in range(1200)
+    ]
+    got = assert_same_as_reference(pending, nodes, placed, policy)
+    assert len(got.placements) > 500 and got.unschedulable  # both paths exercised
+
+
+
+def seeded_fleet(seed: int) -> tuple[list[VmView], list[NodeView], list[VmView]]:
+    """Up to 40 nodes of four random shapes whose inverses round, up to 150 pending VMs."""
+    rng = random.Random(seed)
+    shapes = [(rng.choice([3, 6, 7, 12, 24, 48]), rng.choice([5, 12, 24, 96, 100])) for _ in range(4)]
+    nodes = []
+    for i in range(rng.randrange(1, 40)):
+        cpus, gib = rng.choice(shapes)
+        nodes.append(
+            NodeView(
+                name=f"n{i:02d}",
+                pool=rng.choice(["a", "b"]),
+                labels={"zone": rng.choice(["z1", "z2"])},
+                capabilities=frozenset(c for c in ("gpu", "sev") if rng.random() < 0.3),
+                cpus=cpus,
+                memory=gib * GI,
+                ready=rng.random() > 0.05,
+                unschedulable=rng.random() < 0.05,
+                images=frozenset(img for img in IMAGES if rng.random() < 0.3),
+            )
+        )
+
+    def one(key: str, node: str | None) -> VmView:
+        app = f"a{rng.randrange(6)}"
+        return vm(
+            key,
+            cpus=rng.choice([1, 1, 2, 3, 4]),
+            memory=rng.choice([1, 2, 3, 5, 8]) * GI // rng.choice([1, 1, 4]),
+            labels={"app": app},
+            pool=rng.choice([None, None, None, "a"]),
+            node_selector={"zone": "z2"} if rng.random() < 0.1 else {},
+            required_capabilities=frozenset({"gpu"}) if rng.random() < 0.1 else frozenset(),
+            affinity=({"app": f"a{rng.randrange(6)}"},) if rng.random() < 0.1 else (),
+            anti_affinity=({"app": app},) if rng.random() < 0.1 else (),
+            image=rng.choice([None, *IMAGES]),
+            node=node,
+        )
+
+    names = [n.name for n in nodes]
+    placed = [one(f"t{i % 2}/r{i}", rng.choice(names)) for i in range(rng.randrange(20))]
+    pending = [one(f"t{i % 2}/p{i}", None) for i in range(rng.randrange(150))]
+    return pending, nodes, placed
+
+
+def test_many_seeded_fleets_equal_the_reference_implementation() -> None:
+    """Bigger fleets than hypothesis draws cheaply, with capacities whose inverses round:
+    close scores on nodes of different shapes are where a score computed differently
+    would pick another node."""
+    for seed in range(200):
+        pending, nodes, placed = seeded_fleet(seed)
+        for policy in Policy:
+            assert_same_as_reference(pending, nodes, placed, policy)
