@@ -232,7 +232,8 @@ def agent(
     ] = "/var/lib/hyperfleet",
     allowed_path_root: Annotated[list[str] | None, typer.Option(
         help="Host directory VM specs may name files under (kernel, disks, images; "
-        "repeatable). Default: /var/lib/hyperfleet and /nix/store. Never /proc, /sys, /dev")
+        "repeatable). Default: /var/lib/hyperfleet, /nix/store, /usr/share/cloud-hypervisor. "
+        "Never /proc, /sys, /dev")
     ] = None,
     image_cache_size: Annotated[str, typer.Option(
         help="Size limit of the image cache; least recently used images not in use go "

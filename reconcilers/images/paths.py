@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 #: Where image files may live unless the agent is started with other roots.
-DEFAULT_ROOTS: tuple[str, ...] = ("/var/lib/hyperfleet", "/nix/store")
+DEFAULT_ROOTS: tuple[str, ...] = ("/var/lib/hyperfleet", "/nix/store", "/usr/share/cloud-hypervisor")
 #: Kernel and device interfaces: refused even when a root contains them (e.g. a root of "/").
 FORBIDDEN = ("/proc", "/sys", "/dev")
 
