@@ -11,8 +11,6 @@ Usage: python bench/fault_bench.py [--seed 11] [--rounds 12] [--vms 30] [--nodes
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from hyperfleet.operator.devstack import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the harness is in tests/
+from bench import discard
 from tests.faults import FaultRun, Fleet, kill_strays
 
 NAMESPACE = "faults"
@@ -105,10 +104,7 @@ def main() -> None:
         stack.stop()
         api.stop()
         kill_strays(work)  # VMMs and fencing watchdogs: they outlive their agents
-        if os.environ.get("BENCH_KEEP"):
-            print(f"logs kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        discard(work)
 
 
 if __name__ == "__main__":

@@ -177,6 +177,17 @@ class Bench:
         kill_pidfiles(self.work, "node-*/*.pid")
         self.api.stop()
 
+    def follow_empty_fleet(self) -> None:
+        """Push an empty fleet and point GitSource ``fleet`` at it (webhooks trigger it)."""
+        self.repo.set_fleet({})
+        empty = self.repo.commit("empty fleet")
+        self.repo.push()
+        kubectl(self.kc, "apply", "-f", "-", input_=(
+            "apiVersion: hyperfleet.dev/v1alpha1\nkind: GitSource\n"
+            f"metadata: {{name: fleet, namespace: {NS}}}\n"
+            f"spec: {{url: {self.repo.bare}, ref: {{branch: main}}, path: fleet, interval: 1h}}\n"))
+        wait(lambda: self.status().get("lastAppliedCommit") == empty, 60, "empty fleet applied")
+
     def status(self) -> dict[str, Any]:
         out = kubectl(self.kc, "-n", NS, "get", "gitsource", "fleet", "-o", "json").stdout
         return dict(json.loads(out).get("status") or {})
@@ -247,14 +258,7 @@ def main() -> None:
 
     try:
         b.up()
-        b.repo.set_fleet({})
-        empty = b.repo.commit("empty fleet")
-        b.repo.push()
-        kubectl(b.kc, "apply", "-f", "-", input_=(
-            "apiVersion: hyperfleet.dev/v1alpha1\nkind: GitSource\n"
-            f"metadata: {{name: fleet, namespace: {NS}}}\n"
-            f"spec: {{url: {b.repo.bare}, ref: {{branch: main}}, path: fleet, interval: 1h}}\n"))
-        wait(lambda: b.status().get("lastAppliedCommit") == empty, 60, "empty fleet applied")
+        b.follow_empty_fleet()
 
         # 1. One commit with N VirtualMachines (one file each) -> every object exists.
         n = args.vms

@@ -15,6 +15,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ from hyperfleet.operator.devstack import (
 )
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
 from hyperfleet.reconcilers.kube import VMS, Kube, load_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* and tests.*
+from bench import discard
+from bench.fastvmm import fastvmm_binary
 
 VM = """---
 apiVersion: hyperfleet.dev/v1alpha1
@@ -126,10 +131,7 @@ def client_overhead(kinds: list[str], requests: int = 300) -> None:
     ChClient: each call timed. curl: one process, one connection for all requests, timed
     two ways: its own time_total of each transfer, and the wall time of the whole run per
     request (start-up included). Prints min/median/max of each; asserts nothing."""
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.fastvmm
-    from bench.fastvmm import fastvmm_binary
 
     targets: list[tuple[str, str, str | None]] = [("fastvmm", fastvmm_binary(), None)]
     if "double" in kinds:
@@ -256,10 +258,7 @@ def main() -> None:
         for vmm in backends:
             kill_pidfiles(work / vmm.kind, "*.pid")
     client_overhead(args.vmm)
-    if os.environ.get("BENCH_KEEP"):
-        print(f"logs kept in {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    discard(work)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -20,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import discard
 from bench.fastvmm import fastvmm_binary
-from bench.gitops_bench import NS, Bench, vm, wait
+from bench.gitops_bench import Bench, vm, wait
 from hyperfleet.operator.devstack import agent_cmd, hyperfleet_cmd, kubectl
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -65,14 +65,7 @@ def main() -> None:
         wait(lambda: kubectl(b.kc, "get", "wn", "-o",
                              "jsonpath={.items[*].status.phase}").stdout.split().count("Ready")
              >= k, 120, f"{k} WorkerNodes Ready", every=0.5)
-        b.repo.set_fleet({})
-        empty = b.repo.commit("empty fleet")
-        b.repo.push()
-        kubectl(b.kc, "apply", "-f", "-", input_=(
-            "apiVersion: hyperfleet.dev/v1alpha1\nkind: GitSource\n"
-            f"metadata: {{name: fleet, namespace: {NS}}}\n"
-            f"spec: {{url: {b.repo.bare}, ref: {{branch: main}}, path: fleet, interval: 1h}}\n"))
-        wait(lambda: b.status().get("lastAppliedCommit") == empty, 60, "empty fleet applied")
+        b.follow_empty_fleet()
         b.repo.set_fleet({f"vm-{i:04d}.yaml": vm(i) for i in range(n)})
         sha = b.repo.commit(f"{n} VMs")
         pids = {name: p.pid for name, p in b.procs.items()}
@@ -110,10 +103,7 @@ def main() -> None:
         figures.append(("WorkerNodes turned NotReady (heartbeat lapses)", str(lapses)))
     finally:
         b.down()
-        if os.environ.get("BENCH_KEEP"):
-            print(f"logs kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        discard(work)
     width = max(len(key) for key, _ in figures) if figures else 0
     print(f"\nScale benchmark ({os.cpu_count()} cores, real API server + etcd on loopback)")
     for key, value in figures:

@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 
 from bench.fastvmm import fastvmm_binary
-from hyperfleet.reconcilers.driver import Outcome, VmDriver
+from hyperfleet.reconcilers.driver import VmDriver
 from hyperfleet.reconcilers.hypervisor.client import ChClient, ChError
 from hyperfleet.reconcilers.hypervisor.events import EventTail
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
-from hyperfleet.reconcilers.models.vm import VirtualMachine
 from tests import PLACEHOLDER_KERNEL
+from tests.unit.test_driver import respec, step
 
 NS, NAME = "default", "fast1"
 MiB = 1 << 20
@@ -52,20 +52,6 @@ def vm_body(**spec: Any) -> dict[str, Any]:
                  "boot": {"kernel": PLACEHOLDER_KERNEL}, "runStrategy": "Always", **spec},
         "status": {"nodeName": "node-a"},
     }
-
-
-def step(drv: VmDriver, body: dict[str, Any]) -> Outcome:
-    """One agent pass, its status merged back as the agent's patch does."""
-    out = drv.converge(VirtualMachine.from_body(body))
-    assert out is not None
-    merged = {**body["status"], **out.status}
-    body["status"] = {k: v for k, v in merged.items() if v is not None}
-    return out
-
-
-def respec(body: dict[str, Any], **spec: Any) -> None:
-    body["spec"].update(spec)
-    body["metadata"]["generation"] += 1
 
 
 def converge(drv: VmDriver, body: dict[str, Any], phase: str) -> list[str]:
