@@ -270,17 +270,23 @@ class Agent:
             started = self.pm.started_at(ns, name)
             if started is not None and started >= since:
                 continue  # started after the list was read: its binding is newer
-            self.driver.fence(ns, name)
-            stopped.append(key)
-            vm = self.kube.get(VMS, name, ns)
-            if vm is not None:
-                self.drop_left_disks(ns, name, vm)
-                where = (vm.get("status") or {}).get("nodeName") or "no node"
-                self.kube.event(vm, "Fenced", f"stopped its VMM on {self.cfg.node_name}: the "
-                                f"VM is bound to {where} now", "Warning", "hyperfleet-agent")
+            if self.stop_moved(ns, name, self.kube.get(VMS, name, ns)):
+                stopped.append(key)
         if stopped:
             log.warning("stopped VMMs of VMs not bound here", extra={"vms": stopped})
         return stopped
+
+    def stop_moved(self, ns: str, name: str, vm: dict[str, Any] | None) -> bool:
+        """Stop this node's copy of a VM that is gone or bound elsewhere, and say so on
+        the VM once, whichever of the orphan sweep and the VM's own loop gets there first."""
+        if not self.driver.fence(ns, name):
+            return False
+        if vm is not None:
+            self.drop_left_disks(ns, name, vm)
+            where = (vm.get("status") or {}).get("nodeName") or "no node"
+            self.kube.event(vm, "Fenced", f"stopped its VMM on {self.cfg.node_name}: the "
+                            f"VM is bound to {where} now", "Warning", "hyperfleet-agent")
+        return True
 
     def drop_left_disks(self, ns: str, name: str, vm: dict[str, Any]) -> None:
         """A VM that left this node with ``onMove: Recreate`` starts afresh where it went:
@@ -411,7 +417,7 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
                         continue
                     if fresh is None or (fresh.get("status") or {}).get("nodeName") \
                             != cfg.node_name:
-                        await asyncio.to_thread(agent.driver.fence, namespace, name)
+                        await asyncio.to_thread(agent.stop_moved, namespace, name, fresh)
                         return
                     epoch = agent.fence_epoch
                 if version_of(body) < written:

@@ -490,14 +490,20 @@ class VmDriver:
         else:
             self._client(ns, name).put(step.action.value, step.body)
 
-    def fence(self, ns: str, name: str) -> None:
+    def fence(self, ns: str, name: str) -> bool:
         """Stop this node's VMM of a VM that is no longer bound here; a VM loop still
-        holding an old copy then gets None from converge instead of starting it again."""
+        holding an old copy then gets None from converge instead of starting it again.
+        True if a VMM was running (so two callers racing report it once)."""
         key = f"{ns}/{name}"
         with self.lock(ns, name):
             self.departed.discard(key)
+            try:
+                had = self.pm.pid(ns, name) is not None
+            except UnsafeNameError:
+                had = False
             self.destroy(ns, name)
             self.departed.add(key)
+            return had
 
     def destroy(self, ns: str, name: str) -> None:
         if f"{ns}/{name}" in self.departed:

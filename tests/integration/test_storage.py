@@ -110,8 +110,9 @@ def test_vms_boot_from_their_own_overlays_of_one_downloaded_image(
         client.close()
         assert config["disks"][0]["path"] == str(disks[n])  # booted from its overlay
         assert config["disks"][0]["backing_files"] is True
-    node = c.get("wn", c.node("a"), namespaced=False) or {}
-    assert f"sha256:{digest}" in [i["key"] for i in node["status"].get("images", [])]
+    wait_for(lambda: f"sha256:{digest}" in [  # published with the next heartbeat
+        i["key"] for i in ((c.get("wn", c.node("a"), namespaced=False) or {}).get("status")
+                           or {}).get("images", [])], 30, "a reports the image", c)
 
     # Kept across a crash of the VMM and across sleep: the same file, not a new overlay.
     inode = disks["img-1"].stat().st_ino
