@@ -189,8 +189,12 @@ class Agent:
 
     async def heartbeat_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        due = time.monotonic()
         while True:
-            await asyncio.sleep(self.cfg.heartbeat_seconds)
+            # A fixed cadence, not a fixed pause: a slow beat must not stretch the next one
+            # towards the controller's grace period.
+            due = max(due + self.cfg.heartbeat_seconds, time.monotonic())
+            await asyncio.sleep(due - time.monotonic())
             try:
                 if time.monotonic() - self._probed_at > PROBE_INTERVAL:
                     self._probed_at = time.monotonic()
