@@ -6,6 +6,11 @@ Triggers: a spec change (generation), a new ``hyperfleet.dev/reconcile-now`` val
 repository. Reconciles run in threads (git, YAML and API calls are blocking) so kopf's event
 loop keeps serving watch events and webhooks.
 
+Health: between reconciles, a GitSource with ``spec.healthCheck`` on has the health of the
+VirtualMachines it applied re-assessed on a timer of its own worker (every 5 s while they
+are on their way, every 15 s once settled), with one list call filtered by its ownership
+label: no VM watch, so a 1,000-VM fleet's status churn costs nothing between two checks.
+
 With several controller replicas only the active one (kopf peering) may reconcile: the
 workers are plain asyncio tasks kopf does not pause, so they ask ``active`` before every
 reconcile, and a standby's webhook receiver answers 503.
@@ -55,6 +60,7 @@ log = logging.getLogger("hyperfleet.gitops")
 WEBHOOK_SECRET_ENV = "HYPERFLEET_WEBHOOK_SECRET"
 MAX_WEBHOOK_BODY = 25 * 1024 * 1024  # GitHub's payload cap
 STANDBY_RECHECK = 1.0  # seconds between two questions "am I the active replica now?"
+HEALTH_RETRY = 30.0  # seconds before a health check that crashed is tried again
 
 
 def _always() -> bool:
@@ -206,11 +212,35 @@ class GitOps:
                 result = Result("failed", 30.0)
             if result.state == "deleted":
                 return
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=max(result.requeue_after, 0.2))
-                reason = self.reasons.pop(key, "trigger")
-            except TimeoutError:
-                reason = "interval"
+            reason = await self._wait(key, wake, result)
+
+    async def _wait(self, key: str, wake: asyncio.Event, result: Result) -> str:
+        """Sleep until a trigger or the next reconcile, re-assessing the applied VMs' health
+        on the way when the last result asks for it; returns the next reconcile's trigger."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + max(result.requeue_after, 0.2)
+        health_after = result.health_after
+        try:
+            while True:
+                left = due - loop.time()
+                nap = left if health_after is None else min(left, health_after)
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=max(nap, 0.2))
+                    return self.reasons.pop(key, "trigger")
+                except TimeoutError:
+                    pass
+                if loop.time() >= due - 0.05 or key not in self.sources:
+                    return "interval"
+                if not self.is_active():
+                    health_after = None  # the active replica checks; the worker loop waits
+                    continue
+                try:
+                    health_after = await loop.run_in_executor(
+                        self.executor, self.reconciler.check_health, key)
+                except Exception:
+                    log.exception("health check crashed", extra={"gitsource": key})
+                    health_after = HEALTH_RETRY
+        finally:
             wake.clear()
 
     # ------------------------------------------------------------------ webhook side

@@ -2,7 +2,8 @@
 
 Modules: ``fetch`` (git cache per GitSource), ``render`` (YAML / Nix -> validated manifests),
 ``plan`` (pure diff, prune and deletion-hold rules), ``apply`` (server-side apply, guarded
-pruning), ``webhook`` (push authentication and matching), ``reconcile`` (one pass, status).
+pruning), ``verify`` (commit signatures against trusted keys), ``health`` (pure verdict on the
+applied VMs), ``webhook`` (push authentication and matching), ``reconcile`` (one pass, status).
 """
 
 from .plan import Plan, is_subset, make_plan

@@ -22,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 from hyperfleet.reconcilers.kube import Kube, api_retry
 from hyperfleet.reconcilers.models.common import GROUP, VERSION
 
-from .types import FIELD_MANAGER, KINDS, ObjectRef
+from .types import FIELD_MANAGER, KINDS, OWNER_LABEL, ObjectRef
 
 log = logging.getLogger("hyperfleet.gitops.apply")
 
@@ -99,6 +99,19 @@ class Applier:
                 item.setdefault("kind", kind)
                 live[ObjectRef.of(item)] = item
         return live
+
+    @api_retry
+    def _list_labelled(self, plural: str, selector: str) -> list[dict[str, Any]]:
+        out = self.api.list_cluster_custom_object(GROUP, VERSION, plural, label_selector=selector)
+        return list(out.get("items", []))
+
+    def list_owned(self, kind: str, owner: str) -> list[dict[str, Any]]:
+        """Objects of ``kind`` carrying the ownership label ``owner`` (any namespace): the
+        health check's one list call, filtered by the API server rather than here."""
+        items = self._list_labelled(KINDS[kind].plural, f"{OWNER_LABEL}={owner}")
+        for item in items:
+            item.setdefault("kind", kind)
+        return items
 
     @api_retry
     def _patch(self, body: dict[str, Any], dry_run: bool) -> dict[str, Any]:

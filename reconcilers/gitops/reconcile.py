@@ -13,7 +13,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,17 +22,19 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from hyperfleet.reconcilers.kube import Kube, Resource
-from hyperfleet.reconcilers.models.common import set_condition
+from hyperfleet.reconcilers.models.common import now_utc, set_condition
 from hyperfleet.reconcilers.models.gitsource import (
     GitSourceSpec,
     GitSourceStatus,
     HeldDeletion,
     InventoryEntry,
     Renderer,
+    VerifySpec,
 )
 
 from .apply import Applier, api_message
 from .fetch import Credentials, ExportError, FetchError, GitFetcher, PathNotFound, scrub
+from .health import FAILED, PROGRESSING, Health, assess_health
 from .plan import Plan, Reason, make_plan
 from .render import NixUnavailable, RenderResult, pydantic_messages, render_nix, render_yaml
 from .types import (
@@ -43,6 +45,7 @@ from .types import (
     SourceLocation,
     owner_value,
 )
+from .verify import PublicKey, VerificationError, Verified, Verifier, keys_digest
 
 log = logging.getLogger("hyperfleet.gitops")
 
@@ -50,6 +53,12 @@ GITSOURCES = Resource("gitsources", True)
 COMPONENT = "hyperfleet-gitops"
 RETRY_AFTER_FAILURE = 30.0  # seconds; a transient failure is retried sooner than a long interval
 MAX_ERRORS_SHOWN = 5
+#: Seconds between health re-assessments while VMs are on their way, and once settled.
+HEALTH_POLL_PROGRESSING = 5.0
+HEALTH_POLL_SETTLED = 15.0
+#: Ready reasons that come from a successful apply, so the health check may update Ready.
+_HEALTH_GOVERNED = frozenset({"ReconciliationSucceeded", PROGRESSING, FAILED})
+VM_KIND = "VirtualMachine"
 
 State = Literal["applied", "unchanged", "held", "stalled", "failed", "suspended", "deleted"]
 
@@ -59,6 +68,8 @@ class Result:
     state: State
     requeue_after: float
     commit: str | None = None
+    #: Seconds until the applied VMs' health should be looked at again (None: no check).
+    health_after: float | None = None
 
 
 class _Stop(Exception):
@@ -89,10 +100,13 @@ class GitSourceReconciler:
 
     def __init__(self, kube: Kube, fetcher: GitFetcher, applier: Applier, *,
                  nix: str | None = None, server_dry_run: bool = True,
-                 cross_namespace: bool = True) -> None:
+                 cross_namespace: bool = True, verifier: Verifier | None = None) -> None:
         self.kube = kube
         self.fetcher = fetcher
         self.applier = applier
+        self.verifier = verifier or Verifier()
+        # Last verified commit per GitSource (with the key set): not re-checked every interval.
+        self.verified: dict[str, tuple[tuple[str, str, str], Verified]] = {}
         self.nix = nix
         self.server_dry_run = server_dry_run
         self.cross_namespace = cross_namespace
@@ -107,6 +121,7 @@ class GitSourceReconciler:
         if body is None:
             self.fetcher.remove(key)
             self.rendered.pop(key, None)
+            self.verified.pop(key, None)
             return Result("deleted", 0.0)
         started = time.monotonic()
         quiet = trigger == "interval"  # routine polls log at debug unless something happened
@@ -119,6 +134,46 @@ class GitSourceReconciler:
             "gitsource": key, "trigger": trigger, "state": result.state, "commit": result.commit,
             "seconds": round(time.monotonic() - started, 3)})
         return result
+
+    def check_health(self, key: str) -> float | None:
+        """Re-assess the health of what ``key`` applied (between reconciles): one list call
+        for the VMs carrying its ownership label. Returns when to look again (None: no need:
+        deleted, suspended, health checks off or nothing to check)."""
+        namespace, _, name = key.partition("/")
+        body = self.kube.get(GITSOURCES, name, namespace)
+        if body is None:
+            return None
+        run = _Run(self, body)
+        try:
+            run.spec = GitSourceSpec.model_validate(body.get("spec") or {})
+        except ValidationError:
+            return None  # the next reconcile reports it
+        if not run.wants_health():
+            return None
+        owned = self.applier.list_owned(VM_KIND, owner_value(namespace, name))
+        run.assess(owned, governs_ready=run.ready_follows_health())
+        run._write()
+        return run.health_after()
+
+    def verify_keys(self, namespace: str, verify: VerifySpec) -> list[PublicKey]:
+        """The trusted keys: inline ones, then every value of the Secret (if named)."""
+        keys = [PublicKey(f"spec.verify.publicKeys[{i}]", k) for i, k in enumerate(verify.public_keys)]
+        if verify.secret_ref is None:
+            return keys
+        name = verify.secret_ref.name
+        try:
+            secret = client.CoreV1Api(self.kube.api.api_client).read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise VerificationError("SecretNotFound", f"Secret {name} (spec.verify.secretRef) not "
+                                        f"found in namespace {namespace}: create it with the trusted "
+                                        "public keys or fix spec.verify.secretRef") from None
+            raise VerificationError("VerificationFailed", f"cannot read Secret {name} "
+                                    f"(spec.verify.secretRef): {api_message(exc)}", transient=True) from None
+        for k, v in sorted((secret.data or {}).items()):
+            keys.append(PublicKey(f"Secret {name} key {k} (spec.verify.secretRef)",
+                                  base64.b64decode(v).decode("utf-8", "replace")))
+        return keys
 
     def credentials(self, namespace: str, spec: GitSourceSpec) -> Credentials | None:
         if spec.secret_ref is None:
@@ -188,7 +243,7 @@ class _Run:
             result = self._stopped(_Stop("ReconcileFailed", scrub(msg, self.secrets), False,
                                          min(interval, RETRY_AFTER_FAILURE)), interval)
         self._write()
-        return result
+        return replace(result, health_after=self.health_after())
 
     def _sync(self, spec: GitSourceSpec) -> Result:
         if self._home() is not None and spec.target_namespace not in (None, self.namespace):
@@ -204,6 +259,7 @@ class _Run:
             self._event("HistoryRewritten", f"history of {self._ref()} was rewritten (force-push): "
                         f"{fetched.previous[:12]} is not an ancestor of {fetched.commit[:12]}; the "
                         "new tip is the desired state", "Warning")
+        self._verify(spec, fetched.commit)
         rendered = self._render(spec, fetched.commit)
         if rendered.errors:
             raise _Stop("ValidationFailed", self._not_applied(_summary(rendered.errors)), True)
@@ -225,7 +281,40 @@ class _Run:
                 objects=[str(x) for x in h.deletions[:20]])
             raise _Stop("DeletionHeld", h.message(self.name, self.namespace), True)
         self.status.held_deletion = None
-        return self._carry_out(plan, live, spec, len(rendered.manifests))
+        return self._carry_out(plan, live, spec)
+
+    def _verify(self, spec: GitSourceSpec, commit: str) -> None:
+        """Refuse the commit unless signed by a trusted key (before anything of it is read)."""
+        v = spec.verify
+        if v is None:
+            self._drop("SourceVerified")
+            self.r.verified.pop(self.key, None)
+            return
+        where = "spec.verify.publicKeys" + (
+            f" or Secret {v.secret_ref.name} (spec.verify.secretRef)" if v.secret_ref else "")
+        try:
+            keys = self.r.verify_keys(self.namespace, v)
+            inputs = (commit, v.mode.value, keys_digest(v.provider, keys))
+            cached = self.r.verified.get(self.key)
+            if cached is not None and cached[0] == inputs:
+                verified = cached[1]
+            else:
+                git_dir = Path(self.r.fetcher.repo(self.key, spec.url).git_dir)
+                verified = self.r.verifier.verify(git_dir, commit, v.provider, keys, where)
+                self.r.verified[self.key] = (inputs, verified)
+                log.info("commit signature verified", extra={
+                    "gitsource": self.key, "commit": commit, "provider": v.provider.value,
+                    "key": verified.fingerprint})
+        except VerificationError as exc:
+            self.r.verified.pop(self.key, None)
+            msg = self._not_applied(exc.message)
+            self._set("SourceVerified", False, exc.reason, msg)
+            raise _Stop(exc.reason, msg, not exc.transient,
+                        min(spec.interval_seconds, RETRY_AFTER_FAILURE) if exc.transient else None
+                        ) from None
+        self._set("SourceVerified", True, "Succeeded", f"commit {commit[:12]} is signed by "
+                  f"{v.provider.value} key {verified.fingerprint}"
+                  + (f" ({verified.signer})" if verified.signer and verified.signer != "*" else ""))
 
     def _home(self) -> str | None:
         return None if self.r.cross_namespace else self.namespace
@@ -265,8 +354,8 @@ class _Run:
         except NixUnavailable as exc:
             raise _Stop("NixUnavailable", self._not_applied(str(exc)), True) from None
 
-    def _carry_out(self, plan: Plan, live: dict[ObjectRef, dict[str, Any]], spec: GitSourceSpec,
-                   n_desired: int) -> Result:
+    def _carry_out(self, plan: Plan, live: dict[ObjectRef, dict[str, Any]],
+                   spec: GitSourceSpec) -> Result:
         commit = self.commit or ""
         applier = self.r.applier
         applied: list[ObjectRef] = []
@@ -287,6 +376,8 @@ class _Run:
             for a, o in zip(plan.applies, outcomes, strict=True):
                 if o.ok:
                     applied.append(a.manifest.ref)
+                    if o.result:
+                        live[a.manifest.ref] = o.result  # what the server made of it: generation
                 else:
                     failed.append(f"{a.manifest.where}: {a.manifest.ref}: {o.error}")
             if failed:
@@ -317,14 +408,78 @@ class _Run:
             raise _Stop("PruneFailed", f"commit {commit[:12]} applied, but {len(kept)} object(s) could "
                         f"not be deleted yet: {', '.join(str(r) for r in kept[:10])}", False,
                         min(spec.interval_seconds, RETRY_AFTER_FAILURE))
-        message = f"Applied revision {self._ref()}@{commit[:12]}: {n_desired} object(s)"
-        if self.prev_ready is not None and self.prev_ready.status != "True":
-            self._event("ReconciliationSucceeded", f"recovered: {message}")
-        self._set("Ready", True, "ReconciliationSucceeded", message)
+        if plan.changes or self.status.last_changed_at is None:
+            self.status.last_changed_at = now_utc()
         self._set("Stalled", False, "ReconciliationSucceeded")
-        self._set("Reconciling", False, "ReconciliationSucceeded")
+        if self.prev_ready is not None and self.prev_ready.status == "False" \
+                and self.prev_ready.reason not in _HEALTH_GOVERNED:
+            self._event("ReconciliationSucceeded", f"recovered: {self._applied_message()}")
+        if self.wants_health():
+            self.assess([b for r, b in live.items() if r.kind == VM_KIND], governs_ready=True)
+        else:
+            self._drop("Healthy")
+            self._set("Ready", True, "ReconciliationSucceeded", self._applied_message())
+            self._set("Reconciling", False, "ReconciliationSucceeded")
         state: State = "applied" if plan.changes else "unchanged"
         return Result(state, spec.interval_seconds, commit)
+
+    # ------------------------------------------------------------------ health
+
+    def wants_health(self) -> bool:
+        spec = self.spec
+        return bool(spec is not None and spec.health_check.enabled and not spec.suspend
+                    and any(e.kind == VM_KIND for e in self.status.inventory))
+
+    def ready_follows_health(self) -> bool:
+        """Whether Ready is the health check's to set: the last reconcile applied the commit
+        it tried, for the current generation (otherwise Ready reports that failure)."""
+        ready = next((c for c in self.status.conditions if c.type == "Ready"), None)
+        st = self.status
+        return (ready is not None and ready.reason in _HEALTH_GOVERNED
+                and st.last_applied_commit is not None
+                and st.last_applied_commit == st.last_attempted_commit
+                and st.observed_generation == self.generation)
+
+    def assess(self, vms: Sequence[dict[str, Any]], governs_ready: bool) -> Health:
+        """Set Healthy (and Ready, where it follows health) from the live ``vms``."""
+        assert self.spec is not None
+        observed = {ObjectRef.of({**b, "kind": VM_KIND}): b for b in vms}
+        inventory = [ObjectRef.from_inventory(e.wire()) for e in self.status.inventory]
+        before = next((c for c in self.status.conditions if c.type == "Healthy"), None)
+        health = assess_health(inventory, observed, now_utc(), self.status.last_changed_at,
+                               self.spec.health_check.timeout_seconds)
+        self._set("Healthy", "Unknown" if health.status == "Unknown" else health.status == "True",
+                  health.reason, health.message)
+        if governs_ready:
+            applied = self._applied_message()
+            if health.status == "True":
+                self._set("Ready", True, "ReconciliationSucceeded", f"{applied}; {health.message}")
+                self._set("Reconciling", False, "ReconciliationSucceeded")
+            elif health.status == "Unknown":
+                self._set("Ready", "Unknown", PROGRESSING, f"{applied}; {health.message}")
+                self._set("Reconciling", True, PROGRESSING, health.message)
+            else:
+                self._set("Ready", False, FAILED, f"{applied}; {health.message}")
+                self._set("Reconciling", False, FAILED)
+        if health.status == "False" and (before is None or before.status != "False"):
+            self._event(FAILED, health.message, "Warning")
+            log.warning("health check failed", extra={
+                "gitsource": self.key, "commit": self.status.last_applied_commit,
+                "unhealthy": [str(v.ref) for v in health.unhealthy[:20]]})
+        elif health.status == "True" and before is not None and before.status != "True":
+            self._event("HealthCheckSucceeded", health.message)
+        return health
+
+    def health_after(self) -> float | None:
+        if not self.wants_health():
+            return None
+        healthy = next((c for c in self.status.conditions if c.type == "Healthy"), None)
+        waiting = healthy is None or healthy.status == "Unknown"
+        return HEALTH_POLL_PROGRESSING if waiting else HEALTH_POLL_SETTLED
+
+    def _applied_message(self) -> str:
+        commit = self.status.last_applied_commit or ""
+        return f"Applied revision {self._ref()}@{commit[:12]}: {len(self.status.inventory)} object(s)"
 
     # ------------------------------------------------------------------ endings
 
@@ -368,7 +523,11 @@ class _Run:
         keep = f"keeping commit {last[:12]}" if last else "nothing applied yet"
         return f"{what} ({keep}; nothing is pruned while the remote cannot be read)"
 
-    def _set(self, type_: str, status: bool, reason: str, message: str = "") -> None:
+    def _drop(self, type_: str) -> None:
+        self.status.conditions = [c for c in self.status.conditions if c.type != type_]
+
+    def _set(self, type_: str, status: bool | Literal["Unknown"], reason: str,
+             message: str = "") -> None:
         self.status.conditions = set_condition(self.status.conditions, type_, status, reason,
                                                message[:4000], self.generation)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
+from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 from urllib.parse import urlsplit
@@ -77,10 +80,130 @@ class SecretRef(CamelModel):
     )
 
 
+class KeysSecretRef(CamelModel):
+    name: str = Field(
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        max_length=253,
+        description="Secret in the GitSource's namespace; every data value holds trusted public "
+        "keys (any key names)",
+    )
+
+
 class Renderer(StrEnum):
     AUTO = "Auto"
     YAML = "Yaml"
     NIX = "Nix"
+
+
+class VerifyMode(StrEnum):
+    HEAD = "HEAD"
+
+
+class VerifyProvider(StrEnum):
+    OPENPGP = "openpgp"
+    SSH = "ssh"
+
+
+#: Public key algorithms ``ssh-keygen -Y verify`` accepts for git commit signatures.
+SSH_KEY_TYPES = frozenset({
+    "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
+})
+PGP_PUBLIC_BLOCK = "-----BEGIN PGP PUBLIC KEY BLOCK-----"
+
+
+def key_problem(text: str, provider: VerifyProvider) -> str | None:
+    """What is wrong with one entry of public keys for ``provider``, or None. Cheap checks
+    only (``verify`` runs the real tools); the answer never quotes the key material."""
+    if "PRIVATE KEY" in text:
+        return "holds a PRIVATE key: remove it at once and give only the public key (.pub / --export)"
+    if provider == VerifyProvider.OPENPGP:
+        if PGP_PUBLIC_BLOCK in text:
+            return None
+        if text.lstrip().split(" ", 1)[0] in SSH_KEY_TYPES:
+            return "is an SSH key but spec.verify.provider is openpgp: set provider: ssh"
+        return (f"is not an ASCII-armored OpenPGP public key: export it with "
+                f"`gpg --armor --export <id>` (it starts with {PGP_PUBLIC_BLOCK})")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    if not lines:
+        return "is empty: give one SSH public key per line, as in a .pub file"
+    if PGP_PUBLIC_BLOCK in text:
+        return "is an OpenPGP key but spec.verify.provider is ssh: set provider: openpgp"
+    for n, line in enumerate(lines, 1):
+        fields = line.split()
+        if len(fields) < 2 or fields[0] not in SSH_KEY_TYPES:
+            return (f"line {n} is not an SSH public key: write it as in a .pub file "
+                    "(ssh-ed25519 AAAA... comment)")
+        try:
+            blob = base64.b64decode(fields[1], validate=True)
+        except (binascii.Error, ValueError):
+            return f"line {n}: the key data is not valid base64; copy the whole .pub line"
+        if blob[4:4 + len(fields[0])] != fields[0].encode():
+            return f"line {n}: the key data does not match its type {fields[0]}; copy the whole .pub line"
+        if fields[0] == "ssh-ed25519" and len(blob) != 51:  # type and a 32-byte point, each sized
+            return f"line {n}: the ed25519 key is truncated; copy the whole .pub line"
+    return None
+
+
+class VerifySpec(CamelModel):
+    """Refuse commits not signed by a trusted key (Flux's GitRepository ``spec.verify``)."""
+
+    model_config = CamelModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.publicKeys) && size(self.publicKeys) > 0) || has(self.secretRef)",
+                    "message": "spec.verify needs the trusted keys: set publicKeys or secretRef",
+                }
+            ]
+        }
+    }
+
+    mode: VerifyMode = Field(
+        default=VerifyMode.HEAD, description="HEAD: the commit to apply must carry a valid signature"
+    )
+    provider: VerifyProvider = Field(
+        default=VerifyProvider.OPENPGP,
+        description="openpgp: gpg signatures, keys ASCII-armored; ssh: signatures made with "
+        "gpg.format=ssh, keys as in a .pub file (one per line)",
+    )
+    public_keys: list[str] = Field(
+        default_factory=list,
+        description="Trusted public keys, inline (an entry may hold several: SSH keys one per "
+        "line, OpenPGP keys as armored blocks)",
+    )
+    secret_ref: KeysSecretRef | None = Field(
+        default=None,
+        description="Secret whose every data value holds trusted public keys (as in "
+        "publicKeys); both may be set",
+    )
+
+    @model_validator(mode="after")
+    def _keys(self) -> VerifySpec:
+        if not self.public_keys and self.secret_ref is None:
+            raise ValueError("spec.verify needs the trusted keys: set publicKeys or secretRef")
+        for i, text in enumerate(self.public_keys):
+            problem = key_problem(text, self.provider)
+            if problem:
+                raise ValueError(f"spec.verify.publicKeys[{i}] {problem}")
+        return self
+
+
+class HealthCheckSpec(CamelModel):
+    enabled: bool = Field(
+        default=True,
+        description="Gate Ready on the health of the VirtualMachines this GitSource applied",
+    )
+    timeout: str = Field(
+        default="5m",
+        pattern=DURATION_PATTERN,
+        description="How long applied VirtualMachines may take to become healthy (counted from "
+        "the apply that changed them) before Ready turns False with HealthCheckFailed",
+    )
+
+    @property
+    def timeout_seconds(self) -> float:
+        return parse_duration(self.timeout)
 
 
 class GitSourceSpec(CamelModel):
@@ -121,6 +244,14 @@ class GitSourceSpec(CamelModel):
         default=Renderer.AUTO,
         description="Auto: Nix when path holds flake.nix, else YAML; Yaml; Nix "
         "(nix eval --json <path>#hyperfleet)",
+    )
+    verify: VerifySpec | None = Field(
+        default=None,
+        description="Apply only commits signed by one of these keys (unset: no signature check)",
+    )
+    health_check: HealthCheckSpec = Field(
+        default_factory=HealthCheckSpec,
+        description="Ready follows the health of the applied VirtualMachines (on by default)",
     )
 
     @field_validator("url")
@@ -192,6 +323,11 @@ class GitSourceStatus(CamelModel):
     inventory: list[InventoryEntry] = Field(default_factory=list)
     last_error: str | None = None
     held_deletion: HeldDeletion | None = None
+    last_changed_at: datetime | None = Field(
+        default=None,
+        description="When the last apply created or updated objects; spec.healthCheck.timeout "
+        "counts from here",
+    )
 
 
 class GitSource(KubeObject):

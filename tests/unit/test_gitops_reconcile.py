@@ -67,6 +67,11 @@ class FakeApplier(Applier):
         self.calls.append("list")
         return {r: copy.deepcopy(b) for r, b in self.objects.items() if r.kind in set(kinds)}
 
+    def list_owned(self, kind: str, owner: str) -> list[dict[str, Any]]:
+        self.calls.append(f"list-owned {kind} {owner}")
+        return [copy.deepcopy(b) for r, b in self.objects.items() if r.kind == kind
+                and (b["metadata"].get("labels") or {}).get(OWNER_LABEL) == owner]
+
     def apply(self, body: dict[str, Any], dry_run: bool = False) -> Outcome:
         self.calls.append(f"{'dry-run' if dry_run else 'apply'} {body['metadata']['name']}")
         err = self.reject(body, dry_run)
@@ -90,7 +95,10 @@ class FakeApplier(Applier):
 def gitsource(url: str, **spec: Any) -> dict[str, Any]:
     return {"apiVersion": "hyperfleet.dev/v1alpha1", "kind": "GitSource",
             "metadata": {"name": "fleet", "namespace": "ns", "generation": 1, "uid": "gs-uid"},
-            "spec": {"url": url, "path": "fleet", "interval": "1m", **spec}}
+            # Health checks have tests of their own (test_gitops_health): off here, so Ready
+            # means "applied" as it would without VMs that run.
+            "spec": {"url": url, "path": "fleet", "interval": "1m",
+                     "healthCheck": {"enabled": False}, **spec}}
 
 
 class Env:
