@@ -1,4 +1,5 @@
-"""`hyperfleet` command: controller, agent, demo, and CRD generation."""
+"""`hyperfleet` command: controller, agent, demo, CRD generation; the client commands
+(job, vm, get, reconcile, ...) live in jobcli and vmcli and are registered here."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 import kopf
 import typer
 
+from .clicommon import EXIT_CODES_HELP, KUBECONFIG, load_kubeconfig, package_version
 from .settings import DEFAULT_EVICTION_SECONDS, DEFAULT_FENCE_AFTER
 
 if TYPE_CHECKING:
@@ -22,54 +24,39 @@ if TYPE_CHECKING:
     from .settings import Peering
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Hyperfleet: GitOps for cloud-hypervisor VMs on Kubernetes.")
-
-def _add_job_commands() -> None:
-    from .jobcli import app as job_app
-
-    app.add_typer(job_app, name="job")
+                  help="Hyperfleet: GitOps for cloud-hypervisor VMs on Kubernetes.",
+                  epilog=EXIT_CODES_HELP)
 
 
-_add_job_commands()
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hyperfleet {package_version()}")
+        raise typer.Exit()
 
-KubeconfigOpt = Annotated[
-    str | None, typer.Option(envvar="KUBECONFIG", help="kubeconfig (in-cluster config if unset)")
-]
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit")] = False,
+          ) -> None:
+    """Hyperfleet: GitOps for cloud-hypervisor VMs on Kubernetes."""
+
+
+def _add_client_commands() -> None:
+    """Every client sub-command is registered here, so jobcli and vmcli never import cli."""
+    from . import jobcli, vmcli
+
+    app.add_typer(jobcli.app, name="job")
+    vmcli.register(app)
+
+
+_add_client_commands()
+
+KubeconfigOpt = Annotated[str | None, KUBECONFIG]
 # Only the formats logs.setup() knows: a typo is a usage error, not silently another format.
 LogFormatOpt = Annotated[Literal["json", "text"], typer.Option(help="json or text")]
 MetricsOpt = Annotated[int, typer.Option(help="Prometheus metrics port (0: off)")]
 MetricsAddrOpt = Annotated[str, typer.Option(envvar="HYPERFLEET_METRICS_ADDRESS",
                                              help="Address the metrics port binds")]
-
-
-def load_kubeconfig(kubeconfig: str | None) -> None:
-    """Load the API client configuration, or exit 2 with a message naming --kubeconfig /
-    KUBECONFIG: a typo in a path is a usage error, not a traceback from the client library."""
-    import yaml
-    from kubernetes.config.config_exception import ConfigException
-
-    from hyperfleet.reconcilers.kube import load_config
-
-    from .logs import redact
-
-    try:
-        load_config(kubeconfig)
-    except Exception as exc:
-        if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-            # Not str(exc): PyYAML quotes the offending line, which may hold a token.
-            mark = exc.problem_mark
-            why = f"not valid YAML ({exc.problem}, line {mark.line + 1}, column {mark.column + 1})"
-        elif isinstance(exc, OSError):
-            why = exc.strerror or str(exc)
-        elif isinstance(exc, ConfigException):
-            why = str(exc)
-        else:  # parsed, but not shaped like a kubeconfig (the loader trips over it)
-            why = f"not a valid kubeconfig ({type(exc).__name__}: {exc})"
-        where = (f"--kubeconfig/KUBECONFIG {kubeconfig}" if kubeconfig else
-                 "no usable in-cluster config and no --kubeconfig/KUBECONFIG set, so ~/.kube/config")
-        typer.echo(f"error: cannot load the Kubernetes configuration: {where}: {redact(why)}",
-                   err=True)
-        raise typer.Exit(2) from None
 
 
 def _connect(kubeconfig: str | None) -> None:
@@ -301,6 +288,9 @@ def demo(
 
 def main() -> None:
     app()
+
+
+__all__ = ["app", "load_kubeconfig", "main"]
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 import sys
+import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -16,18 +19,36 @@ from rich.table import Table
 from rich.text import Text
 
 from hyperfleet.reconcilers.jobs.protocol import (
+    REGISTRY,
     JobBuilder,
     JobValidationError,
     from_manifest,
     to_manifest,
 )
 
+from .clicommon import (
+    KUBECONFIG,
+    NAMESPACE,
+    CliError,
+    ExitCode,
+    connect,
+    context_namespace,
+    fail,
+    one_line_errors,
+    read_yaml_file,
+)
+
+if TYPE_CHECKING:
+    from hyperfleet.reconcilers.kube import Kube
+
 app = typer.Typer(no_args_is_help=True, help="VmJob documents: create, validate, submit, follow.")
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
-NamespaceOpt = Annotated[str, typer.Option("--namespace", "-n", help="Namespace of the VmJob")]
-KubeconfigOpt = Annotated[str | None, typer.Option(envvar="KUBECONFIG", help="kubeconfig")]
+KubeconfigOpt = Annotated[str | None, KUBECONFIG]
+NamespaceOpt = Annotated[str | None, NAMESPACE]
+#: Phases after which a job never runs again, and which of them are a success.
+TERMINAL = ("Succeeded", "Failed", "Cancelled", "TimedOut")
 
 
 def _fail(exc: JobValidationError, where: str = "") -> None:
@@ -55,11 +76,29 @@ def _value(key: str, text: str) -> Any:
         raise typer.Exit(2) from None
 
 
+def check_set_keys(operation: str, keys: list[str]) -> None:
+    """Refuse a --set key the operation's payload model does not have: the models keep
+    unknown fields (forward compatibility), so a typo would otherwise be sent silently."""
+    spec = REGISTRY.latest(operation)
+    if spec is None:
+        return  # an unknown operation: the builder says so, naming the known ones
+    fields = spec.model.model_fields
+    valid = sorted(info.alias or name for name, info in fields.items())
+    accepted = set(valid) | set(fields)
+    for key in keys:
+        if key in accepted:
+            continue
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise CliError(f"--set {key}: {spec.type_name} has no field {key!r}; {hint}valid fields: "
+                       f"{', '.join(valid) or '(none)'}", ExitCode.USAGE)
+
+
 @app.command()
 def create(
     operation: Annotated[str, typer.Argument(help="e.g. vm.snapshot, vm.resize, vm.migrate")],
     target: Annotated[str | None, typer.Option(help="Target VirtualMachine name")] = None,
-    namespace: NamespaceOpt = "default",
+    namespace: NamespaceOpt = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Payload field, camelCase key=value (repeatable)")] = None,
     priority: Annotated[int | None, typer.Option(help="0-10, higher runs first")] = None,
@@ -75,6 +114,8 @@ def create(
     output: Annotated[str, typer.Option("-o", help="yaml or json")] = "yaml",
 ) -> None:
     """Print a complete, validated VmJob manifest (pipe it to kubectl or `job submit -`)."""
+    # Offline, so the kubeconfig is read only for its namespace, never loaded.
+    namespace = namespace or context_namespace(os.environ.get("KUBECONFIG") or None)
     b = JobBuilder(operation)
     data: dict[str, Any] = {}
     for item in set_ or []:
@@ -84,6 +125,10 @@ def create(
                                     ": use key=value, e.g. --set desiredCpus=4"))
             raise typer.Exit(2)
         data[key] = _value(key, value)
+    try:
+        check_set_keys(operation, list(data))
+    except CliError as exc:
+        fail(str(exc), exc.code)
     if data:
         b.payload_data(data)
     if target:
@@ -116,14 +161,13 @@ def create(
         sys.stdout.write(yaml.safe_dump(manifest, sort_keys=False))
 
 
-def _load(path: str) -> list[dict[str, Any]]:
-    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+def _load(path: str) -> list[Any]:
+    """The documents of a file (``-``: stdin); a missing file, broken YAML or an alias bomb
+    is one line and exit 2."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d]
-    except yaml.YAMLError as exc:
-        err.print(f"[red]{path}: not valid YAML[/red]: {exc}")
-        raise typer.Exit(2) from None
-    return docs
+        return read_yaml_file(path)
+    except CliError as exc:
+        fail(str(exc), exc.code)
 
 
 @app.command()
@@ -140,69 +184,140 @@ def validate(file: Annotated[str, typer.Argument(help="YAML file (- for stdin)")
                   f"({job.payload.type})")
 
 
+def create_jobs(kube: Kube, docs: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Create each VmJob in order, printing kubectl's line for each; the first refusal stops
+    (a second submit of the same file names the job that exists, and how to see it)."""
+    from kubernetes.client.exceptions import ApiException
+
+    from hyperfleet.reconcilers.kube import JOBS
+
+    created = []
+    for doc in docs:
+        meta = doc.get("metadata") or {}
+        name, ns = meta.get("name"), meta.get("namespace") or "default"
+        try:
+            body = kube.create(JOBS, dict(doc))
+        except ApiException as exc:
+            if exc.status == 409:
+                raise CliError(f"vmjob {ns}/{name} already exists (a VmJob runs once; submit "
+                               f"it again under another name): see it with `hyperfleet job "
+                               f"status {name} -n {ns}`") from None
+            raise
+        m = body["metadata"]
+        out.print(f"vmjob.hyperfleet.dev/{m['name']} created in {m['namespace']}")
+        created.append(body)
+    return created
+
+
 @app.command()
+@one_line_errors
 def submit(
     file: Annotated[str, typer.Argument(help="YAML file (- for stdin)")],
+    namespace: NamespaceOpt = None,
     kubeconfig: KubeconfigOpt = None,
 ) -> None:
-    """Validate, then create every VmJob in the file."""
-    from hyperfleet.reconcilers.kube import JOBS, Kube
-
-    from .cli import load_kubeconfig
-
+    """Validate, then create every VmJob in the file (in its metadata.namespace, else -n,
+    else the context's)."""
     docs = _load(file)
     for i, doc in enumerate(docs):
         try:
             from_manifest(doc)
         except JobValidationError as exc:
             _fail(exc, f"{file} document {i + 1}")
-    load_kubeconfig(kubeconfig)
-    kube = Kube()
-    for doc in docs:
-        created = kube.create(JOBS, doc)
-        meta = created["metadata"]
-        out.print(f"vmjob.hyperfleet.dev/{meta['name']} created in {meta['namespace']}")
+    kube, ns = connect(kubeconfig, namespace)
+    for i, doc in enumerate(docs):
+        meta = doc.setdefault("metadata", {})
+        if namespace and meta.get("namespace") not in (None, namespace):
+            # As kubectl: a file saying one namespace and a flag another is a mistake.
+            fail(f"{file} document {i + 1}: metadata.namespace is {meta['namespace']!r} but -n "
+                 f"says {namespace!r}; drop one", ExitCode.USAGE)
+        meta.setdefault("namespace", ns)
+    create_jobs(kube, docs)
+
+
+def job_outcome(body: Mapping[str, Any]) -> tuple[str, str]:
+    """(phase, one-line reason) of a VmJob: its lastError, reason or Failed condition."""
+    st = body.get("status") or {}
+    phase = str(st.get("phase") or "Pending")
+    failed: Mapping[str, Any] = next((c for c in st.get("conditions") or [] if c.get("type") == "Failed"), {})
+    why = st.get("lastError") or failed.get("message") or st.get("reason") or ""
+    return phase, " ".join(str(why).split())
+
+
+def wait_job(kube: Kube, name: str, namespace: str, timeout: float,
+             poll: float = 0.5) -> dict[str, Any]:
+    """Poll until the job is terminal; CliError (exit 1) when it did not succeed or time
+    ran out, saying its phase and why."""
+    from hyperfleet.reconcilers.kube import JOBS
+
+    deadline = time.monotonic() + timeout
+    while True:
+        body = kube.get(JOBS, name, namespace)
+        if body is None:
+            raise CliError(f"vmjob {namespace}/{name} was deleted while waiting",
+                           ExitCode.NOT_FOUND)
+        phase, why = job_outcome(body)
+        if phase == "Succeeded":
+            return body
+        if phase in TERMINAL:
+            raise CliError(f"vmjob {namespace}/{name} {phase}" + (f": {why}" if why else ""))
+        if time.monotonic() >= deadline:
+            raise CliError(f"timed out after {timeout:g}s waiting for vmjob {namespace}/{name}: "
+                           f"still {phase}" + (f" ({why})" if why else ""))
+        time.sleep(poll)
 
 
 @app.command()
+@one_line_errors
 def status(
     name: Annotated[str, typer.Argument(help="VmJob name")],
-    namespace: NamespaceOpt = "default",
+    namespace: NamespaceOpt = None,
     kubeconfig: KubeconfigOpt = None,
+    wait: Annotated[bool, typer.Option(help="Wait until the job has finished")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits")] = 300.0,
 ) -> None:
-    """Phase, node, progress, result and errors of one VmJob."""
-    from hyperfleet.reconcilers.kube import JOBS, Kube
+    """Phase, node, progress, result and errors of one VmJob; exit 1 when it ended without
+    succeeding (Failed, TimedOut, Cancelled), 4 when there is no such job."""
+    from hyperfleet.reconcilers.kube import JOBS
 
-    from .cli import load_kubeconfig
-
-    load_kubeconfig(kubeconfig)
-    body = Kube().get(JOBS, name, namespace)
+    kube, ns = connect(kubeconfig, namespace)
+    body = kube.get(JOBS, name, ns)
     if body is None:
-        err.print(f"[red]vmjob {namespace}/{name} not found[/red]")
-        raise typer.Exit(1)
+        fail(f"vmjob {ns}/{name} not found (list them with `hyperfleet get jobs -n {ns}`)",
+             ExitCode.NOT_FOUND)
+    if wait:
+        try:
+            body = wait_job(kube, name, ns, timeout)
+        except CliError:
+            body = kube.get(JOBS, name, ns) or body
     st = body.get("status") or {}
     spec = body["spec"]
-    out.print(f"[bold]{name}[/bold] {spec['operation']} ({spec['payload']['type']})")
+    out.print(f"[bold]{escape(name)}[/bold] {escape(str(spec['operation']))} "
+              f"({escape(str(spec['payload']['type']))})")
     out.print(f"  phase:    {st.get('phase', 'Pending')}  reason: {st.get('reason', '-')}")
     out.print(f"  node:     {st.get('assignedNode', '-')}  attempts: {st.get('attempts', 0)}")
     progress = st.get("progress") or {}
     if progress:
-        out.print(f"  progress: {progress.get('percent', 0)}% {progress.get('message', '')}")
+        out.print(f"  progress: {progress.get('percent', 0)}% {escape(str(progress.get('message', '')))}")
     if st.get("lastError"):
-        out.print(f"  error:    [red]{st['lastError']}[/red]")
+        out.print(f"  error:    [red]{escape(str(st['lastError']))}[/red]")
     if st.get("result") is not None:
-        out.print(f"  result:   {json.dumps(st['result'])}")
+        out.print(f"  result:   {escape(json.dumps(st['result']))}")
+    phase, why = job_outcome(body)
+    if phase in TERMINAL and phase != "Succeeded":
+        fail(f"vmjob {ns}/{name} {phase}" + (f": {why}" if why else ""))
+    if wait and phase not in TERMINAL:
+        fail(f"timed out after {timeout:g}s waiting for vmjob {ns}/{name}: still {phase}")
 
 
 @app.command("list")
-def list_(namespace: NamespaceOpt = "default", kubeconfig: KubeconfigOpt = None) -> None:
+@one_line_errors
+def list_(namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None) -> None:
     """VmJobs in a namespace, highest priority first."""
-    from hyperfleet.reconcilers.kube import JOBS, Kube
+    from hyperfleet.reconcilers.kube import JOBS
 
-    from .cli import load_kubeconfig
-
-    load_kubeconfig(kubeconfig)
-    items = Kube().list(JOBS, namespace)
+    kube, ns = connect(kubeconfig, namespace)
+    items = kube.list(JOBS, ns)
     table = Table("NAME", "OPERATION", "PHASE", "NODE", "PRIORITY", "ATTEMPTS")
     items.sort(key=lambda b: (-((b["spec"].get("execution") or {}).get("priority", 5)),
                               b["metadata"]["name"]))
@@ -213,3 +328,6 @@ def list_(namespace: NamespaceOpt = "default", kubeconfig: KubeconfigOpt = None)
                       str((b["spec"].get("execution") or {}).get("priority", 5)),
                       str(st.get("attempts", 0)))
     out.print(table)
+
+
+__all__ = ["TERMINAL", "app", "check_set_keys", "create_jobs", "job_outcome", "wait_job"]
