@@ -154,11 +154,14 @@ def repo(tmp_path: Path) -> Repo:
 
 
 def gitsource(cluster: Cluster, name: str, url: str, *, interval: str = "1s", path: str = "fleet",
-              extra: str = "") -> None:
+              extra: str = "", health: bool = False) -> None:
+    """``health``: keep spec.healthCheck on (the default); off where no agent runs the VMs, so
+    Ready means "applied" (test_gitops_verify covers health checks)."""
+    checks = "" if health else "  healthCheck: {enabled: false}\n"
     r = cluster.apply(
         f"apiVersion: hyperfleet.dev/v1alpha1\nkind: GitSource\nmetadata: {{name: {name}}}\n"
         f"spec:\n  url: {url}\n  ref: {{branch: main}}\n  path: {path}\n  interval: {interval}\n"
-        f"{extra}")
+        f"{checks}{extra}")
     assert r.returncode == 0, r.stderr
 
 
@@ -199,7 +202,7 @@ def test_push_create_edit_delete_and_vms_run(cluster: Cluster, gitops: GitOpsPro
     repo.write("fleet/db/db.yml", vm("db-1"))
     repo.write("README.md", "not a manifest\n")
     sha1 = repo.push("three VMs")
-    gitsource(cluster, "fleet", str(repo.remote))
+    gitsource(cluster, "fleet", str(repo.remote), health=True)  # Ready only once they run
 
     def all_running() -> bool:
         phases = {n: ((cluster.get("hvm", n) or {}).get("status") or {}).get("phase")
