@@ -28,7 +28,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "controller": {"replicas": 2},
         "gitSource": {"enabled": True, "url": "https://git.example.com/fleet.git",
                       "ref": {"branch": "prod"}, "path": "clusters/prod", "secretRef": "fleet-git",
-                      "interval": "30s"},
+                      "interval": "30s", "healthCheck": {"timeout": "10m"},
+                      "verify": {"provider": "ssh", "secretRef": {"name": "fleet-signers"}}},
         "gitops": {"webhook": {"enabled": True, "secret": "s3cr3t"},
                    "secretNamespaces": ["tenants"]},
     },
@@ -75,7 +76,9 @@ def test_helm_lint_strict(name: str) -> None:
 
 def test_values_schema_rejects_typos_and_bad_types() -> None:
     for bad in ({"agent": {"socketdir": "/run/x"}}, {"controller": {"replicas": "two"}},
-                {"gitSource": {"ref": {"branch": "a", "tag": "b"}}}, {"logFormat": "xml"}):
+                {"gitSource": {"ref": {"branch": "a", "tag": "b"}}}, {"logFormat": "xml"},
+                {"gitSource": {"verify": {"provider": "x509"}}},
+                {"gitSource": {"healthCheck": {"timeout": "soon"}}}):
         report = helm.lint(str(cu.CHART), bad, strict=True)
         assert report["errors"], f"values.schema.json accepted {bad}"
 
