@@ -40,11 +40,12 @@ crds: $(VENV)/.installed
 	$(BIN)/python docs/gen_crd_reference.py
 
 # OS packages the stack needs: kubectl (the real client), openssl (test certificates),
-# git, debootstrap (builds the API server once), nix (evaluates Nix cluster repos).
+# git, debootstrap (builds the API server once), nix (evaluates Nix cluster repos),
+# ssh-keygen and gpg (GitSource commit signatures: spec.verify and its tests).
 system-deps:
 	@missing=""; \
 	for c in kubectl:kubectl openssl:openssl git:git debootstrap:debootstrap curl:curl \
-	         nix-instantiate:nix-bin qemu-img:qemu-utils; do \
+	         nix-instantiate:nix-bin qemu-img:qemu-utils ssh-keygen:openssh-client gpg:gpg; do \
 	  command -v $${c%%:*} >/dev/null || missing="$$missing $${c#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \

@@ -1,5 +1,5 @@
 # The `hyperfleet` command (controller and agent) from this repository's source.
-{ lib, python3Packages, git, qemu-utils, src }:
+{ lib, python3Packages, git, openssh, gnupg, qemu-utils, src }:
 python3Packages.buildPythonApplication {
   pname = "hyperfleet";
   version = "0.1.0";
@@ -24,8 +24,9 @@ python3Packages.buildPythonApplication {
     aiohttp
     numpy
   ];
-  # git for GitSources; qemu-img for the VMs' copy-on-write root disks.
-  makeWrapperArgs = [ "--prefix" "PATH" ":" (lib.makeBinPath [ git qemu-utils ]) ];
+  # git for GitSources, ssh-keygen and gpg for their spec.verify (commit signatures);
+  # qemu-img for the VMs' copy-on-write root disks.
+  makeWrapperArgs = [ "--prefix" "PATH" ":" (lib.makeBinPath [ git openssh gnupg qemu-utils ]) ];
   doCheck = false; # the test suite needs the API server build (see the Makefile)
   meta = {
     description = "GitOps reconciler for cloud-hypervisor VMs on Kubernetes";
