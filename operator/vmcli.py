@@ -271,7 +271,9 @@ def warn_if_reverted(kube: Kube, vm: Mapping[str, Any], fields: Sequence[str]) -
     source = git_reverts(vm, fields)
     if source is None:
         return
-    gs_ns, _, gs_name = source.rpartition("/")
+    # "<namespace>/<name>" from the annotation, else the label's "<namespace>.<name>"
+    # (a namespace is a DNS label: its first dot ends it).
+    gs_ns, _, gs_name = source.partition("/") if "/" in source else source.partition(".")
     meta = vm["metadata"]
     gs = kube.get(gitsource_kind().resource, gs_name, gs_ns or meta.get("namespace"))
     suspended = bool(((gs or {}).get("spec") or {}).get("suspend"))
