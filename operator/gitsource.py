@@ -152,6 +152,7 @@ class GitOps:
                 task.cancel()
             self.wakeups.pop(key, None)
             self.reconciler.rendered.pop(key, None)
+            self.reconciler.verified.pop(key, None)
             self.executor.submit(self.reconciler.fetcher.remove, key)
             log.info("GitSource deleted; its objects are left in place (orphaned)",
                      extra={"gitsource": key})

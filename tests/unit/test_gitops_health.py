@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from hyperfleet.operator.gitsource import GitOps, GitOpsConfig
+from hyperfleet.reconcilers.gitops.apply import Applier
+from hyperfleet.reconcilers.gitops.fetch import GitFetcher
 from hyperfleet.reconcilers.gitops.health import assess_health, expected_phases, vm_health
-from hyperfleet.reconcilers.gitops.reconcile import HEALTH_POLL_PROGRESSING, HEALTH_POLL_SETTLED
+from hyperfleet.reconcilers.gitops.reconcile import (
+    HEALTH_POLL_PROGRESSING,
+    HEALTH_POLL_SETTLED,
+    GitSourceReconciler,
+    Result,
+)
 from hyperfleet.reconcilers.gitops.types import ObjectRef
+from hyperfleet.reconcilers.kube import Kube
 from hyperfleet.reconcilers.models.common import rfc3339
 
 from .test_gitops_reconcile import Env, vm
@@ -201,3 +211,61 @@ def test_disabled_or_suspended_means_no_health_condition(env: Env) -> None:
     assert r.health_after is None and env.cond("Ready")["status"] == "True"
     assert "Healthy" not in {c["type"] for c in env.status["conditions"]}
     assert env.reconciler.check_health("ns/fleet") is None
+
+
+# ---------------------------------------------------------------------- the worker's timer
+
+
+class TimedReconciler(GitSourceReconciler):
+    """Counts reconciles and health checks; the first reconcile asks for a quick re-check."""
+
+    def __init__(self, tmp_path: Path, checks_left: int) -> None:
+        kube = Kube()
+        super().__init__(kube, GitFetcher(tmp_path), Applier(kube, workers=1))
+        self.log: list[str] = []
+        self.checks_left = checks_left
+
+    def reconcile(self, key: str, trigger: str = "interval") -> Result:
+        self.log.append(f"reconcile {trigger}")
+        return Result("applied", 3600.0, "c" * 40, health_after=0.05)
+
+    def check_health(self, key: str) -> float | None:
+        self.log.append("health")
+        self.checks_left -= 1
+        if self.checks_left < 0:
+            raise RuntimeError("API down")
+        return 0.05 if self.checks_left else None
+
+
+def test_the_worker_rechecks_health_between_reconciles_until_told_to_stop(tmp_path: Path) -> None:
+    rec = TimedReconciler(tmp_path, checks_left=3)
+
+    async def scenario() -> None:
+        ops = GitOps(GitOpsConfig(cache_dir=str(tmp_path)), Kube(), reconciler=rec)
+        ops.observe("ADDED", {"metadata": {"name": "fleet", "namespace": "ns"}, "spec": {}})
+        try:
+            await asyncio.sleep(1.5)
+            # Three checks, the last one saying "no more": then only the 1 h interval is left.
+            assert rec.log == ["reconcile startup", "health", "health", "health"]
+            ops.trigger("ns/fleet", "reconcile-now")  # a trigger still ends the wait at once
+            await asyncio.sleep(0.5)
+            assert rec.log[4] == "reconcile reconcile-now"
+        finally:
+            await ops.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_crashing_health_check_is_retried_later_not_in_a_loop(tmp_path: Path) -> None:
+    rec = TimedReconciler(tmp_path, checks_left=0)
+
+    async def scenario() -> None:
+        ops = GitOps(GitOpsConfig(cache_dir=str(tmp_path)), Kube(), reconciler=rec)
+        ops.observe("ADDED", {"metadata": {"name": "fleet", "namespace": "ns"}, "spec": {}})
+        try:
+            await asyncio.sleep(1.0)
+            assert rec.log == ["reconcile startup", "health"]  # next try in HEALTH_RETRY (30 s)
+        finally:
+            await ops.stop()
+
+    asyncio.run(scenario())
