@@ -136,7 +136,7 @@ def show(value: Any) -> str:
 
 
 def age(timestamp: str | None, now: datetime) -> str:
-    """kubectl's AGE: 42s, 5m, 3h, 2d (two units while short, e.g. 2m30s, 3h15m)."""
+    """kubectl's AGE (its HumanDuration): 42s, 2m30s, 65m, 4h1m, 30h, 3d5h, 20d, 2y70d."""
     if not timestamp:
         return ""
     try:
@@ -144,18 +144,23 @@ def age(timestamp: str | None, now: datetime) -> str:
     except ValueError:
         return ""
     s = max(0, int((now - then).total_seconds()))
+    m, h, d = s // 60, s // 3600, s // 86400
     if s < 120:
         return f"{s}s"
-    m, s = divmod(s, 60)
     if m < 10:
-        return f"{m}m{s}s" if s else f"{m}m"
+        return f"{m}m{s % 60}s" if s % 60 else f"{m}m"
     if m < 180:
-        return f"{m}m" if m < 60 else (f"{m // 60}h{m % 60}m" if m % 60 else f"{m // 60}h")
-    h = m // 60
+        return f"{m}m"
+    if h < 8:
+        return f"{h}h{m % 60}m" if m % 60 else f"{h}h"
     if h < 48:
         return f"{h}h"
-    d, h = divmod(h, 24)
-    return f"{d}d{h}h" if d < 8 and h else f"{d}d"
+    if h < 192:
+        return f"{d}d{h % 24}h" if h % 24 else f"{d}d"
+    if d < 730:
+        return f"{d}d"
+    y = d // 365
+    return f"{y}y{d % 365}d" if d % 365 else f"{y}y"
 
 
 def table_rows(kind: Kind, items: Sequence[Mapping[str, Any]], *, wide: bool,
