@@ -566,8 +566,9 @@ def get_gitsource(kube: Kube, name: str, ns: str) -> dict[str, Any]:
 
 def reconcile_outcome(gs: Mapping[str, Any], requested: str) -> tuple[bool, str | None]:
     """(handled, failure) of the reconcile requested with annotation value ``requested``:
-    handled once status says it took that request and is no longer mid-apply; a failure is
-    the Ready condition's reason and message when that run did not succeed."""
+    handled once status says it took that request and is no longer mid-apply or waiting for
+    the applied VMs' health; a failure is the Ready condition's reason and message when that
+    run did not succeed."""
     st = gs.get("status") or {}
     if st.get("lastHandledReconcileAt") != requested:
         return False, None
@@ -578,6 +579,8 @@ def reconcile_outcome(gs: Mapping[str, Any], requested: str) -> tuple[bool, str 
     ready = conds.get("Ready") or {}
     if ready.get("status") == "True":
         return True, None
+    if ready.get("status") == "Unknown":
+        return False, None  # applied; a health check still waits for the VMs
     why = " ".join(str(ready.get("message") or st.get("lastError") or "not Ready").split())
     return True, f"{ready.get('reason') or 'NotReady'}: {why}"
 

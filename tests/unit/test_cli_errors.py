@@ -1,4 +1,4 @@
-"""`hyperfleet controller|agent|job`: a mistyped flag, file or KUBECONFIG is a usage error (exit
+"""`hyperfleet controller|agent|job|get|start|...`: a mistyped flag, file or KUBECONFIG is a usage error (exit
 2) whose message names the flag or variable, never a traceback."""
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ COMMANDS = {
     "job submit": ["job", "submit", str(EXAMPLES / "resize.yaml")],
     "job status": ["job", "status", "resize-web"],
     "job list": ["job", "list"],
+    "get": ["get", "vms"],
+    "start": ["start", "web"],
+    "restart": ["restart", "web"],
+    "reconcile": ["reconcile", "gitsource", "fleet"],
 }
 
 

@@ -212,6 +212,9 @@ def test_reconcile_outcome() -> None:
     assert vmcli.reconcile_outcome(gs("new", "True"), "new") == (True, None)
     assert vmcli.reconcile_outcome(gs("new", "True", "True", "Progressing"), "new") == (False, None)
     assert vmcli.reconcile_outcome(gs("new", "False"), "new") == (True, "ApplyFailed: bad vm")
+    # applied, the health check still waits for the VMs (spec.healthCheck)
+    assert vmcli.reconcile_outcome(gs("new", "Unknown", "True", "Progressing"), "new") == (False, None)
+    assert vmcli.reconcile_outcome(gs("new", "Unknown"), "new") == (False, None)
 
 
 def test_vm_job_is_valid_and_named_for_the_verb() -> None:
