@@ -355,6 +355,8 @@ def vm_settled(vm: Mapping[str, Any], target: str, generation: int) -> tuple[boo
     the agent observed that generation and reports the phase; a failure is the agent's
     Failure condition (or Failed phase) at or after it."""
     st = vm.get("status") or {}
+    if target == "Stopped" and not st.get("nodeName"):
+        return True, None  # placed nowhere, so nothing runs it (no agent will say Stopped)
     seen = st.get("observedGeneration")
     if seen is None or int(seen) < generation:
         return False, None

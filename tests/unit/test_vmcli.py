@@ -172,6 +172,10 @@ def test_vm_settled() -> None:
         return {"status": st}
 
     assert vmcli.vm_settled(vm(phase="Running", observedGeneration=2), "Running", 3) == (False, None)
+    assert vmcli.vm_settled(vm(phase="Running", nodeName="n1", observedGeneration=2),
+                            "Stopped", 3) == (False, None)
+    # never placed: nothing runs it, and no agent will ever report it Stopped
+    assert vmcli.vm_settled(vm(phase="Unschedulable"), "Stopped", 3) == (True, None)
     assert vmcli.vm_settled(vm(phase="Running", observedGeneration=3), "Running", 3) == (True, None)
     assert vmcli.vm_settled(vm(phase="Starting", observedGeneration=3), "Running", 3) == (False, None)
     done, why = vmcli.vm_settled(vm(phase="Failed", observedGeneration=3, conditions=[
