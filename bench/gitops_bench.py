@@ -101,6 +101,7 @@ class VmWatch:
     def __init__(self, kube: Kube) -> None:
         self.kube = kube
         self.objects: dict[str, dict[str, Any]] = {}
+        self.writes = 0  # new versions seen: each is one write of a VM (any field)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -114,6 +115,10 @@ class VmWatch:
                                    "virtualmachines", timeout_seconds=30):
                     obj = ev["object"]
                     with self.lock:
+                        seen = self.objects.get(obj["metadata"]["name"])
+                        if seen is None or seen["metadata"]["resourceVersion"] \
+                                != obj["metadata"]["resourceVersion"]:
+                            self.writes += 1  # not a re-list after the watch timed out
                         if ev["type"] == "DELETED":
                             self.objects.pop(obj["metadata"]["name"], None)
                         else:

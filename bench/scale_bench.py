@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import discard
 from bench.fastvmm import fastvmm_binary
-from bench.gitops_bench import Bench, vm, wait
+from bench.gitops_bench import NS, Bench, vm, wait
 from hyperfleet.operator.devstack import agent_cmd, hyperfleet_cmd, kubectl
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -70,11 +70,14 @@ def main() -> None:
         sha = b.repo.commit(f"{n} VMs")
         pids = {name: p.pid for name, p in b.procs.items()}
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        t0 = b.push_and_notify(sha)
         assert b.vms is not None
+        writes0 = b.vms.writes
+        t0 = b.push_and_notify(sha)
         wait(lambda: b.vms is not None and b.vms.count("Running") >= n, args.timeout,
              f"{n} VMs Running", every=0.1)
         took = time.time() - t0
+        writes = b.vms.writes - writes0
+        events = len(kubectl(b.kc, "-n", NS, "get", "events", "-o", "name").stdout.split())
         cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         time.sleep(args.idle)
         cpu2 = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -84,6 +87,8 @@ def main() -> None:
         total = sum(used.values())
         figures += [
             (f"push of {n} VMs -> all Running on {k} agents (fastvmm)", f"{took:.1f} s"),
+            ("API writes per VM started: VM object / Events",
+             f"{writes / n:.1f} / {events / n:.1f}"),
             ("operator CPU while starting (all processes)", f"{total:.1f} s = "
              f"{1e3 * total / n:.1f} ms per VM started"),
             ("  controller / GitSource controller / agents (sum)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import kopf
 
@@ -24,7 +25,9 @@ class AgentConfig:
     cpus: int | None = None  # None: discover from the host
     memory: str | None = None
     heartbeat_seconds: float = 5.0
-    resync_seconds: float = 10.0
+    # A converged VM's loop wakes on VMM events, VMM exit and changes to the object; this
+    # periodic vm.info is only the fallback (and the bulk of an idle node's CPU).
+    resync_seconds: float = 60.0
     lease_namespace: str = "hyperfleet-system"
     capabilities: tuple[str, ...] = ()  # declared by the operator, on top of discovered ones
     migration_address: str | None = None  # reachable IP for incoming live migrations
@@ -55,21 +58,39 @@ class ControllerConfig:
     peering_lifetime: int = 60  # seconds a silent replica stays the active one
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No "last handled" copy of each object. kopf keeps one for creation/update/resume
+    handlers, which neither role registers (see ``CHANGE_HANDLERS_FORBIDDEN``), and it
+    would cost a deep copy of every object on every watch event plus one extra write of
+    every new VM. Deletion handlers work without it: kopf detects deletion from the
+    deletionTimestamp, not from a diff."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        return None
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        return None
+
+
+#: Handler kinds that need kopf's diff base, which ``NoDiffBase`` does without.
+CHANGE_HANDLERS_FORBIDDEN = ("create", "update", "resume")
+
+
 def configure_kopf(settings: kopf.OperatorSettings, role: str) -> None:
     """Separate finalizers and annotation prefixes per role, so that the controller and
     every agent can handle the same objects without reading each other's bookkeeping."""
     prefix = f"{role}.{GROUP}"
     settings.persistence.finalizer = f"{GROUP}/{role}"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=prefix, key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 70
     settings.networking.request_timeout = 30
     # One cheap asyncio worker per object, leaving as soon as it is idle: a worker limit
     # makes objects beyond it wait for idle workers to time out (a 60 s stall at scale).
-    settings.batching.worker_limit = None
-    settings.batching.batch_window = 0.05
-    settings.batching.idle_timeout = 5
+    settings.queueing.worker_limit = None
+    settings.queueing.idle_timeout = 5

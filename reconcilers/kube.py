@@ -77,6 +77,10 @@ class Kube:
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
         # The generated client's annotations say `object`; treat its answers as JSON.
         self.api: Any = client.CustomObjectsApi(api_client)
+        # Made once: each API class costs about a millisecond to build (and the first
+        # CoreV1Api a second-long import), far more than the call it is used for.
+        self.core: Any = client.CoreV1Api(self.api.api_client)
+        self.coordination: Any = client.CoordinationV1Api(self.api.api_client)
 
     @api_retry
     def get(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any] | None:
@@ -166,7 +170,7 @@ class Kube:
     def renew_lease(self, namespace: str, name: str, holder: str, seconds: int,
                     labels: dict[str, str]) -> None:
         """Create or renew a coordination.k8s.io Lease: the cheap way to say "alive"."""
-        api = client.CoordinationV1Api(self.api.api_client)
+        api = self.coordination
         now = datetime.now(UTC)
         spec = client.V1LeaseSpec(holder_identity=holder, lease_duration_seconds=seconds,
                                   renew_time=now)
@@ -196,7 +200,7 @@ class Kube:
     @api_retry
     def lease_renewals(self, label: str) -> dict[str, datetime]:
         """``label`` value -> renewTime of every Lease carrying ``label``, cluster-wide."""
-        api = client.CoordinationV1Api(self.api.api_client)
+        api = self.coordination
         out: dict[str, datetime] = {}
         for lease in api.list_lease_for_all_namespaces(label_selector=label).items:
             owner = ((lease.metadata and lease.metadata.labels) or {}).get(label)
@@ -215,22 +219,21 @@ class Kube:
         """Best-effort Kubernetes Event; a failure to record must never break a reconcile."""
         meta = involved.get("metadata", {})
         ns = meta.get("namespace") or "default"
-        body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta.get('name', 'x')}."),
-            involved_object=client.V1ObjectReference(
-                api_version=involved.get("apiVersion"),
-                kind=involved.get("kind"),
-                name=meta.get("name"),
-                namespace=meta.get("namespace"),
-                uid=meta.get("uid"),
-            ),
-            reason=reason,
-            message=message[:1024],
-            type=type_,
-            source=client.V1EventSource(component=component),
-            count=1,
-        )
+        body = {
+            "metadata": {"generateName": f"{meta.get('name', 'x')}."},
+            "involvedObject": {k: v for k, v in (
+                ("apiVersion", involved.get("apiVersion")), ("kind", involved.get("kind")),
+                ("name", meta.get("name")), ("namespace", meta.get("namespace")),
+                ("uid", meta.get("uid"))) if v is not None},
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": component},
+            "count": 1,
+        }
         try:
-            client.CoreV1Api(self.api.api_client).create_namespaced_event(ns, body)
+            # A plain body and an unread answer: the generated models cost more CPU than
+            # the request itself, and Events are the most frequent write after status.
+            self.core.create_namespaced_event(ns, body, _preload_content=False).release_conn()
         except Exception as exc:
             log.debug("event not recorded: %s", exc)

@@ -1,0 +1,60 @@
+"""kopf keeps no diff base for our objects (``NoDiffBase``): that is only sound while no
+role registers creation, update or resume handlers, which would then fire on every event."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+
+from hyperfleet.operator import agent, controller, gitsource
+from hyperfleet.operator.gitsource import GitOpsConfig
+from hyperfleet.operator.settings import (
+    CHANGE_HANDLERS_FORBIDDEN,
+    AgentConfig,
+    ControllerConfig,
+    NoDiffBase,
+    configure_kopf,
+)
+from hyperfleet.reconcilers.kube import Kube
+
+
+def changing_reasons(registry: kopf.OperatorRegistry) -> set[str]:
+    # kopf registers resume handlers with no reason, as "initial" ones.
+    return {"resume" if h.reason is None and h.initial else str(getattr(h.reason, "value", h.reason))
+            for h in registry._changing.get_all_handlers()}
+
+
+def test_controller_and_gitsource_register_no_change_handlers(tmp_path: Path) -> None:
+    registry = kopf.OperatorRegistry()
+    controller.register(registry, ControllerConfig(), Kube())
+    gitsource.register(registry, GitOpsConfig(cache_dir=str(tmp_path)), Kube(),
+                       active=lambda: True)
+    assert not changing_reasons(registry) & set(CHANGE_HANDLERS_FORBIDDEN)
+
+
+def test_the_agent_registers_only_a_deletion_handler(tmp_path: Path) -> None:
+    registry = kopf.OperatorRegistry()
+    agent.register(registry, AgentConfig("n1", socket_dir=str(tmp_path / "run"),
+                                         state_dir=str(tmp_path / "state")), Kube())
+    assert changing_reasons(registry) == {"delete"}
+
+
+@pytest.mark.parametrize("handler", CHANGE_HANDLERS_FORBIDDEN)
+def test_the_check_sees_a_forbidden_handler(handler: str) -> None:
+    registry = kopf.OperatorRegistry()
+    decorator: Any = getattr(kopf.on, handler)
+    decorator("hyperfleet.dev", "v1alpha1", "virtualmachines", registry=registry)(
+        lambda **_: None)
+    assert changing_reasons(registry) == {handler}
+
+
+def test_no_diff_base_is_configured_and_stores_nothing() -> None:
+    settings = kopf.OperatorSettings()
+    configure_kopf(settings, "agent")
+    store = settings.persistence.diffbase_storage
+    assert isinstance(store, NoDiffBase)
+    body = kopf.Body({"metadata": {"name": "x"}, "spec": {"cpus": 1}})
+    assert store.build(body=body) is None and store.fetch(body=body) is None
