@@ -307,6 +307,8 @@ class VmDriver:
                     conditions, "Ready", converged,
                     "Converged" if converged else "Converging",
                     f"hypervisor state {observed.state or 'none'}, desired {desired.state}", gen)
+                if converged and vm.spec.guest_agent is not None and observed.state == "Running":
+                    retry_after = self._health_due(vm)  # the next health check, not a resync
             conditions = set_condition(conditions, "LiveMigratable",
                                        *live_migratable(vm.spec, observed), gen)
             if any(c.type == "Failure" and c.status == "True" for c in conditions):
@@ -384,6 +386,12 @@ class VmDriver:
             return set_condition(conditions, kind, False,
                                  _GUEST_REASONS.get(type(exc), "GuestAgentError"), msg,
                                  vm.metadata.generation)
+
+    def _health_due(self, vm: VirtualMachine) -> float:
+        """Seconds until the guest's next health check is due."""
+        assert vm.spec.guest_agent is not None
+        since = time.monotonic() - self._health_at.get(vm.key, 0.0)
+        return max(1.0, vm.spec.guest_agent.health_interval_seconds - since)
 
     def _guest_health(self, vm: VirtualMachine, conditions: list[Condition],
                       events: list[tuple[str, str, str]]) -> list[Condition]:
