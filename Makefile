@@ -3,15 +3,15 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SHARED ?= $(abspath ../shared)
 K8S_DIR ?= $(or $(HYPERFLEET_K8S_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/hyperfleet-k8s)
 APISERVER := $(K8S_DIR)/chroot/root/out/crd-apiserver
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint unit integration bench system-deps apiserver crds clean
 
-demo: system-deps $(VENV)/.installed apiserver
-	HYPERFLEET_K8S_DIR=$(K8S_DIR) $(BIN)/hyperfleet demo
+# With KUBECONFIG set, the demo runs against that cluster instead of a local API server.
+demo: system-deps $(VENV)/.installed $(if $(KUBECONFIG),,apiserver)
+	HYPERFLEET_K8S_DIR=$(K8S_DIR) $(BIN)/hyperfleet demo $(if $(KUBECONFIG),--kubeconfig "$(KUBECONFIG)")
 
 test: system-deps $(VENV)/.installed apiserver lint
 	HYPERFLEET_K8S_DIR=$(K8S_DIR) $(BIN)/pytest -ra $(PYTEST_ARGS)
@@ -66,9 +66,8 @@ $(VENV)/.installed: pyproject.toml
 # The genuine apiextensions-apiserver + etcd, built once from Debian packages and cached.
 apiserver:
 	@if [ ! -x "$(APISERVER)" ]; then \
-	  test -d "$(SHARED)/k8s-apiserver" || { echo "need $(SHARED)/k8s-apiserver (set SHARED=)"; exit 1; }; \
 	  echo "building the API server into $(K8S_DIR) (one time, ~5 min)"; \
-	  bash "$(SHARED)/k8s-apiserver/build-crd-apiserver.sh" "$(K8S_DIR)/chroot"; \
+	  bash tests/k8s-apiserver/build.sh "$(K8S_DIR)/chroot"; \
 	fi
 
 clean:

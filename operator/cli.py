@@ -276,6 +276,8 @@ def demo(
     nodes: Annotated[int, typer.Option(help="Simulated worker nodes")] = 2,
     keep: Annotated[bool | None, typer.Option(help="Keep running after convergence "
                                               "(default: only on a terminal)")] = None,
+    kubeconfig: Annotated[Path | None, typer.Option(
+        help="Run against this existing cluster instead of a local API server")] = None,
 ) -> None:
     """Local stack: API server, CRDs, controller, agents, sample VMs from a Git push.
 
@@ -283,7 +285,11 @@ def demo(
     so), the CH double otherwise."""
     from .demo import run_demo
 
-    sys.exit(run_demo(workdir.resolve(), nodes, sys.stdin.isatty() if keep is None else keep))
+    if kubeconfig is not None and not kubeconfig.is_file():
+        typer.echo(f"error: --kubeconfig {kubeconfig}: no such file", err=True)
+        raise typer.Exit(2)
+    sys.exit(run_demo(workdir.resolve(), nodes, sys.stdin.isatty() if keep is None else keep,
+                      kubeconfig))
 
 
 def main() -> None:

@@ -28,8 +28,10 @@ from .devstack import (
     launch,
     stop_processes,
 )
+from .settings import AgentConfig
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+LEASE_NAMESPACE = AgentConfig("").lease_namespace
 
 
 class Stopped(BaseException):  # like KeyboardInterrupt: not an error, never swallowed
@@ -52,13 +54,15 @@ def _set_handlers(sigs: tuple[signal.Signals, ...], handler: Any) -> dict[signal
     return {s: signal.signal(s, handler) for s in sigs}
 
 
-def run_demo(workdir: Path, n_nodes: int, keep: bool) -> int:
+def run_demo(workdir: Path, n_nodes: int, keep: bool, kubeconfig: Path | None = None) -> int:
+    """The stack on a local API server, or on the cluster ``kubeconfig`` names (then only
+    the Hyperfleet processes run here; what they create stays in that cluster)."""
     workdir.mkdir(parents=True, exist_ok=True)
     api = ApiServer(workdir / "apiserver")
     procs: list[subprocess.Popen[bytes]] = []
     previous = _set_handlers(_STOP_SIGNALS, _raise_stopped)
     try:
-        return _run(workdir, n_nodes, keep, api, procs)
+        return _run(workdir, n_nodes, keep, api, procs, kubeconfig)
     except Stopped as stop:
         print(f"==> {signal.Signals(stop.signum).name}: stopping the stack", flush=True)
         return 128 + stop.signum
@@ -75,12 +79,19 @@ def run_demo(workdir: Path, n_nodes: int, keep: bool) -> int:
 
 
 def _run(workdir: Path, n_nodes: int, keep: bool, api: ApiServer,
-         procs: list[subprocess.Popen[bytes]]) -> int:
+         procs: list[subprocess.Popen[bytes]], kubeconfig: Path | None) -> int:
     """Start the stack (appending every process to ``procs``) and converge the sample VMs;
     run_demo stops it all whatever happens here."""
-    print(f"==> starting API server + etcd (state in {workdir})", flush=True)
-    api.start()
-    kc = api.kubeconfig
+    if kubeconfig is None:
+        print(f"==> starting API server + etcd (state in {workdir})", flush=True)
+        api.start()
+        kc = api.kubeconfig
+    else:
+        kc = kubeconfig.resolve()
+        print(f"==> using the existing cluster of {kc}", flush=True)
+        # The agents' Leases live there; a real API server refuses them in a missing one.
+        if kubectl(kc, "get", "namespace", LEASE_NAMESPACE, check=False).returncode:
+            kubectl(kc, "create", "namespace", LEASE_NAMESPACE)
     print("==> installing CRDs", flush=True)
     install_crds(kc)
     binary = _pick_vmm(workdir)

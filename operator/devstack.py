@@ -1,7 +1,7 @@
 """A local control plane for the demo and the integration tests.
 
-Runs the genuine apiextensions-apiserver + etcd (built once from Debian packages by
-``../shared/k8s-apiserver/build-crd-apiserver.sh`` into the cache directory) on
+Runs the genuine apiextensions-apiserver + etcd (built once from Debian packages by the
+project's recipe, ``tests/k8s-apiserver/build.sh``, into the cache directory) on
 loopback with fresh certificates, and the Hyperfleet processes beside it.
 """
 
@@ -87,7 +87,7 @@ class ApiServer:
             if not b.exists():
                 raise FileNotFoundError(
                     f"{b} is missing: build it once with `make apiserver` "
-                    "(runs ../shared/k8s-apiserver/build-crd-apiserver.sh)"
+                    "(runs tests/k8s-apiserver/build.sh)"
                 )
         w = self.workdir
         w.mkdir(parents=True, exist_ok=True)
