@@ -56,6 +56,9 @@ class Agent:
         self.jobs.on_finish = lambda job, st: metrics.JOB_OUTCOMES.labels(
             st.phase.value, job.operation).inc()
         self.wakeups: dict[str, asyncio.Event] = {}
+        # The live body (kopf updates it in place) of each VM whose loop runs here: the
+        # per-VM metrics read it at scrape time (metrics.NodeVmCollector).
+        self.vms: dict[str, kopf.Body] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.background: set[asyncio.Future[None]] = set()
         self.node_status: dict[str, Any] = {}
@@ -405,6 +408,7 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
         agent.driver.arrived(key)
         epoch = agent.fence_epoch
         written = 0  # resourceVersion of our last status write
+        agent.vms[key] = body
         try:
             while not stopped:
                 wake.clear()
@@ -465,6 +469,7 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
                 await _wait_either(wake, stopped, delay)
         finally:
             agent.wakeups.pop(key, None)
+            agent.vms.pop(key, None)
 
     @kopf.on.delete(GROUP, VERSION, "virtualmachines", registry=registry, when=bound_here)
     async def vm_delete(*, name: str, namespace: str | None, spec: kopf.Spec,

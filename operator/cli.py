@@ -19,8 +19,11 @@ from .clicommon import EXIT_CODES_HELP, KUBECONFIG, load_kubeconfig, package_ver
 from .settings import DEFAULT_EVICTION_SECONDS, DEFAULT_FENCE_AFTER
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from hyperfleet.reconcilers.kube import Kube
 
+    from .metrics import Role
     from .settings import Peering
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -57,6 +60,11 @@ LogFormatOpt = Annotated[Literal["json", "text"], typer.Option(help="json or tex
 MetricsOpt = Annotated[int, typer.Option(help="Prometheus metrics port (0: off)")]
 MetricsAddrOpt = Annotated[str, typer.Option(envvar="HYPERFLEET_METRICS_ADDRESS",
                                              help="Address the metrics port binds")]
+HealthOpt = Annotated[int, typer.Option(
+    help="Port of kopf's liveness endpoint, GET /healthz (0: off); answers once the "
+    "startup handlers finished, as long as the event loop runs")]
+HealthAddrOpt = Annotated[str, typer.Option(envvar="HYPERFLEET_HEALTH_ADDRESS",
+                                            help="Address the health port binds")]
 
 
 def _connect(kubeconfig: str | None) -> None:
@@ -66,20 +74,31 @@ def _connect(kubeconfig: str | None) -> None:
     load_kubeconfig(kubeconfig)
 
 
-def _prepare(log_format: str, metrics_port: int, metrics_address: str,
-             kubeconfig: str | None) -> tuple[kopf.OperatorRegistry, Kube]:
-    """What every long-running process does first: logs, metrics, API connection."""
+def _prepare(role: Role, log_format: str, metrics_port: int, metrics_address: str,
+             kubeconfig: str | None) -> tuple[kopf.OperatorRegistry, Kube, CollectorRegistry]:
+    """What every long-running process does first: logs, metrics (the role's own registry,
+    to which the caller adds its state collectors), API connection."""
     from hyperfleet.reconcilers.kube import Kube
 
     from . import logs, metrics
 
     logs.setup(fmt=log_format)
-    metrics.serve(metrics_port, metrics_address)
+    series = metrics.registry_for(role)
+    metrics.serve(metrics_port, metrics_address, series)
     _connect(kubeconfig)
-    return kopf.OperatorRegistry(), Kube()
+    return kopf.OperatorRegistry(), Kube(), series
 
 
-def _run_kopf(registry: kopf.OperatorRegistry, peering: Peering | None = None) -> None:
+def _liveness(port: int, address: str) -> str | None:
+    """kopf's liveness endpoint URL, or None when off."""
+    if not port:
+        return None
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}/healthz"
+
+
+def _run_kopf(registry: kopf.OperatorRegistry, peering: Peering | None = None,
+              liveness: str | None = None) -> None:
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # In a pod: the service account; elsewhere: $KUBECONFIG.
@@ -90,9 +109,10 @@ def _run_kopf(registry: kopf.OperatorRegistry, peering: Peering | None = None) -
         # (kopf's Identity is a NewType of str it does not export).
         coro = kopf.operator(registry=registry, clusterwide=True, standalone=False,
                              peering_name=peering.name, priority=peering.priority,
-                             identity=cast(Any, peering.identity))
+                             identity=cast(Any, peering.identity), liveness_endpoint=liveness)
     else:
-        coro = kopf.operator(registry=registry, clusterwide=True, standalone=True)
+        coro = kopf.operator(registry=registry, clusterwide=True, standalone=True,
+                             liveness_endpoint=liveness)
     asyncio.run(coro)
 
 
@@ -132,9 +152,12 @@ def controller(
     log_format: LogFormatOpt = "json",
     metrics_port: MetricsOpt = 0,
     metrics_address: MetricsAddrOpt = "0.0.0.0",
+    health_port: HealthOpt = 0,
+    health_address: HealthAddrOpt = "0.0.0.0",
 ) -> None:
     """Run the controller (scheduling, node health, VmJob routing)."""
     from . import controller as ctl
+    from . import metrics
     from .settings import ControllerConfig, Peering
 
     if scheduling_policy not in ("spread", "binpack"):
@@ -166,13 +189,16 @@ def controller(
         except ValueError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-    registry, kube = _prepare(log_format, metrics_port, metrics_address, kubeconfig)
+    registry, kube, series = _prepare("controller", log_format, metrics_port, metrics_address,
+                                      kubeconfig)
     scheduler = ctl.register(registry, cfg, kube)
+    series.register(metrics.FleetCollector(scheduler))
     if git_cfg is not None:
         # GitOps follows the same peering role as the scheduling loop: only the active
         # replica fetches, applies, prunes and takes webhooks.
-        gitsource.register(registry, git_cfg, kube, active=lambda: scheduler.active)
-    _run_kopf(registry, peer)
+        ops = gitsource.register(registry, git_cfg, kube, active=lambda: scheduler.active)
+        series.register(metrics.GitSourceCollector(ops))
+    _run_kopf(registry, peer, _liveness(health_port, health_address))
 
 
 def _read_secret_file(path: Path) -> str:
@@ -230,10 +256,14 @@ def agent(
         "--vmm-arg=--seccomp=log")] = None,
     log_format: LogFormatOpt = "json",
     metrics_port: MetricsOpt = 0,
-    metrics_address: MetricsAddrOpt = "0.0.0.0",
+    # The agent runs on the host network: loopback unless told otherwise (docs/metrics.md).
+    metrics_address: MetricsAddrOpt = "127.0.0.1",
+    health_port: HealthOpt = 0,
+    health_address: HealthAddrOpt = "127.0.0.1",
 ) -> None:
     """Run the node agent that drives cloud-hypervisor on this node."""
     from . import agent as agent_mod
+    from . import metrics
     from .settings import AgentConfig
 
     cfg = AgentConfig(node_name=node_name, ch_binary=ch_binary, socket_dir=socket_dir, pool=pool,
@@ -243,9 +273,11 @@ def agent(
                       migration_address=migration_address, vmm_args=tuple(vmm_arg or ()),
                       state_dir=state_dir, allowed_path_roots=tuple(allowed_path_root or ()),
                       image_cache_size=image_cache_size)
-    registry, kube = _prepare(log_format, metrics_port, metrics_address, kubeconfig)
-    agent_mod.register(registry, cfg, kube)
-    _run_kopf(registry)
+    registry, kube, series = _prepare("agent", log_format, metrics_port, metrics_address,
+                                      kubeconfig)
+    node_agent = agent_mod.register(registry, cfg, kube)
+    series.register(metrics.NodeVmCollector(node_name, node_agent.vms))
+    _run_kopf(registry, liveness=_liveness(health_port, health_address))
 
 
 @app.command()

@@ -181,7 +181,9 @@ class Controller:
                 if not await self.check_active():
                     continue
                 await self.pass_once()
+                metrics.RECONCILES.labels("schedule", "ok").inc()
             except Exception:
+                metrics.RECONCILES.labels("schedule", "error").inc()
                 log.exception("scheduling pass failed")
                 await asyncio.sleep(1)
 
@@ -199,10 +201,6 @@ class Controller:
         # A VM being deleted still runs until its agent's finalizer stopped it: it keeps
         # its place in the capacity count (as a terminating pod does).
         placed = [v for v in views if v.node]
-        metrics.PENDING_VMS.set(len(pending_bodies))
-        phases = Counter((b.get("status") or {}).get("phase") or "Pending" for b in vms)
-        for phase, n in phases.items():
-            metrics.VMS_BY_PHASE.labels(phase).set(n)
         nodes = [node_view(b, now, grace, alive.get(n)) for n, b in bodies.items()]
         await self._publish_allocations(placed)
         await self._evict(vms, now, bodies, alive, nodes, placed)

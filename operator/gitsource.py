@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ from hyperfleet.reconcilers.gitops.webhook import (
 from hyperfleet.reconcilers.kube import Kube
 from hyperfleet.reconcilers.models.common import GROUP, VERSION
 from hyperfleet.reconcilers.models.gitsource import GitRef
+
+from . import metrics
 
 log = logging.getLogger("hyperfleet.gitops")
 
@@ -136,6 +139,8 @@ class GitOps:
         self.wakeups: dict[str, asyncio.Event] = {}
         self.reasons: dict[str, str] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        # Unix time of each GitSource's last successful apply here (metrics only).
+        self.last_applied: dict[str, float] = {}
         self.executor = ThreadPoolExecutor(max_workers=max(1, cfg.max_concurrent),
                                            thread_name_prefix="gitops")
         self.runner: web.AppRunner | None = None
@@ -147,6 +152,8 @@ class GitOps:
         key = _key(body)
         if event_type == "DELETED":
             self.sources.pop(key, None)
+            self.last_applied.pop(key, None)
+            metrics.forget_gitsource(*key.split("/", 1))
             task = self.tasks.pop(key, None)
             if task:
                 task.cancel()
@@ -206,6 +213,7 @@ class GitOps:
                 if not await self._standby(key, wake):
                     return
                 reason = "became-active"
+            started = time.monotonic()
             try:
                 result = await loop.run_in_executor(self.executor, self.reconciler.reconcile, key, reason)
             except Exception:
@@ -213,6 +221,8 @@ class GitOps:
                 result = Result("failed", 30.0)
             if result.state == "deleted":
                 return
+            if key in self.sources:  # not deleted meanwhile: no series for it again
+                _observe(key, result, time.monotonic() - started, self.last_applied)
             reason = await self._wait(key, wake, result)
 
     async def _wait(self, key: str, wake: asyncio.Event, result: Result) -> str:
@@ -324,6 +334,16 @@ class GitOps:
             self.runner = None
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.applier.close()
+
+
+def _observe(key: str, result: Result, seconds: float, last_applied: dict[str, float]) -> None:
+    """Metrics of one finished reconcile (the per-GitSource gauges are read from the view)."""
+    metrics.RECONCILES.labels("gitsource", result.state).inc()
+    if result.state == "suspended":
+        return  # nothing was fetched or applied: keep the latency series about real work
+    metrics.GITSOURCE_SECONDS.labels(*key.split("/", 1)).observe(seconds)
+    if result.state in ("applied", "unchanged"):
+        last_applied[key] = time.time()
 
 
 async def _healthz(_: web.Request) -> web.Response:
