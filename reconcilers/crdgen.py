@@ -33,6 +33,9 @@ class CrdKind:
     spec_preserve_unknown: bool = False
     #: JSON paths usable in field selectors, so agents watch only their own objects.
     selectable_fields: list[str] = field(default_factory=list)
+    #: The scale subresource (specReplicasPath, statusReplicasPath, labelSelectorPath),
+    #: so `kubectl scale` and autoscalers can resize the kind.
+    scale: dict[str, str] | None = None
 
 
 def _resolve(node: Any, defs: dict[str, Any]) -> Any:
@@ -122,7 +125,7 @@ def build_crd(k: CrdKind) -> dict[str, Any]:
                     "name": VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": {"status": {}, **({"scale": k.scale} if k.scale else {})},
                     "additionalPrinterColumns": columns,
                     **({"selectableFields": [{"jsonPath": p} for p in k.selectable_fields]}
                        if k.selectable_fields else {}),

@@ -7,6 +7,7 @@ from .gitops.crd import GIT_SOURCE
 from .jobs.engine import JobStatus
 from .jobs.protocol import JobDocument
 from .models.node import WorkerNodeSpec, WorkerNodeStatus
+from .models.pool import VirtualMachinePoolSpec, VirtualMachinePoolStatus
 from .models.vm import VirtualMachineSpec, VirtualMachineStatus
 
 VIRTUAL_MACHINE = CrdKind(
@@ -72,4 +73,26 @@ VM_JOB = CrdKind(
     ],
 )
 
-ALL_KINDS = [VIRTUAL_MACHINE, WORKER_NODE, VM_JOB, GIT_SOURCE]
+VIRTUAL_MACHINE_POOL = CrdKind(
+    kind="VirtualMachinePool",
+    plural="virtualmachinepools",
+    singular="virtualmachinepool",
+    short_names=["hvmpool", "vmpool"],
+    scope="Namespaced",
+    spec_model=VirtualMachinePoolSpec,
+    status_model=VirtualMachinePoolStatus,
+    scale={"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+           "labelSelectorPath": ".status.selector"},
+    columns=[
+        {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
+        {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+        {"name": "Updated", "type": "integer", "jsonPath": ".status.updatedReplicas"},
+        {"name": "Available", "type": "integer", "jsonPath": ".status.availableReplicas"},
+        {"name": "Revision", "type": "string", "jsonPath": ".status.updateRevision",
+         "priority": 1},
+        {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy.type",
+         "priority": 1},
+    ],
+)
+
+ALL_KINDS = [VIRTUAL_MACHINE, WORKER_NODE, VM_JOB, GIT_SOURCE, VIRTUAL_MACHINE_POOL]

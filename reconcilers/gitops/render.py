@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from hyperfleet.reconcilers.models.common import API_VERSION
 from hyperfleet.reconcilers.models.node import WorkerNodeSpec
+from hyperfleet.reconcilers.models.pool import VirtualMachinePoolSpec
 from hyperfleet.reconcilers.models.vm import VirtualMachineSpec
 
 from .types import KINDS, Manifest, ObjectRef, RenderError, SourceLocation
@@ -35,8 +36,9 @@ _TOP_KEYS = {"apiVersion", "kind", "metadata", "spec", "status"}
 _SPEC_MODELS: dict[str, type[BaseModel]] = {
     "VirtualMachine": VirtualMachineSpec,
     "WorkerNode": WorkerNodeSpec,
+    "VirtualMachinePool": VirtualMachinePoolSpec,
 }
-_SPEC_REQUIRED = {"VirtualMachine", "VmJob"}
+_SPEC_REQUIRED = {"VirtualMachine", "VmJob", "VirtualMachinePool"}
 
 
 @dataclass

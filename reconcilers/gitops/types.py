@@ -38,6 +38,7 @@ class KindInfo:
 KINDS: dict[str, KindInfo] = {
     "WorkerNode": KindInfo("WorkerNode", "workernodes", False, 0),
     "VirtualMachine": KindInfo("VirtualMachine", "virtualmachines", True, 1),
+    "VirtualMachinePool": KindInfo("VirtualMachinePool", "virtualmachinepools", True, 1),
     "VmJob": KindInfo("VmJob", "vmjobs", True, 2),
 }
 

@@ -37,7 +37,8 @@ def _walk(node: Any, path: str = "") -> list[str]:
             bad += _walk(node["items"], f"{path}[]")
         if isinstance(node.get("additionalProperties"), dict):
             bad += _walk(node["additionalProperties"], f"{path}{{}}")
-        if "type" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+        if "type" not in node and not node.get("x-kubernetes-preserve-unknown-fields") \
+                and not node.get("x-kubernetes-int-or-string"):
             bad.append(f"{path} (no type)")
     return bad
 
@@ -46,7 +47,8 @@ def _walk(node: Any, path: str = "") -> list[str]:
 def test_schema_is_structural(kind: crdgen.CrdKind) -> None:
     crd = yaml.safe_load(crdgen.render(kind))
     version = crd["spec"]["versions"][0]
-    assert version["subresources"] == {"status": {}}
+    assert version["subresources"]["status"] == {}
+    assert set(version["subresources"]) <= {"status", "scale"}
     assert _walk(version["schema"]["openAPIV3Schema"]) == []
 
 
@@ -67,3 +69,17 @@ def test_optional_collapses_and_enums_are_typed() -> None:
     assert rs["type"] == "string" and rs["enum"] == ["Always", "Halted", "Manual"]
     assert rs["default"] == "Always"
     assert spec["properties"]["cpus"]["minimum"] == 1
+
+
+def test_pool_has_a_scale_subresource_and_replica_columns() -> None:
+    crd = yaml.safe_load(crdgen.render(kinds.VIRTUAL_MACHINE_POOL))
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector"}
+    cols = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
+    assert cols == ["Desired", "Ready", "Updated", "Available", "Age"]
+    assert crd["spec"]["names"]["shortNames"] == ["hvmpool", "vmpool"]
+    surge = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "strategy"]["properties"]["rollingUpdate"]["properties"]["maxSurge"]
+    assert surge["x-kubernetes-int-or-string"] is True and "anyOf" not in surge

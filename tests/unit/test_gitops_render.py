@@ -103,7 +103,33 @@ def test_non_hyperfleet_kind_is_named_with_file_and_document_index() -> None:
     (err,) = out.errors
     assert err.where.file == "apps.yaml" and err.where.index == 1 and err.where.line == 10
     assert "'Deployment'" in err.message and "not a Hyperfleet kind" in err.message
-    assert "VirtualMachine, VmJob, WorkerNode" in err.message
+    assert "VirtualMachine, VirtualMachinePool, VmJob, WorkerNode" in err.message
+
+
+POOL = """apiVersion: hyperfleet.dev/v1alpha1
+kind: VirtualMachinePool
+metadata: {{name: web}}
+spec:
+  replicas: 3
+  selector: {{matchLabels: {{app: {selector}}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec: {{cpus: 1, memory: 256Mi, boot: {{kernel: /images/vmlinux}}}}
+"""
+
+
+def test_pools_are_applied_from_git_and_checked_like_vms() -> None:
+    out = render_yaml({"pool.yaml": POOL.format(selector="web").encode()}, "team")
+    assert out.ok, out.errors
+    assert [str(m.ref) for m in out.manifests] == ["VirtualMachinePool/team/web"]
+    bad = render_yaml({"pool.yaml": POOL.format(selector="db").encode()}, "team")
+    (err,) = bad.errors
+    assert "VirtualMachinePool web" in err.message
+    assert "spec.template.metadata.labels must contain every spec.selector.matchLabels" \
+        in err.message and "add app: db" in err.message
+    nospec = render_yaml({"pool.yaml": b"apiVersion: hyperfleet.dev/v1alpha1\n"
+                          b"kind: VirtualMachinePool\nmetadata: {name: web}\n"}, "team")
+    assert "spec is required for a VirtualMachinePool" in nospec.errors[0].message
 
 
 def test_schema_errors_name_the_field() -> None:
