@@ -44,6 +44,7 @@ from hyperfleet.reconcilers.nodes import (
     is_ready,
     merge_conditions,
     node_view,
+    scheduling_state,
 )
 from hyperfleet.reconcilers.peering import is_active
 from hyperfleet.reconcilers.scheduler import NodeView, VmView, schedule, vm_view
@@ -434,12 +435,13 @@ class Controller:
                 "node Ready" if ready else "node NotReady", extra={"node": name})
 
     async def _publish_allocations(self, placed: list[Any]) -> None:
-        """WorkerNode allocated/allocatable/vmCount: informational, so at most every 2 s."""
-        if time.monotonic() - self._allocations_at < 2:
-            return
-        self._allocations_at = time.monotonic()
+        """WorkerNode scheduling (a cordon shows at once) and allocated/allocatable/vmCount
+        (informational, so at most every 2 s)."""
+        due = time.monotonic() - self._allocations_at >= 2
+        if due:
+            self._allocations_at = time.monotonic()
         per_node: dict[str, list[int]] = {n: [0, 0, 0] for n in self.nodes}
-        for vm in placed:
+        for vm in placed if due else ():
             if vm.node in per_node:
                 acc = per_node[vm.node]
                 acc[0] += vm.cpus
@@ -449,14 +451,14 @@ class Controller:
         for name, (cpus, mem, count) in per_node.items():
             body = self.nodes[name]
             status = body.get("status") or {}
-            if not status.get("capacity"):
-                continue  # the agent has not reported yet
-            a_cpus, a_mem = allocatable(body)
-            want = {
-                "allocated": {"cpus": cpus, "memory": format_quantity(mem)},
-                "allocatable": {"cpus": a_cpus, "memory": format_quantity(a_mem)},
-                "vmCount": count,
-            }
+            want: dict[str, Any] = {"scheduling": scheduling_state(body.get("spec") or {})}
+            if due and status.get("capacity"):  # else the agent has not reported yet
+                a_cpus, a_mem = allocatable(body)
+                want |= {
+                    "allocated": {"cpus": cpus, "memory": format_quantity(mem)},
+                    "allocatable": {"cpus": a_cpus, "memory": format_quantity(a_mem)},
+                    "vmCount": count,
+                }
             if all(status.get(k) == v for k, v in want.items()):
                 continue
             writes.append(self._write_node(name, want))

@@ -23,7 +23,17 @@ from .hypervisor.events import EventTail, is_outcome
 from .hypervisor.process import ProcessManager, UnsafeNameError
 from .models.common import Condition, now_utc, rfc3339, set_condition
 from .models.vm import Phase, RunStrategy, VirtualMachine
-from .vm import BOOTED, Action, Desired, Observed, Step, live_migratable, phase_of, reconcile
+from .vm import (
+    BOOTED,
+    Action,
+    Desired,
+    Observed,
+    Step,
+    live_migratable,
+    phase_of,
+    ready_condition,
+    reconcile,
+)
 
 log = logging.getLogger(__name__)
 
@@ -304,9 +314,8 @@ class VmDriver:
             phase = phase_of(desired, observed)
             if retry_after is None:
                 conditions = set_condition(
-                    conditions, "Ready", converged,
-                    "Converged" if converged else "Converging",
-                    f"hypervisor state {observed.state or 'none'}, desired {desired.state}", gen)
+                    conditions, "Ready", *ready_condition(desired, observed, converged,
+                                                          conditions), gen)
                 if converged and vm.spec.guest_agent is not None and observed.state == "Running":
                     retry_after = self._health_due(vm)  # the next health check, not a resync
             conditions = set_condition(conditions, "LiveMigratable",

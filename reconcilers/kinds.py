@@ -22,6 +22,9 @@ VIRTUAL_MACHINE = CrdKind(
     columns=[
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Node", "type": "string", "jsonPath": ".status.nodeName"},
+        # Running and healthy, as KubeVirt's VMI Ready (a VM stopped on purpose is False).
+        {"name": "Ready", "type": "string",
+         "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"},
         {"name": "CPUs", "type": "integer", "jsonPath": ".spec.cpus"},
         {"name": "Memory", "type": "string", "jsonPath": ".spec.memory"},
         {"name": "State", "type": "string", "jsonPath": ".status.hypervisor.state",
@@ -42,12 +45,17 @@ WORKER_NODE = CrdKind(
     columns=[
         {"name": "Status", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Pool", "type": "string", "jsonPath": ".spec.pool"},
-        # Cordoned / draining, as `kubectl get nodes` shows SchedulingDisabled.
-        {"name": "Cordoned", "type": "boolean", "jsonPath": ".spec.unschedulable"},
-        {"name": "Draining", "type": "boolean", "jsonPath": ".spec.drain"},
+        # Enabled / Cordoned / Draining (the controller keeps it in step with the spec), as
+        # `kubectl get nodes` shows SchedulingDisabled.
+        {"name": "Scheduling", "type": "string", "jsonPath": ".status.scheduling"},
         {"name": "VMs", "type": "integer", "jsonPath": ".status.vmCount"},
+        # Allocatable: what VMs may take in all (capacity x overcommit), not what is left.
         {"name": "CPUs", "type": "integer", "jsonPath": ".status.allocatable.cpus"},
         {"name": "Memory", "type": "string", "jsonPath": ".status.allocatable.memory"},
+        {"name": "Alloc CPUs", "type": "integer", "jsonPath": ".status.allocated.cpus",
+         "priority": 1},
+        {"name": "Alloc Memory", "type": "string", "jsonPath": ".status.allocated.memory",
+         "priority": 1},
         {"name": "Hypervisor", "type": "string", "jsonPath": ".status.hypervisorVersion",
          "priority": 1},
     ],

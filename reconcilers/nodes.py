@@ -73,6 +73,14 @@ def allocatable(body: Mapping[str, Any]) -> tuple[int, int]:
     return cpus, mem
 
 
+def scheduling_state(spec: Mapping[str, Any]) -> str:
+    """What ``kubectl get wn`` shows as SCHEDULING: a drain outranks a cordon (it implies one),
+    so a single column says both, like SchedulingDisabled in ``kubectl get nodes``."""
+    if spec.get("drain"):
+        return "Draining"
+    return "Cordoned" if spec.get("unschedulable") else "Enabled"
+
+
 def node_view(
     body: Mapping[str, Any], now: datetime, grace: timedelta = DEFAULT_GRACE,
     lease: datetime | None = None,

@@ -7,10 +7,12 @@ state the previous steps leave behind (see the state machine in the CH NOTES).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from .models.common import Condition
 from .models.vm import ConsoleMode, Phase, PowerState, RunStrategy, VirtualMachineSpec
 
 BOOTED = ("Running", "Paused")
@@ -276,6 +278,46 @@ def phase_of(desired: Desired, observed: Observed) -> Phase:
     if desired.state == "Off":
         return Phase.STOPPED
     return Phase.STARTING
+
+
+#: Ready=False reasons of a VM that is what its spec asks for, only not serving: stopped,
+#: paused or asleep on purpose, or up with a guest that says it is unhealthy. Whatever waits
+#: for a spec change to land (a resize job, a GitSource health check) counts them as settled.
+SETTLED_REASONS = frozenset({"Stopped", "Halted", "Paused", "Sleeping", "GuestUnhealthy"})
+
+
+def ready_condition(desired: Desired, observed: Observed, converged: bool,
+                    conditions: Sequence[Condition] = ()) -> tuple[bool, str, str]:
+    """The VM's ``Ready`` condition (status, reason, message), with KubeVirt's meaning: the
+    VM runs and is healthy. A VM stopped, paused or asleep as asked is not Ready (True would
+    tell a user or a load balancer it serves) and says so plainly; its phase says the rest."""
+    if not converged:
+        return (False, "Converging",
+                f"hypervisor state {observed.state or 'none'}, desired {desired.state}")
+    spec = desired.spec
+    if desired.state == "Off":
+        if spec.run_strategy == RunStrategy.HALTED:
+            return False, "Halted", "stopped as requested (runStrategy: Halted)"
+        if spec.power_state == PowerState.STOPPED:
+            return False, "Stopped", "stopped as requested (powerState: Stopped)"
+        return (False, "Stopped", "the guest shut itself down; runStrategy Manual keeps it "
+                "off until the spec changes (set powerState or restart it)")
+    if desired.state == "Sleeping":
+        return (False, "Sleeping", "asleep as requested (powerState: Sleeping): its memory "
+                "is in a snapshot on the node")
+    if desired.state == "Paused":
+        return False, "Paused", "paused as requested (powerState: Paused)"
+    guest = next((c for c in conditions if c.type == "GuestHealthy"), None)
+    if spec.guest_agent is not None and guest is not None and guest.status == "False":
+        return (False, "GuestUnhealthy",
+                f"running, but the guest reports unhealthy: {guest.message or guest.reason}")
+    return True, "Running", "running (hypervisor state Running)"
+
+
+def ready_settled(ready: Mapping[str, Any] | None) -> bool:
+    """Whether a VM's Ready condition (as stored) says it is what its spec asks for."""
+    ready = ready or {}
+    return ready.get("status") == "True" or ready.get("reason") in SETTLED_REASONS
 
 
 def live_migratable(spec: VirtualMachineSpec, observed: Observed) -> tuple[bool, str, str]:

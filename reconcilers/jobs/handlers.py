@@ -27,6 +27,7 @@ from ..hypervisor.process import pid_alive
 from ..kube import NODES, VMS, Kube
 from ..models.common import format_quantity, parse_quantity
 from ..nodes import allocatable
+from ..vm import ready_settled
 from .engine import JobError
 from .payloads import (
     SystemHealthCheckV1,
@@ -232,7 +233,8 @@ def vm_resize(ctx: JobContext) -> dict[str, Any]:
         vm = ctx.kube.get(VMS, name, ns) or {}
         st = vm.get("status") or {}
         ready = {c.get("type"): c for c in st.get("conditions") or []}.get("Ready") or {}
-        if st.get("observedGeneration", 0) >= generation and ready.get("status") == "True":
+        # Ready, or stopped/paused/asleep as asked: a resize of a stopped VM lands at boot.
+        if st.get("observedGeneration", 0) >= generation and ready_settled(ready):
             return {"cpus": vm["spec"]["cpus"], "memory": vm["spec"]["memory"],
                     "generation": generation}
         failure = {c.get("type"): c for c in st.get("conditions") or []}.get("Failure") or {}

@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
+
+from ..models.common import QUANTITY_PATTERN, parse_quantity
 
 __all__ = [
     "BUILTIN_PAYLOADS",
@@ -48,29 +49,8 @@ DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # An absolute directory path or a URL with a scheme (file://, s3://, https://, ...).
 LOCATION_PATTERN = r"^(/\S*|[a-z][a-z0-9+.-]*://\S+)$"
-# Kubernetes resource quantity restricted to non-negative values (memory sizes).
-QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
-
 _DNS_SUBDOMAIN_RE = re.compile(DNS_SUBDOMAIN_PATTERN)
 _LOCATION_RE = re.compile(LOCATION_PATTERN)
-_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
-
-_QUANTITY_SUFFIX: dict[str, int] = {
-    "": 1,
-    "Ki": 2**10,
-    "Mi": 2**20,
-    "Gi": 2**30,
-    "Ti": 2**40,
-    "Pi": 2**50,
-    "Ei": 2**60,
-    "k": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "P": 10**15,
-    "E": 10**18,
-}
-
 
 def quote(value: object, limit: int = 80) -> str:
     """Render a user value for an error message: JSON quoting, truncated."""
@@ -78,29 +58,11 @@ def quote(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def quantity_to_bytes(quantity: str) -> int:
-    """Convert a Kubernetes quantity (``"2Gi"``, ``"512M"``, ``"1e9"``) to whole bytes.
-
-    The node agent needs a byte count for cloud-hypervisor's resize API; doing the
-    conversion here keeps the wire format Kubernetes-native. Raises ``ValueError``
-    for malformed or fractional-byte quantities.
-    """
-    match = _QUANTITY_RE.match(quantity)
-    if match is None:
-        raise ValueError(f"{quantity!r} is not a Kubernetes quantity")
-    number, _, suffix = match.groups()
-    suffix = suffix or ""
-    try:
-        value = Decimal(number)
-    except InvalidOperation as exc:  # pragma: no cover - regex already guards this
-        raise ValueError(f"{quantity!r} is not a Kubernetes quantity") from exc
-    if suffix[:1] in ("e", "E"):
-        value *= Decimal(10) ** int(suffix[1:])
-    else:
-        value *= _QUANTITY_SUFFIX[suffix]
-    if value != value.to_integral_value():
-        raise ValueError(f"{quantity!r} is not a whole number of bytes")
-    return int(value)
+def quantity_to_bytes(quantity: str, field: str = "quantity") -> int:
+    """Whole bytes of a Kubernetes quantity (``"2Gi"``, ``"1.5Gi"``, ``"1e9"``), for
+    cloud-hypervisor's resize API; the one parser of :mod:`..models.common`, so a job and
+    the VM it resizes read a size the same way."""
+    return parse_quantity(quantity, field)
 
 
 class CamelModel(BaseModel):

@@ -4,60 +4,80 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from decimal import ROUND_CEILING, Decimal
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from kubernetes.utils.quantity import parse_quantity as k8s_parse_quantity
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 GROUP = "hyperfleet.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-QUANTITY_PATTERN = r"^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$"
+#: A non-negative Kubernetes quantity as memory is written: a decimal number (``1.5``,
+#: ``.5``) with a binary (Ki..Ei) or decimal (k..E) suffix or a decimal exponent (``1e9``).
+#: It is apimachinery's resource.Quantity grammar without signs and milli/micro/nano (no
+#: memory size is a fraction of a byte); RE2-compatible, as CRD patterns must be.
+QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i|[kMGTPE])?$"
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
-_UNITS = {
-    "": 1,
-    "k": 1000,
-    "M": 1000**2,
-    "G": 1000**3,
-    "T": 1000**4,
-    "Ki": 1024,
-    "Mi": 1024**2,
-    "Gi": 1024**3,
-    "Ti": 1024**4,
-}
-
+_QUANTITY_HELP = "use a number with an optional Ki/Mi/Gi/Ti suffix, e.g. 512Mi or 1.5Gi"
+#: Kubernetes keeps quantities in an int64; a larger one is a typo, and an unbounded exponent
+#: would have Python build an integer of any size.
+_QUANTITY_MAX = 2**63 - 1
+_UNITS = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4}
 #: A memory size that must not be zero: a VM's memory (0 would take no room when
 #: scheduling and fail only at vm.create).
 PositiveQuantity = Annotated[
     str,
     Field(
-        pattern=r"^[1-9][0-9]*(Ki|Mi|Gi|Ti|k|M|G|T)?$",
-        description="Memory quantity above zero: digits with an optional Ki/Mi/Gi/Ti (or "
-        "k/M/G/T) suffix, e.g. 512Mi or 2Gi",
-        json_schema_extra={"example": "1Gi"},
+        pattern=QUANTITY_PATTERN,
+        max_length=64,
+        description="Memory quantity above zero: a number with an optional Ki/Mi/Gi/Ti (or "
+        "k/M/G/T) suffix, e.g. 512Mi, 1.5Gi or 2Gi",
+        # The pattern cannot tell zero (0.0Gi) from more; the API server's CEL can.
+        json_schema_extra={"example": "1Gi", "x-kubernetes-validations": [
+            {"rule": "quantity(self).isGreaterThan(quantity('0'))",
+             "message": f"must be above zero: {_QUANTITY_HELP}"}]},
     ),
+    AfterValidator(lambda v: _checked(v, positive=True)),
 ]
 
-#: A Kubernetes-style memory quantity ("512Mi", "2Gi", bytes as digits).
+#: A Kubernetes-style memory quantity ("512Mi", "1.5Gi", bytes as digits).
 Quantity = Annotated[
     str,
     Field(
         pattern=QUANTITY_PATTERN,
-        description="Memory quantity: digits with an optional Ki/Mi/Gi/Ti (or k/M/G/T) "
-        "suffix, e.g. 512Mi or 2Gi",
+        max_length=64,
+        description="Memory quantity: a number with an optional Ki/Mi/Gi/Ti (or k/M/G/T) "
+        "suffix, e.g. 512Mi, 1.5Gi or 2Gi",
         json_schema_extra={"example": "1Gi"},
     ),
+    AfterValidator(lambda v: _checked(v, positive=False)),
 ]
 
 
-def parse_quantity(value: str) -> int:
-    """Bytes of a quantity string; the CRD pattern already rejected anything else."""
-    m = _QUANTITY_RE.match(value)
-    if not m:
-        raise ValueError(f"invalid quantity {value!r}: use digits with Ki/Mi/Gi/Ti, e.g. 512Mi")
-    unit = m.group(1) or ""
-    return int(value[: len(value) - len(unit)]) * _UNITS[unit]
+def parse_quantity(value: str, field: str = "quantity") -> int:
+    """Bytes of a memory quantity, by Kubernetes' rules: ``1.5Gi`` is 1610612736, and a
+    fraction of a byte rounds up as ``resource.Quantity.Value()`` does (``0.5`` is 1).
+
+    The one parser for memory sizes (VM specs, node capacity, resize jobs, agent flags), so
+    everything agrees with what the API server accepted. Raises ValueError naming ``field``
+    and the fix for bad syntax or more than Kubernetes' int64."""
+    text = str(value).strip()
+    if not _QUANTITY_RE.match(text):
+        raise ValueError(f"{field}: {value!r} is not a memory quantity: {_QUANTITY_HELP}")
+    amount: Decimal = k8s_parse_quantity(text)  # type: ignore[no-untyped-call]
+    if amount > _QUANTITY_MAX:
+        raise ValueError(f"{field}: {value!r} is larger than Kubernetes allows (2^63-1 bytes)")
+    return int(amount.to_integral_value(rounding=ROUND_CEILING))
+
+
+def _checked(value: str, positive: bool) -> str:
+    """Pydantic's half of the CEL rules above: what the pattern lets through but is no size."""
+    if parse_quantity(value, "memory") == 0 and positive:
+        raise ValueError(f"memory: {value!r} is zero: {_QUANTITY_HELP}")
+    return value
 
 
 def format_quantity(n_bytes: int) -> str:

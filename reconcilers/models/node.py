@@ -52,9 +52,14 @@ class CachedImage(CamelModel):
 class WorkerNodeStatus(CamelModel):
     model_config = CamelModel.model_config | {"extra": "allow"}
 
-    capacity: Resources | None = None
-    allocatable: Resources | None = None
-    allocated: Resources | None = None
+    capacity: Resources | None = Field(default=None, description="What the agent found on "
+                                       "the host (or spec.capacityOverride)")
+    allocatable: Resources | None = Field(
+        default=None, description="What VMs may take in all: capacity times the overcommit "
+        "ratios (not what is left: see allocated)")
+    allocated: Resources | None = Field(
+        default=None, description="What the VMs placed here ask for; free = allocatable - "
+        "allocated")
     vm_count: int = 0
     capabilities: list[str] = Field(default_factory=list)
     providers: list[Provider] = Field(default_factory=list)
@@ -66,6 +71,10 @@ class WorkerNodeStatus(CamelModel):
         "first (at most 50)")
     conditions: list[Condition] = Field(default_factory=list)
     phase: Literal["Ready", "NotReady", "Unknown"] = "Unknown"
+    scheduling: Literal["Enabled", "Cordoned", "Draining"] | None = Field(
+        default=None, description="Whether new VMs may be placed here: Enabled, Cordoned "
+        "(spec.unschedulable) or Draining (spec.drain: VMs are being moved away); written by "
+        "the controller")
 
 
 class WorkerNode(KubeObject):

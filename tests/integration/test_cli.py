@@ -95,7 +95,9 @@ def test_get_formats_and_namespaces(cluster: Cluster, tmp_path: Path) -> None:
     for name in ("web-2", "web-1"):
         assert c.apply(vm_manifest(name)).returncode == 0
     patch_status(c, "hvm", "web-1", {"phase": "Running", "nodeName": "n1",
-                                     "hypervisor": {"state": "Running"}, "restartCount": 3})
+                                     "hypervisor": {"state": "Running"}, "restartCount": 3,
+                                     "conditions": [{"type": "Ready", "status": "True",
+                                                     "reason": "Running", "message": "up"}]})
 
     r = hf(c, "get", "vms", "-n", ns, "-o", "json")
     assert r.returncode == 0, r.stderr
@@ -107,11 +109,12 @@ def test_get_formats_and_namespaces(cluster: Cluster, tmp_path: Path) -> None:
     assert r.returncode == 0 and one["kind"] == "VirtualMachine" and one["status"]["nodeName"] == "n1"
 
     table = hf(c, "get", "vms", "-n", ns).stdout.splitlines()
-    assert table[0].split() == ["NAME", "PHASE", "NODE", "CPUS", "MEMORY", "AGE"]
-    assert table[1].split()[:5] == ["web-1", "Running", "n1", "1", "256Mi"]
+    assert table[0].split() == ["NAME", "PHASE", "NODE", "READY", "CPUS", "MEMORY", "AGE"]
+    assert table[1].split()[:6] == ["web-1", "Running", "n1", "True", "1", "256Mi"]
     wide = hf(c, "get", "vms", "-n", ns, "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "PHASE", "NODE", "CPUS", "MEMORY", "STATE", "RESTARTS", "AGE"]
-    assert wide[1].split()[5:7] == ["Running", "3"]
+    assert wide[0].split() == ["NAME", "PHASE", "NODE", "READY", "CPUS", "MEMORY", "STATE",
+                               "RESTARTS", "AGE"]
+    assert wide[1].split()[6:8] == ["Running", "3"]
 
     everywhere = hf(c, "get", "vms", "-A").stdout.splitlines()
     assert everywhere[0].split()[:2] == ["NAMESPACE", "NAME"]

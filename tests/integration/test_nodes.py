@@ -143,7 +143,7 @@ def test_drain_moves_live_cold_moves_where_it_fits_and_holds_the_rest(
     assert "DrainBlocked" in event_reasons(c, "cold")
     assert alive(cold_pid) and status(c, "cold")["nodeName"] == c.node("a")
     row = c.kubectl("get", "wn", c.node("a"), namespaced=False).stdout
-    assert "true" in row.splitlines()[1]  # the Draining column
+    assert "Draining" in row.splitlines()[1]  # the SCHEDULING column
 
     c.start_agent(c.node("c"))  # capacity arrives: the drain goes on
     wait_for(watch(lambda: status(c, "cold").get("nodeName") == c.node("c")

@@ -56,8 +56,13 @@ def test_names_and_columns() -> None:
     vm = yaml.safe_load(crdgen.render(kinds.VIRTUAL_MACHINE))
     assert vm["spec"]["names"]["shortNames"] == ["hvm"]
     cols = [c["name"] for c in vm["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert cols[:2] == ["Phase", "Node"] and cols[-1] == "Age"
+    assert cols[:3] == ["Phase", "Node", "Ready"] and cols[-1] == "Age"
+    ready = vm["spec"]["versions"][0]["additionalPrinterColumns"][2]
+    assert ready["jsonPath"] == '.status.conditions[?(@.type=="Ready")].status'
     wn = yaml.safe_load(crdgen.render(kinds.WORKER_NODE))
+    wn_cols = {c["name"]: c for c in wn["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert wn_cols["Scheduling"]["jsonPath"] == ".status.scheduling"
+    assert "Cordoned" not in wn_cols and "Draining" not in wn_cols  # one column says both
     assert wn["spec"]["scope"] == "Cluster"
     assert wn["spec"]["names"]["shortNames"] == ["wn"]
 

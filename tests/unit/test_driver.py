@@ -332,3 +332,28 @@ def test_an_adopted_vmm_whose_socket_never_appears_times_out(
     assert b["status"]["phase"] == "Failed"
     assert "did not appear" in b["status"]["message"]
     assert pm.pid(NS, NAME) is None  # stopped, so the next pass can start afresh
+
+
+@pytest.mark.parametrize(("spec", "phase", "reason", "words"), [
+    ({"powerState": "Stopped"}, "Stopped", "Stopped", "stopped as requested (powerState: Stopped)"),
+    ({"runStrategy": "Halted"}, "Stopped", "Halted", "stopped as requested (runStrategy: Halted)"),
+    ({"powerState": "Paused"}, "Paused", "Paused", "paused as requested (powerState: Paused)"),
+    ({"powerState": "Sleeping"}, "Sleeping", "Sleeping", "asleep as requested"),
+])
+def test_a_vm_at_rest_as_asked_is_not_ready_and_says_why(
+        sockdir: Path, spec: dict[str, Any], phase: str, reason: str, words: str) -> None:
+    """KubeVirt's meaning: Ready is running and healthy. A VM stopped on purpose is
+    converged, but Ready=True would tell users and tools that it serves."""
+    _, drv = agent(sockdir)
+    b = vm_body()
+    step(drv, b)
+    assert b["status"]["phase"] == "Running"
+    assert (ready(b)["status"], ready(b)["reason"]) == ("True", "Running")
+    respec(b, **spec)
+    for _ in range(3):
+        out = step(drv, b)
+        if out.converged:
+            break
+    assert out.converged and b["status"]["phase"] == phase
+    assert (ready(b)["status"], ready(b)["reason"]) == ("False", reason)
+    assert words in ready(b)["message"]

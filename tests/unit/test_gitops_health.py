@@ -269,3 +269,19 @@ def test_a_crashing_health_check_is_retried_later_not_in_a_loop(tmp_path: Path) 
             await ops.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_vm_stopped_on_purpose_is_healthy_though_not_ready() -> None:
+    """A VM's Ready=False reason Stopped/Halted means stopped as asked: healthy for a
+    GitSource, which checks that each VM is what its spec asks for."""
+    stopped = body("off", "Stopped", spec={"powerState": "Stopped"}, conditions=[
+        cond("Ready", "False", "Stopped", "stopped as requested (powerState: Stopped)")])
+    halted = body("halt", "Stopped", spec={"runStrategy": "Halted"}, conditions=[
+        cond("Ready", "False", "Halted", "stopped as requested (runStrategy: Halted)")])
+    v = verdict([stopped, halted], T0 + timedelta(hours=1))
+    assert (v.status, v.reason) == ("True", "Healthy")
+    # Stopped but asked to run: not healthy, and the reason says so.
+    wrong = body("wrong", "Stopped", conditions=[
+        cond("Ready", "False", "Converging", "hypervisor state none, desired Running")])
+    v = verdict([wrong], T0 + timedelta(hours=1))
+    assert v.status == "False" and "want Running" in v.message

@@ -817,13 +817,14 @@ def test_from_manifest_prefixes_spec_paths() -> None:
 
 @pytest.mark.parametrize(
     ("quantity", "expected"),
-    [("2Gi", 2 * 2**30), ("512Mi", 512 * 2**20), ("1G", 10**9), ("1e3", 1000), ("0.5Ki", 512)],
+    [("2Gi", 2 * 2**30), ("512Mi", 512 * 2**20), ("1G", 10**9), ("1e3", 1000), ("0.5Ki", 512),
+     ("1.5", 2), ("1.5Gi", 1536 * 2**20)],
 )
 def test_quantity_to_bytes(quantity: str, expected: int) -> None:
     assert quantity_to_bytes(quantity) == expected
 
 
-@pytest.mark.parametrize("quantity", ["2GB", "-1Gi", "1.5", "Gi", ""])
+@pytest.mark.parametrize("quantity", ["2GB", "-1Gi", "1e3Mi", "Gi", ""])
 def test_quantity_to_bytes_rejects(quantity: str) -> None:
     with pytest.raises(ValueError):
         quantity_to_bytes(quantity)

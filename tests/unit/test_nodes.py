@@ -226,3 +226,12 @@ def test_drain_holds_a_vm_whose_writable_disk_is_node_local() -> None:
     lost = {"n1": node("n1", beat=NOW - timedelta(minutes=10))}
     (d,) = evictions([local], lost, NOW, timedelta(minutes=5))
     assert d.action == Eviction.HOLD and d.event == "WaitingForNode"
+
+
+def test_scheduling_state_is_one_column_like_kubectl_get_nodes() -> None:
+    from hyperfleet.reconcilers.nodes import scheduling_state
+
+    assert scheduling_state({}) == "Enabled"
+    assert scheduling_state({"unschedulable": True}) == "Cordoned"
+    assert scheduling_state({"drain": True}) == "Draining"
+    assert scheduling_state({"unschedulable": True, "drain": True}) == "Draining"

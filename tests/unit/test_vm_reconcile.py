@@ -326,3 +326,32 @@ def test_live_migratable_condition(live: bool, config: dict[str, Any] | None, st
                                        Observed(process=config is not None, config=config))
     assert (ok, why) == (status, reason)
     assert "spec.liveMigration" in message or ok
+
+
+def test_ready_condition_follows_kubevirt() -> None:
+    from hyperfleet.reconcilers.models.common import Condition
+    from hyperfleet.reconcilers.vm import ready_condition, ready_settled
+
+    def desired(**spec: Any) -> Desired:
+        return Desired(VirtualMachineSpec.model_validate({**BASE, **spec}))
+
+    up = Observed(process=True, socket=True, state="Running")
+    assert ready_condition(desired(), up, True) == (
+        True, "Running", "running (hypervisor state Running)")
+    assert ready_condition(desired(), Observed(process=False), False)[:2] == (False, "Converging")
+    manual = Desired(VirtualMachineSpec.model_validate({**BASE, "runStrategy": "Manual"}),
+                     halted=True)
+    status, reason, message = ready_condition(manual, Observed(process=False), True)
+    assert (status, reason) == (False, "Stopped") and "runStrategy Manual" in message
+    sick = [Condition(type="GuestHealthy", status="False", reason="CheckFailed",
+                      message="nginx is down")]
+    guest = desired(vsock={"cid": 3}, guestAgent={})
+    assert ready_condition(guest, up, True, sick) == (
+        False, "GuestUnhealthy", "running, but the guest reports unhealthy: nginx is down")
+    assert ready_condition(desired(), up, True, sick)[0] is True  # no guest agent: stale
+    # Settled: what a resize job waits for; Converging or a failure is not.
+    assert ready_settled({"status": "True"})
+    assert ready_settled({"status": "False", "reason": "Stopped"})
+    assert not ready_settled({"status": "False", "reason": "Converging"})
+    assert not ready_settled({"status": "False", "reason": "HypervisorError"})
+    assert not ready_settled(None)

@@ -101,23 +101,24 @@ def test_table_wide_and_all_namespaces() -> None:
     k = vmcli.resolve_kind("vms")
     long_name = "a-very-long-virtual-machine-name-" + "x" * 80
     items = [_vm(long_name, phase="Running", nodeName="n1", hypervisor={"state": "Running"},
-                 restartCount=2)]
+                 restartCount=2, conditions=[{"type": "Ready", "status": "True"}])]
     text = vmcli.render(k, items, "table", single=False, all_namespaces=True, now=NOW)
     lines = text.splitlines()
-    assert lines[0].split() == ["NAMESPACE", "NAME", "PHASE", "NODE", "CPUS", "MEMORY", "AGE"]
+    assert lines[0].split() == ["NAMESPACE", "NAME", "PHASE", "NODE", "READY", "CPUS", "MEMORY",
+                                "AGE"]
     # never wrapped or cut, whatever the width, and no trailing blanks
-    assert lines[1].split() == ["prod", long_name, "Running", "n1", "2", "1Gi", "3m"]
+    assert lines[1].split() == ["prod", long_name, "Running", "n1", "True", "2", "1Gi", "3m"]
     assert all(line == line.rstrip() for line in lines)
     wide = vmcli.render(k, items, "wide", single=False, all_namespaces=False, now=NOW)
-    assert wide.splitlines()[0].split() == ["NAME", "PHASE", "NODE", "CPUS", "MEMORY", "STATE",
-                                            "RESTARTS", "AGE"]
+    assert wide.splitlines()[0].split() == ["NAME", "PHASE", "NODE", "READY", "CPUS", "MEMORY",
+                                            "STATE", "RESTARTS", "AGE"]
     # cluster-scoped kinds get no NAMESPACE column even with -A
     node = {"metadata": {"name": "n1"}, "spec": {"pool": "gpu", "unschedulable": True, "drain": True},
-            "status": {"phase": "Ready", "vmCount": 4}}
+            "status": {"phase": "Ready", "vmCount": 4, "scheduling": "Draining"}}
     lines = vmcli.render(vmcli.resolve_kind("wn"), [node], "table", single=False,
                          all_namespaces=True, now=NOW).splitlines()
-    assert lines[0].split()[:5] == ["NAME", "STATUS", "POOL", "CORDONED", "DRAINING"]
-    assert lines[1].split() == ["n1", "Ready", "gpu", "true", "true", "4"]
+    assert lines[0].split()[:5] == ["NAME", "STATUS", "POOL", "SCHEDULING", "VMS"]
+    assert lines[1].split() == ["n1", "Ready", "gpu", "Draining", "4"]
 
 
 def test_json_and_yaml_are_the_objects() -> None:
