@@ -198,6 +198,10 @@ def controller(
         # replica fetches, applies, prunes and takes webhooks.
         ops = gitsource.register(registry, git_cfg, kube, active=lambda: scheduler.active)
         series.register(metrics.GitSourceCollector(ops))
+    from . import pools
+
+    # VirtualMachinePools: active replica only, like scheduling and GitOps.
+    pools.register(registry, kube, active=lambda: scheduler.active)
     _run_kopf(registry, peer, _liveness(health_port, health_address))
 
 

@@ -244,7 +244,8 @@ def install_crds(kubeconfig: Path, crd_dir: Path = REPO / "crds") -> None:
     kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=60s",
             "crd", "-l", "app.kubernetes.io/part-of=hyperfleet")
     # The first request to a new resource type may get 429 while storage initialises.
-    for plural in ("virtualmachines", "workernodes", "vmjobs", "gitsources"):
+    for plural in ("virtualmachines", "workernodes", "vmjobs", "gitsources",
+                   "virtualmachinepools"):
         while kubectl(kubeconfig, "get", plural, "-A", check=False).returncode != 0:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{plural} never became servable")

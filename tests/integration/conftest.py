@@ -139,14 +139,19 @@ def new_cluster(apiserver: ApiServer) -> Iterator[Cluster]:
     finally:
         # Delete VMs while their agents still run, so finalizers are honoured; then make
         # sure nothing of this test is left for the next one's controller to schedule.
+        # Pools first, waiting for their controller to delete their members (deleting VMs
+        # under a live pool would have them recreated); without a controller their
+        # finalizer stays, and is stripped below.
+        kubectl(apiserver.kubeconfig, "-n", ns, "delete", "virtualmachinepools", "--all",
+                "--timeout=30s", check=False)
         for kind in ("vmjobs", "virtualmachines"):
             kubectl(apiserver.kubeconfig, "-n", ns, "delete", kind, "--all", "--timeout=30s",
                     check=False)
         for name in list(c.procs):
             c.stop(name)
         kill_pidfiles(work, "*/*.pid")
-        left = kubectl(apiserver.kubeconfig, "-n", ns, "get", "virtualmachines", "-o", "name",
-                       check=False).stdout.split()
+        left = kubectl(apiserver.kubeconfig, "-n", ns, "get", "virtualmachines,virtualmachinepools",
+                       "-o", "name", check=False).stdout.split()
         for obj in left:
             kubectl(apiserver.kubeconfig, "-n", ns, "patch", obj, "--type=merge", "-p",
                     '{"metadata":{"finalizers":[]}}', check=False)

@@ -9,7 +9,7 @@ from typing import Any
 import kopf
 import pytest
 
-from hyperfleet.operator import agent, controller, gitsource
+from hyperfleet.operator import agent, controller, gitsource, pools
 from hyperfleet.operator.gitsource import GitOpsConfig
 from hyperfleet.operator.settings import (
     CHANGE_HANDLERS_FORBIDDEN,
@@ -32,6 +32,7 @@ def test_controller_and_gitsource_register_no_change_handlers(tmp_path: Path) ->
     controller.register(registry, ControllerConfig(), Kube())
     gitsource.register(registry, GitOpsConfig(cache_dir=str(tmp_path)), Kube(),
                        active=lambda: True)
+    pools.register(registry, Kube(), active=lambda: True)
     assert not changing_reasons(registry) & set(CHANGE_HANDLERS_FORBIDDEN)
 
 
