@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,7 +49,17 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "gitops": {"enabled": False},
     },
     "hostpath-devices": {"agent": {"devices": {"kvm": "", "tun": ""}}, "rbac": {"create": True}},
+    "device-plugin": {"agent": {"devices": {"mode": "devicePlugin"}}},
+    "monitoring-ha": {
+        "controller": {"replicas": 2},
+        "metrics": {"agent": {"bindAddress": "hostIP"}, "serviceMonitor": {"enabled": True},
+                    "podMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "grafana": {"dashboard": {"enabled": True}},
+        "image": {"digest": "sha256:" + "ab" * 32},
+    },
 }
+#: Kinds of the prometheus-operator CRDs: no Kubernetes schema; checked by test_monitoring_*.
+MONITORING_KINDS = ("ServiceMonitor", "PodMonitor")
 
 
 @pytest.fixture(params=sorted(SCENARIOS), scope="module")
@@ -94,6 +105,9 @@ def test_every_manifest_validates_against_kubernetes_schemas(
         assert key not in seen, f"{key} rendered twice"
         seen.add(key)
         group = obj["apiVersion"].rpartition("/")[0]
+        if obj["kind"] in MONITORING_KINDS:
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            continue
         if obj["kind"] in crds:
             crd = crds[obj["kind"]]
             assert group == crd["spec"]["group"]
@@ -204,6 +218,26 @@ def test_rbac_binds_the_workloads_service_accounts(
     # The agent never writes VM specs' placement, never reads Secrets, never deletes anything.
     assert not cu.allowed(grants[agent], "hyperfleet.dev", "virtualmachines", "delete", "x")
     assert not [g for g in grants[agent] if g.resource == "secrets" or g.verb == "delete"]
+
+
+def test_the_controller_may_run_virtual_machine_pools(
+    scenario: tuple[str, dict[str, Any], list[dict[str, Any]]],
+) -> None:
+    _, _, objs = scenario
+    grants = cu.grants_by_subject(objs)
+    ctl = cu.service_account_of(objs, "Deployment")
+    agent = cu.service_account_of(objs, "DaemonSet")
+    g = "hyperfleet.dev"
+    for resource, verb in (("virtualmachinepools", "list"), ("virtualmachinepools", "watch"),
+                           ("virtualmachinepools", "patch"),  # its finalizer
+                           ("virtualmachinepools/status", "patch"),
+                           ("virtualmachinepools/finalizers", "update"),  # blockOwnerDeletion
+                           ("virtualmachines", "create"), ("virtualmachines", "delete")):
+        assert cu.allowed(grants[ctl], g, resource, verb, "team"), f"{verb} {resource}"
+    # Pools are the controller's: the agent never touches them, and nobody needs pools/scale
+    # but users (kubectl scale) and autoscalers, which have their own roles.
+    assert not [x for x in grants[agent] if x.resource.startswith("virtualmachinepools")]
+    assert not [x for x in grants[ctl] if x.resource == "virtualmachinepools/scale"]
     gitops = values.get("gitops", {}).get("enabled", True)
     assert bool(cu.allowed(grants[ctl], "hyperfleet.dev", "gitsources", "watch", None)) == gitops
     peering = values.get("controller", {}).get("replicas", 1) > 1
@@ -226,28 +260,45 @@ def _env(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env") or []}
 
 
-def test_agent_is_least_privileged_by_default() -> None:
+def test_agent_mounts_the_device_nodes_by_default_without_any_device_plugin() -> None:
+    """Default devices.mode hostPath: no KubeVirt (or other) device plugin assumed; the
+    device cgroup admits /dev/kvm only in a privileged container, and that is all it gets."""
     objs = cu.objects({})
     ds, pod = _agent(objs)
     (c,) = pod["containers"]
-    sc = c["securityContext"]
-    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
-    assert sc["readOnlyRootFilesystem"] is True
+    assert c["securityContext"] == {"runAsUser": 0, "privileged": True, "readOnlyRootFilesystem": True}
     assert not pod.get("hostPID") and not pod.get("hostIPC")
     assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     host_paths = {v["hostPath"]["path"]: v["hostPath"]["type"] for v in pod["volumes"] if "hostPath" in v}
     assert host_paths == {"/run/hyperfleet": "DirectoryOrCreate", "/usr/bin/cloud-hypervisor": "File",
-                          "/var/lib/hyperfleet": "DirectoryOrCreate"}
+                          "/var/lib/hyperfleet": "DirectoryOrCreate", "/dev/kvm": "CharDevice",
+                          "/dev/net/tun": "CharDevice"}
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert {"/dev/kvm", "/dev/net/tun"} <= mounts and "/dev" not in mounts
+    assert "devices.kubevirt.io" not in json.dumps(c["resources"])
     ch_mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/usr/bin/cloud-hypervisor")
     assert ch_mount["readOnly"] is True
-    for res in ("devices.kubevirt.io/kvm", "devices.kubevirt.io/tun"):
-        assert c["resources"]["limits"][res] == c["resources"]["requests"][res] == 1
     assert pod["nodeSelector"] == {"hyperfleet.dev/worker": "true"}
     assert _env(c)["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
     assert "--ch-binary=/usr/bin/cloud-hypervisor" in c["args"]
     assert "--socket-dir=/run/hyperfleet" in c["args"]
+
+
+@pytest.mark.parametrize("names, want", [
+    ({}, {"devices.kubevirt.io/kvm", "devices.kubevirt.io/tun"}),
+    ({"kvm": "squat.ai/kvm", "tun": "squat.ai/tun"}, {"squat.ai/kvm", "squat.ai/tun"}),
+])
+def test_device_plugin_mode_is_least_privileged(names: dict[str, str], want: set[str]) -> None:
+    _, pod = _agent(cu.objects({"agent": {"devices": {"mode": "devicePlugin", **names}}}))
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    for res in want:
+        assert c["resources"]["limits"][res] == c["resources"]["requests"][res] == 1
+    assert not [v for v in pod["volumes"] if v.get("hostPath", {}).get("path", "").startswith("/dev")]
 
 
 def test_agent_memory_is_not_limited_by_default() -> None:
@@ -257,7 +308,8 @@ def test_agent_memory_is_not_limited_by_default() -> None:
         (c,) = pod["containers"]
         assert "memory" not in c.get("resources", {}).get("limits", {}), name
         assert c["resources"]["requests"]["memory"] == "128Mi", name
-    _, pod = _agent(cu.objects({"agent": {"resources": {"limits": {"memory": "70Gi"}}}}))
+    _, pod = _agent(cu.objects({"agent": {"resources": {"limits": {"memory": "70Gi"}},
+                                          "devices": {"mode": "devicePlugin"}}}))
     (c,) = pod["containers"]
     assert c["resources"]["limits"] == {"memory": "70Gi", "devices.kubevirt.io/kvm": 1,
                                         "devices.kubevirt.io/tun": 1}  # an explicit limit stays
@@ -276,7 +328,7 @@ def test_agent_privileged_only_when_asked() -> None:
 def test_agent_without_device_plugin_mounts_only_the_two_device_nodes() -> None:
     _, pod = _agent(cu.objects(SCENARIOS["hostpath-devices"]))
     (c,) = pod["containers"]
-    assert c["securityContext"]["privileged"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
     devices = {v["hostPath"]["path"]: v["hostPath"]["type"] for v in pod["volumes"]
                if v.get("hostPath", {}).get("path", "").startswith("/dev")}
     assert devices == {"/dev/kvm": "CharDevice", "/dev/net/tun": "CharDevice"}
@@ -304,12 +356,48 @@ def test_metrics_disabled_removes_ports_and_services() -> None:
     assert not [o for o in objs if o["kind"] == "Service"]
     for w in (o for o in objs if o["kind"] in ("Deployment", "DaemonSet")):
         for c in _walk_containers(w):
-            assert not any(a.startswith("--metrics-port") for a in c["args"])
-            assert "ports" not in c
+            assert not any(a.startswith("--metrics") for a in c["args"])
+            assert "metrics" not in {p["name"] for p in c.get("ports", [])}
+    objs = cu.objects({"metrics": {"enabled": False}, "health": {"enabled": False}})
+    for w in (o for o in objs if o["kind"] in ("Deployment", "DaemonSet")):
+        for c in _walk_containers(w):
+            assert "ports" not in c and not {"livenessProbe", "readinessProbe"} & set(c)
+            assert not any(a.startswith("--health") for a in c["args"])
+
+
+def test_agent_metrics_bind_loopback_by_default() -> None:
+    """Host network: 0.0.0.0 would be an unauthenticated port on every address of the node."""
+    objs = cu.objects({})
+    (c,) = _agent(objs)[1]["containers"]
+    assert "--metrics-address=127.0.0.1" in c["args"]
+    assert "HYPERFLEET_METRICS_ADDRESS" not in _env(c)
+    assert not [o for o in objs if o["metadata"]["name"].endswith("agent-metrics")]
+
+
+@pytest.mark.parametrize("bind, arg", [("hostIP", None), ("10.0.0.5", "--metrics-address=10.0.0.5")])
+def test_agent_metrics_bind_address(bind: str, arg: str | None) -> None:
+    objs = cu.objects({"metrics": {"agent": {"bindAddress": bind}}})
+    (c,) = _agent(objs)[1]["containers"]
+    if arg is None:  # the node's own address, from the downward API
+        assert _env(c)["HYPERFLEET_METRICS_ADDRESS"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+        assert not any(a.startswith("--metrics-address") for a in c["args"])
+    else:
+        assert arg in c["args"]
+    cu.one(objs, "Service", "agent-metrics")
+
+
+def test_image_digest_overrides_the_tag() -> None:
+    digest = "sha256:" + "0" * 64
+    for w in (o for o in cu.objects({"image": {"tag": "1.2.3", "digest": digest}})
+              if o["kind"] in ("Deployment", "DaemonSet")):
+        (c,) = w["spec"]["template"]["spec"]["containers"]
+        assert c["image"] == f"hyperfleet/hyperfleet@{digest}"
+    report = helm.lint(str(cu.CHART), {"image": {"digest": "latest"}}, strict=True)
+    assert report["errors"], "a digest that is not sha256:<64 hex> must be refused"
 
 
 def test_metrics_services_select_their_pods() -> None:
-    objs = cu.objects({})
+    objs = cu.objects({"metrics": {"agent": {"bindAddress": "hostIP"}}})
     for component, port in (("controller", 9090), ("agent", 9091)):
         svc = cu.one(objs, "Service", f"{component}-metrics")
         workload = cu.one(objs, "Deployment" if component == "controller" else "DaemonSet")
@@ -353,11 +441,106 @@ def test_only_the_active_controller_is_a_webhook_endpoint() -> None:
     assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "webhook"}
     assert dep["spec"]["strategy"] == {"type": "RollingUpdate",
                                        "rollingUpdate": {"maxUnavailable": "100%", "maxSurge": 0}}
-    # Peering without the receiver: no probes, so replicas are replaced one at a time.
+    # Peering without the receiver: kopf's liveness endpoint, every replica ready, so replicas
+    # are replaced one at a time.
     dep = cu.one(cu.objects({"controller": {"replicas": 2}}), "Deployment")
     (c,) = dep["spec"]["template"]["spec"]["containers"]
-    assert not {"readinessProbe", "livenessProbe", "startupProbe"} & set(c)
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
     assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
+
+
+def test_probes_are_on_by_default_on_kopfs_health_endpoint() -> None:
+    objs = cu.objects({})
+    (ctl,) = cu.one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "--health-port=8081" in ctl["args"]
+    assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in ctl["ports"]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert ctl[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
+    (agent,) = _agent(objs)[1]["containers"]
+    # Host network: the endpoint is on the node's loopback, where the kubelet probes it.
+    assert {"--health-port=9092", "--health-address=127.0.0.1"} <= set(agent["args"])
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert agent[probe]["httpGet"] == {"host": "127.0.0.1", "path": "/healthz", "port": "health"}
+    # Restarting the agent restarts the node's VMs: liveness waits minutes, not seconds.
+    live = agent["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] >= 300
+
+
+def test_controller_pdb_only_with_a_replica_to_fail_over_to() -> None:
+    pdb = cu.one(cu.objects({"controller": {"replicas": 2}}), "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    dep = cu.one(cu.objects({"controller": {"replicas": 2}}), "Deployment")
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    for values in ({}, {"controller": {"peering": {"enabled": True}}},  # one replica: drains would block
+                   {"controller": {"replicas": 2, "podDisruptionBudget": {"enabled": False}}},
+                   SCENARIOS["ha-gitops"]):  # only the active replica is Ready: same
+        assert not [o for o in cu.objects(values) if o["kind"] == "PodDisruptionBudget"], values
+
+
+def test_monitoring_objects_only_when_enabled() -> None:
+    assert not [o for o in cu.objects({}) if o["kind"] in MONITORING_KINDS]
+    # Agents on loopback cannot be scraped from Prometheus: only the controller is monitored.
+    objs = cu.objects({"metrics": {"serviceMonitor": {"enabled": True}}})
+    assert [o["metadata"]["name"] for o in objs if o["kind"] in MONITORING_KINDS] == [
+        "hyperfleet-controller"]
+    objs = cu.objects(SCENARIOS["monitoring-ha"])
+    for component in ("controller", "agent"):
+        sm = cu.one(objs, "ServiceMonitor", component)
+        svc = cu.one(objs, "Service", f"{component}-metrics")
+        assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        assert sm["spec"]["namespaceSelector"] == {"matchNames": [cu.NAMESPACE]}
+        assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+        pm = cu.one(objs, "PodMonitor", component)
+        assert pm["metadata"]["labels"]["release"] == "prom"
+        workload = cu.one(objs, "Deployment" if component == "controller" else "DaemonSet")
+        pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert pm["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+        (c,) = workload["spec"]["template"]["spec"]["containers"]
+        assert pm["spec"]["podMetricsEndpoints"][0]["port"] in {p["name"] for p in c["ports"]}
+
+
+def _dashboard(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    cm = cu.one(objs, "ConfigMap", "-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (text,) = cm["data"].values()
+    dashboard: dict[str, Any] = json.loads(text)
+    return dashboard
+
+
+def test_dashboard_configmap_is_valid_json_querying_only_documented_series() -> None:
+    from tests.unit.test_docs import metric_names
+
+    assert not [o for o in cu.objects({}) if o["kind"] == "ConfigMap"]
+    dash = _dashboard(cu.objects(SCENARIOS["monitoring-ha"]))
+    assert dash == json.loads((cu.CHART / "dashboards" / "hyperfleet.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 10
+    known = set(metric_names())
+    docs = (cu.REPO / "docs" / "metrics.md").read_text()
+    queried = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs
+               for m in re.findall(r"\bhyperfleet_[a-z_]+", e)}
+    assert queried - known == set(), "the dashboard queries series no process exports"
+    assert not [m for m in queried if f"`{m}`" not in docs], "undocumented series in the dashboard"
+    # The panels the dashboard promises: fleet phases, VMs per node, restarts, GitSource
+    # readiness and latency, node heartbeats.
+    for series in ("hyperfleet_vms", "hyperfleet_node_vms", "hyperfleet_vm_restarts_total",
+                   "hyperfleet_gitsource_ready", "hyperfleet_gitsource_reconcile_duration_seconds",
+                   "hyperfleet_node_heartbeat_timestamp_seconds"):
+        assert series in queried, series
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    assert {p["datasource"]["uid"] for p in dash["panels"] if "datasource" in p} == {"${datasource}"}
+
+
+def test_dashboard_namespace_and_labels() -> None:
+    values = {"grafana": {"dashboard": {"enabled": True, "namespace": "monitoring",
+                                        "labels": {"grafana_dashboard": "1", "team": "infra"}}}}
+    cm = cu.one(cu.objects(values), "ConfigMap", "-dashboard")
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["labels"]["team"] == "infra"
 
 
 def test_gitsource_from_values_is_valid() -> None:
@@ -442,7 +625,7 @@ def _missing_flags(values: dict[str, Any]) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize("name", ["defaults", "custom-ch-no-metrics", "privileged-no-device-plugin",
-                                  "ha-gitops"])
+                                  "ha-gitops", "monitoring-ha", "device-plugin"])
 def test_cli_flags_exist(name: str) -> None:
     """Every flag and environment variable the chart passes is one `hyperfleet` accepts."""
     assert _missing_flags(SCENARIOS[name]) == {}

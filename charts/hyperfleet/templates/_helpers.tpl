@@ -42,8 +42,26 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-agent" (include "hyperfleet.fullname" .)) .Values.agent.serviceAccount.name -}}
 {{- end -}}
 
+{{/* repository@digest when image.digest is set (a pinned image), else repository:tag. */}}
 {{- define "hyperfleet.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether anything off the node can scrape the agents (not bound to loopback). */}}
+{{- define "hyperfleet.agent.metricsExposed" -}}
+{{- if and .Values.metrics.enabled (not (has .Values.metrics.agent.bindAddress (list "127.0.0.1" "localhost" "::1"))) -}}true{{- end -}}
+{{- end -}}
+
+{{/* A PodDisruptionBudget for the controller: with peering (a second replica to fail over
+     to), unless only the active replica is Ready (webhook on): then no budget could ever
+     allow evicting it and every drain of its node would block. */}}
+{{- define "hyperfleet.controller.pdb" -}}
+{{- $webhook := and .Values.gitops.enabled .Values.gitops.webhook.enabled -}}
+{{- if and .Values.controller.podDisruptionBudget.enabled (include "hyperfleet.controller.peering" .) (not $webhook) (gt (int .Values.controller.replicas) 1) -}}true{{- end -}}
 {{- end -}}
 
 {{/* kopf peering (one active controller replica) is required as soon as there are two. */}}
