@@ -18,6 +18,7 @@ from ulid import ULID
 from ..eviction import node_local
 from ..models.common import parse_time
 from .engine import (
+    TERMINAL_PHASES,
     IdempotencyIndex,
     JobPhase,
     JobStatus,
@@ -28,6 +29,7 @@ from .engine import (
     apply_resolution,
     check_deadline,
     check_timeout,
+    finished_event,
     hand_back,
     queue_key,
     ready_to_start,
@@ -211,6 +213,10 @@ def _decide(body: Mapping[str, Any], status: JobStatus,
     meta = body["metadata"]
     out = status.to_patch(body.get("status"))
     out["observedGeneration"] = meta.get("generation")
+    before = (body.get("status") or {}).get("phase")
+    if status.terminal and before not in TERMINAL_PHASES:
+        # The one outcome Event of the job (the write is conditional on resourceVersion).
+        event = finished_event(status, str((body.get("spec") or {}).get("operation") or "job"))
     return Decision(meta.get("namespace") or "default", meta["name"], meta["resourceVersion"],
                     out, event)
 

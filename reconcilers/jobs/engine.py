@@ -229,6 +229,30 @@ class JobStatus(CamelModel):
         return out
 
 
+def finished_event(status: JobStatus, operation: str) -> tuple[str, str, str]:
+    """The Event (type, reason, message) a VmJob gets once, when it finishes: Normal
+    Succeeded or Cancelled, Warning Failed or TimedOut, so ``kubectl describe`` and event
+    alerts see the outcome without reading status. The message is a sentence: what ran,
+    where, and why it ended."""
+    cond = next((c for c in status.conditions if c.type in ("Complete", "Failed")
+                 and c.status == "True"), None)
+    said = cond.message if cond is not None else ""
+    # A failure's own error says most; a timeout's or cancel's message says why it ended.
+    why = (status.last_error or said) if status.phase is JobPhase.FAILED else said
+    where = f" on {status.assigned_node}" if status.assigned_node else ""
+    tries = f" after {status.attempts} attempts" if status.attempts > 1 else ""
+    if status.phase is JobPhase.SUCCEEDED:
+        done = why if why and why != "succeeded" else ""
+        return ("Normal", "Succeeded",
+                f"{operation} succeeded{where}{tries}" + (f" ({done})" if done else ""))
+    if status.phase is JobPhase.CANCELLED:
+        return "Normal", "Cancelled", f"{operation} cancelled{where}: {why or 'as requested'}"
+    if status.phase is JobPhase.TIMED_OUT:
+        return "Warning", "TimedOut", f"{operation} timed out{where}: {why or 'no result in time'}"
+    reason = f" ({status.reason})" if status.reason else ""
+    return "Warning", "Failed", f"{operation} failed{where}{tries}{reason}: {why or 'no detail'}"
+
+
 def _require_aware(now: datetime) -> None:
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (e.g. datetime.now(UTC))")

@@ -31,6 +31,7 @@ from .engine import (
     advance,
     check_deadline,
     decide_after_failure,
+    finished_event,
     hand_back,
 )
 from .handlers import HANDLERS, Cancelled, JobContext, JobFailure
@@ -185,6 +186,7 @@ class JobRunner:
             # (the controller was down, or this agent restarted).
             try:
                 self._write(ns, name, late, body.get("status"), meta["resourceVersion"])
+                self._announce(body, job, late)
                 adapter.warning("deadline passed before the job could start",
                                 extra={"deadline": str(job.execution.deadline)})
             except Conflict:
@@ -215,6 +217,8 @@ class JobRunner:
         except Exception:  # API unreachable: keep waiting, judge later
             adapter.exception("could not record the job outcome")
             return
+        if recorded:
+            self._announce(body, job, final)
         if not recorded:
             adapter.warning("job no longer runs here (handed back, timed out or deleted); "
                             "its outcome is not recorded", extra={"phase": final.phase.value})
@@ -332,6 +336,14 @@ class JobRunner:
             except Conflict:
                 continue  # e.g. the migration receiver wrote meanwhile: look again
         raise Conflict(f"vmjobs/{ns}/{name} kept changing; outcome not recorded")
+
+    def _announce(self, body: Mapping[str, Any], job: JobDocument, final: JobStatus) -> None:
+        """The job's outcome Event, after the write that made it final (that write is
+        conditional on resourceVersion, so this runs once per job, here or in the
+        controller)."""
+        if final.terminal:
+            type_, reason, message = finished_event(final, job.operation)
+            self.kube.event(dict(body), reason, message, type_, f"hyperfleet-agent/{self.node}")
 
     def _write(self, ns: str, name: str, st: JobStatus, current: Mapping[str, Any] | None,
                rv: str) -> None:

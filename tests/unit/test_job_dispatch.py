@@ -326,7 +326,7 @@ def test_a_migration_that_cannot_succeed_fails_before_it_is_routed(
                          {"ns/web": vm_body(live)}))["m"]
     assert d.status["phase"] == "Failed" and d.status["reason"] == reason
     assert says in d.status["lastError"] and "assignedNode" not in d.status
-    assert d.event is not None and d.event[:2] == ("Warning", reason)
+    assert d.event is not None and d.event[:2] == ("Warning", "Failed") and f"({reason})" in d.event[2]
 
 
 def test_a_migratable_vm_is_routed_to_its_host() -> None:

@@ -42,7 +42,13 @@ class FakeKube:
     def __init__(self, body: dict[str, Any]) -> None:
         self.body: dict[str, Any] | None = copy.deepcopy(body)
         self.writes: list[tuple[float, str, dict[str, Any]]] = []  # (time, thread, status)
+        self.events: list[tuple[str, str, str]] = []  # (type, reason, message)
         self._lock = threading.Lock()
+
+    def event(self, involved: dict[str, Any], reason: str, message: str,
+              type_: str = "Normal", component: str = "") -> None:
+        with self._lock:
+            self.events.append((type_, reason, message))
 
     def get(self, res: Resource, name: str, namespace: str | None = None
             ) -> dict[str, Any] | None:
@@ -87,8 +93,13 @@ def controller_pass(kube: FakeKube, nodes: list[WorkerView], later: float = 0.0)
     body = kube.get(cast(Resource, None), "j")
     assert body is not None
     for d in dispatch([body], nodes, {}, now_utc() + timedelta(seconds=later)):
-        kube.patch(cast(Resource, None), d.name,
-                   {"metadata": {"resourceVersion": d.resource_version}, "status": d.status})
+        try:
+            kube.patch(cast(Resource, None), d.name,
+                       {"metadata": {"resourceVersion": d.resource_version}, "status": d.status})
+        except Conflict:
+            continue  # as the controller: no Event for a write that did not happen
+        if d.event:
+            kube.event({}, d.event[1], d.event[2], d.event[0])
 
 
 def agent(node: str, kube: FakeKube, stop_grace: float = 5.0) -> JobRunner:
@@ -483,3 +494,54 @@ def test_a_received_vm_is_bound_to_its_new_node_at_once(bound_to: str | None,
     peers = MigrationPeers(JobRunner("b", cast(Any, kube), driver=cast(Any, None)))
     peers._take_binding("ns/mig", "ns", "web", runner_mod.job_log(None, "b", "ns/mig"))
     assert kube.vm["status"]["nodeName"] == after
+
+
+def outcome_events(kube: FakeKube) -> list[tuple[str, str, str]]:
+    return [e for e in kube.events if e[1] in ("Succeeded", "Failed", "TimedOut", "Cancelled")]
+
+
+@pytest.mark.parametrize(("outcome", "expected"), [
+    ("ok", ("Normal", "Succeeded", "system.health-check succeeded on a")),
+    ("fail", ("Warning", "Failed", "system.health-check failed on a (NonRetryableError): disk "
+                                   "full")),
+    ("cancel", ("Normal", "Cancelled", "system.health-check cancelled on a: cancelled while "
+                                       "running")),
+    ("timeout", ("Warning", "TimedOut", "system.health-check timed out on a: no result "
+                                        "within 1s")),
+])
+def test_a_finished_job_gets_one_outcome_event(monkeypatch: pytest.MonkeyPatch, outcome: str,
+                                                expected: tuple[str, str, str]) -> None:
+    """Exactly one Event per job when it finishes, whoever writes the end: the agent here,
+    and no second one from a controller pass (or a later agent) over the finished job."""
+    from hyperfleet.reconcilers.jobs.handlers import JobFailure
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        if outcome == "fail":
+            raise JobFailure("disk full", retryable=False)
+        if outcome in ("cancel", "timeout"):
+            return _stoppable(0.1, [])(ctx)
+        return {}
+
+    handler(monkeypatch, run)
+    kube = scheduled(JobBuilder(OP).timeout(1 if outcome == "timeout" else 60))
+    r = agent("a", kube)
+    t = start(r, kube)
+    if outcome == "cancel":
+        wait_until(lambda: kube.status.get("phase") == "Running")
+        r.cancel("ns/j")
+    t.join(5)
+    assert outcome_events(kube) == [expected]
+    controller_pass(kube, [WorkerView("a")], later=120)
+    start(agent("a", kube), kube).join(5)
+    assert outcome_events(kube) == [expected]
+
+
+def test_a_job_the_controller_ends_gets_one_event_from_it() -> None:
+    kube = scheduled(JobBuilder(OP).timeout(60))
+    assert kube.body is not None
+    kube.body["metadata"]["annotations"] = {"hyperfleet.dev/cancel": "true"}
+    controller_pass(kube, [WorkerView("a")])
+    controller_pass(kube, [WorkerView("a")])
+    assert kube.status["phase"] == "Cancelled"
+    assert outcome_events(kube) == [
+        ("Normal", "Cancelled", "system.health-check cancelled on a: cancelled by annotation")]
