@@ -279,10 +279,7 @@ class Pools:
         except Gone:
             return False
         except Conflict:
-            fresh = await self._call(self.kube.get, POOLS, name, ns)
-            if fresh is not None:
-                _store(self.pools, key, fresh)
-            return False
+            return False  # the pool changed: its watch event brings the new version
         if add:
             _store(self.pools, key, out)
         log.info("pool finalizer added" if add else "pool members deleted; finalizer removed",

@@ -218,6 +218,14 @@ def test_rbac_binds_the_workloads_service_accounts(
     # The agent never writes VM specs' placement, never reads Secrets, never deletes anything.
     assert not cu.allowed(grants[agent], "hyperfleet.dev", "virtualmachines", "delete", "x")
     assert not [g for g in grants[agent] if g.resource == "secrets" or g.verb == "delete"]
+    gitops = values.get("gitops", {}).get("enabled", True)
+    assert bool(cu.allowed(grants[ctl], "hyperfleet.dev", "gitsources", "watch", None)) == gitops
+    peering = values.get("controller", {}).get("replicas", 1) > 1
+    assert bool(cu.allowed(grants[ctl], "kopf.dev", "clusterkopfpeerings", "patch", None)) == peering
+    if gitops:
+        for ns in {cu.NAMESPACE, *values.get("gitops", {}).get("secretNamespaces", [])}:
+            assert cu.allowed(grants[ctl], "", "secrets", "get", ns)
+        assert not cu.allowed(grants[ctl], "", "secrets", "get", "kube-system")
 
 
 def test_the_controller_may_run_virtual_machine_pools(
@@ -238,14 +246,6 @@ def test_the_controller_may_run_virtual_machine_pools(
     # but users (kubectl scale) and autoscalers, which have their own roles.
     assert not [x for x in grants[agent] if x.resource.startswith("virtualmachinepools")]
     assert not [x for x in grants[ctl] if x.resource == "virtualmachinepools/scale"]
-    gitops = values.get("gitops", {}).get("enabled", True)
-    assert bool(cu.allowed(grants[ctl], "hyperfleet.dev", "gitsources", "watch", None)) == gitops
-    peering = values.get("controller", {}).get("replicas", 1) > 1
-    assert bool(cu.allowed(grants[ctl], "kopf.dev", "clusterkopfpeerings", "patch", None)) == peering
-    if gitops:
-        for ns in {cu.NAMESPACE, *values.get("gitops", {}).get("secretNamespaces", [])}:
-            assert cu.allowed(grants[ctl], "", "secrets", "get", ns)
-        assert not cu.allowed(grants[ctl], "", "secrets", "get", "kube-system")
 
 
 # ---------------------------------------------------------------------------- workloads
