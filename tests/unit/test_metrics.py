@@ -201,7 +201,8 @@ class OneShot(GitSourceReconciler):
 
 def _gitsource(ready: str | None, suspend: bool = False) -> dict[str, Any]:
     status = {"conditions": [{"type": "Ready", "status": ready}]} if ready else {}
-    return {"metadata": {"name": "fleet", "namespace": "ns"}, "spec": {"suspend": suspend},
+    # A name of its own: the histogram is process-wide, and other tests reconcile "ns/fleet".
+    return {"metadata": {"name": "metered", "namespace": "ns"}, "spec": {"suspend": suspend},
             "status": status}
 
 
@@ -219,7 +220,7 @@ def test_gitsource_series_follow_the_source_and_go_with_it(tmp_path: Path) -> No
             ops.observe("ADDED", _gitsource(None))
             await asyncio.sleep(0.3)
             s = scrape(reg)
-            labels = {"namespace": "ns", "name": "fleet"}
+            labels = {"namespace": "ns", "name": "metered"}
             assert value(s, "hyperfleet_gitsource_ready", **labels) == -1  # no condition yet
             assert value(s, "hyperfleet_gitsource_reconcile_duration_seconds_count", **labels) == 1
             assert (value(s, "hyperfleet_gitsource_reconcile_duration_seconds_sum", **labels)
@@ -231,7 +232,7 @@ def test_gitsource_series_follow_the_source_and_go_with_it(tmp_path: Path) -> No
             ops.observe("MODIFIED", _gitsource("True"))  # our own status write comes back
             assert value(scrape(reg), "hyperfleet_gitsource_ready", **labels) == 1
             ops.observe("MODIFIED", _gitsource("False"))
-            ops.trigger("ns/fleet", "reconcile-now")
+            ops.trigger("ns/metered", "reconcile-now")
             await asyncio.sleep(0.3)
             s = scrape(reg)
             assert value(s, "hyperfleet_gitsource_ready", **labels) == 0
@@ -243,7 +244,7 @@ def test_gitsource_series_follow_the_source_and_go_with_it(tmp_path: Path) -> No
             role["active"] = True
             ops.observe("DELETED", _gitsource("False"))
             s = scrape(reg)
-            assert not [lbl for _, lbl in s if ("name", "fleet") in lbl], "series of a deleted GitSource"
+            assert not [lbl for _, lbl in s if ("name", "metered") in lbl], "series of a deleted GitSource"
         finally:
             await ops.stop()
 
