@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import git
 
@@ -118,6 +119,19 @@ def scrub(text: str, secrets: list[str]) -> str:
             if len(line.strip()) >= 4:
                 text = text.replace(line.strip(), "***")
     return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
+def url_secrets(url: str) -> list[str]:
+    """Credentials written into a URL's user part, for :func:`scrub`: the password, and a
+    user name long enough to be a token (``https://ghp_xxx@github.com``), raw and decoded,
+    since a server may echo either back on its own (``remote: invalid token ghp_xxx``)."""
+    if "://" not in url:
+        return []
+    parts = urlsplit(url)
+    found = [parts.password] if parts.password else []
+    if parts.username and (parts.password is None and len(parts.username) >= 16):
+        found.append(parts.username)
+    return [v for raw in found for v in {raw, unquote(raw)}]
 
 
 def _remote_url(url: str) -> str:
@@ -233,7 +247,7 @@ class GitFetcher:
         src = (f"refs/heads/{ref.branch}" if ref.branch else f"refs/tags/{ref.tag}" if ref.tag
                else ref.commit or "HEAD")
         remote = _remote_url(url)
-        secrets = creds.secrets() if creds else []
+        secrets = [*(creds.secrets() if creds else []), *url_secrets(url)]
         with self._env(creds) as env:
             depth = [] if previous else ["--depth=1"]
             args = ["fetch", "--no-tags", "--force", "--no-write-fetch-head", "--no-auto-gc"]

@@ -4,6 +4,7 @@ rules (validate everything, then apply, prune only after a full apply) and the s
 from __future__ import annotations
 
 import copy
+import json
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -336,3 +337,45 @@ def test_a_file_that_cannot_be_exported_is_a_validation_error(tmp_path: Path,
     assert env.run().state == "stalled"
     assert env.cond("Stalled")["reason"] == "ValidationFailed"
     assert "1 problem: fleet/dev: cannot be exported" in env.cond("Stalled")["message"]
+
+
+@pytest.mark.parametrize("userinfo", ["ghp_TOKENinUSERpart1234", "deploy:glpat-PASSWORDpart5678"])
+def test_a_token_in_the_url_never_reaches_status_events_or_logs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, userinfo: str) -> None:
+    """A real git fetch from a closed loopback port, the token in the URL's user part: git's
+    error, the FetchError, the status, the Events and the log lines show *** instead."""
+    import logging
+    import socket
+
+    from hyperfleet.operator.logs import RedactFilter
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = userinfo.split(":")[-1]
+    env = Env(tmp_path)
+    env.kube.source["spec"]["url"] = f"https://{userinfo}@127.0.0.1:{port}/org/fleet.git"
+    caplog.handler.addFilter(RedactFilter())
+    with caplog.at_level(logging.DEBUG):
+        r = env.run()
+    assert r.state != "applied"
+    texts = [json.dumps(env.status), json.dumps(env.kube.events), caplog.text,
+             *(str(p) for p in env.kube.patches)]
+    for text in texts:
+        assert token not in text
+    ready = env.cond("Ready")
+    if ":" in userinfo:  # refused before any fetch: a password belongs in a Secret
+        assert ready["reason"] == "InvalidSpec" and "secretRef" in ready["message"]
+    else:  # still says which remote failed
+        assert f"https://***@127.0.0.1:{port}/org/fleet.git" in ready["message"], ready
+
+
+def test_a_token_the_server_echoes_alone_is_scrubbed_too() -> None:
+    from hyperfleet.reconcilers.gitops.fetch import scrub, url_secrets
+
+    url = "https://ghp_TOKENinUSERpart1234@git.example/org/fleet.git"
+    echoed = "remote: invalid credentials for ghp_TOKENinUSERpart1234\nfatal: " + url
+    assert scrub(echoed, url_secrets(url)) == (
+        "remote: invalid credentials for ***\nfatal: https://***@git.example/org/fleet.git")
+    assert url_secrets("https://git@host/r") == []  # a user name is no secret
+    assert sorted(url_secrets("https://u:p%40ss-word@host/r")) == ["p%40ss-word", "p@ss-word"]
