@@ -57,6 +57,9 @@ _add_client_commands()
 KubeconfigOpt = Annotated[str | None, KUBECONFIG]
 # Only the formats logs.setup() knows: a typo is a usage error, not silently another format.
 LogFormatOpt = Annotated[Literal["json", "text"], typer.Option(help="json or text")]
+LogLevelOpt = Annotated[Literal["debug", "info", "warning", "error"], typer.Option(
+    envvar="HYPERFLEET_LOG_LEVEL", help="Least severe level written; debug also shows kopf's "
+    "per-handler lines")]
 MetricsOpt = Annotated[int, typer.Option(help="Prometheus metrics port (0: off)")]
 MetricsAddrOpt = Annotated[str, typer.Option(envvar="HYPERFLEET_METRICS_ADDRESS",
                                              help="Address the metrics port binds")]
@@ -75,14 +78,15 @@ def _connect(kubeconfig: str | None) -> None:
 
 
 def _prepare(role: Role, log_format: str, metrics_port: int, metrics_address: str,
-             kubeconfig: str | None) -> tuple[kopf.OperatorRegistry, Kube, CollectorRegistry]:
+             kubeconfig: str | None, log_level: str = "info"
+             ) -> tuple[kopf.OperatorRegistry, Kube, CollectorRegistry]:
     """What every long-running process does first: logs, metrics (the role's own registry,
     to which the caller adds its state collectors), API connection."""
     from hyperfleet.reconcilers.kube import Kube
 
     from . import logs, metrics
 
-    logs.setup(fmt=log_format)
+    logs.setup(level=log_level, fmt=log_format)
     series = metrics.registry_for(role)
     metrics.serve(metrics_port, metrics_address, series)
     _connect(kubeconfig)
@@ -150,6 +154,7 @@ def controller(
         help="Let a GitSource apply into other namespaces and WorkerNodes (as Flux does); "
              "--no-cross-namespace confines each to its own namespace")] = True,
     log_format: LogFormatOpt = "json",
+    log_level: LogLevelOpt = "info",
     metrics_port: MetricsOpt = 0,
     metrics_address: MetricsAddrOpt = "0.0.0.0",
     health_port: HealthOpt = 0,
@@ -190,7 +195,7 @@ def controller(
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
     registry, kube, series = _prepare("controller", log_format, metrics_port, metrics_address,
-                                      kubeconfig)
+                                      kubeconfig, log_level)
     scheduler = ctl.register(registry, cfg, kube)
     series.register(metrics.FleetCollector(scheduler))
     if git_cfg is not None:
@@ -259,6 +264,7 @@ def agent(
         help="Extra cloud-hypervisor argument for every VM (repeatable), e.g. "
         "--vmm-arg=--seccomp=log")] = None,
     log_format: LogFormatOpt = "json",
+    log_level: LogLevelOpt = "info",
     metrics_port: MetricsOpt = 0,
     # The agent runs on the host network: loopback unless told otherwise (docs/metrics.md).
     metrics_address: MetricsAddrOpt = "127.0.0.1",
@@ -278,7 +284,7 @@ def agent(
                       state_dir=state_dir, allowed_path_roots=tuple(allowed_path_root or ()),
                       image_cache_size=image_cache_size)
     registry, kube, series = _prepare("agent", log_format, metrics_port, metrics_address,
-                                      kubeconfig)
+                                      kubeconfig, log_level)
     node_agent = agent_mod.register(registry, cfg, kube)
     series.register(metrics.NodeVmCollector(node_name, node_agent.vms))
     _run_kopf(registry, liveness=_liveness(health_port, health_address))

@@ -388,6 +388,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-cross-namespace", action="store_true",
                    help="apply only into each GitSource's own namespace (multi-tenant clusters)")
     p.add_argument("--log-format", default="json", choices=["json", "text"])
+    p.add_argument("--log-level", default=os.environ.get("HYPERFLEET_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"],
+                   help="least severe level written (debug: also kopf's per-handler lines)")
     args = p.parse_args(argv)
 
     from hyperfleet.reconcilers.kube import load_config
@@ -395,8 +398,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from . import logs
     from .settings import configure_kopf
 
-    logs.setup(fmt=args.log_format)
-    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event otherwise
+    logs.setup(level=args.log_level, fmt=args.log_format)  # kopf's per-event lines: debug
     secret = os.environ.get(WEBHOOK_SECRET_ENV)
     if args.webhook_secret_file:
         secret = args.webhook_secret_file.read_text().strip()

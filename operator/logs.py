@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 FORMATS = ("json", "text")
+LEVELS = ("debug", "info", "warning", "error")
 MASK = "***"
 
 _STD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName",
@@ -153,18 +154,41 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=lambda o: redact(str(o)))
 
 
+_QUOTE_IF = frozenset("\"=")
+
+
+class TextFormatter(logging.Formatter):
+    """``ts LEVEL logger: message key=value ...``: the ``extra`` fields stay (the VM, node
+    or job a line is about), quoted only where a value has blanks, so grep still finds them."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        redact_record(record)
+        text = super().format(record)
+        head, sep, tail = text.partition("\n")  # a traceback goes after the fields
+        fields = []
+        for key, value in vars(record).items():
+            if key in _STD or key.startswith("_"):
+                continue
+            shown = value if isinstance(value, str) else json.dumps(value, default=str)
+            plain = shown and not any(c.isspace() or c in _QUOTE_IF for c in shown)
+            fields.append(f"{key}={shown if plain else json.dumps(shown)}")
+        return " ".join([head, *fields]) + sep + tail
+
+
 def setup(level: str = "INFO", fmt: str = "json") -> None:
-    """Log to stderr in ``fmt`` (json or text); anything else is an error rather than a
-    silent fallback to a format nobody asked for."""
+    """Log to stderr in ``fmt`` (json or text) at ``level`` (debug, info, warning, error);
+    anything else is an error rather than a silent fallback nobody asked for."""
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if level.lower() not in LEVELS:
+        raise ValueError(f"log level {level!r}: use one of {', '.join(LEVELS)}")
     redactor = RedactFilter()
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(redactor)
-    handler.setFormatter(
-        JsonFormatter() if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -176,7 +200,9 @@ def setup(level: str = "INFO", fmt: str = "json") -> None:
                 h.addFilter(redactor)
     for noisy in ("kubernetes.client.rest", "urllib3", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # kopf says "Handler ... succeeded" at INFO for every event of every object: most of
-    # the lines at scale, and a measurable share of the agents' CPU. Failures stay.
-    if root.level >= logging.INFO:
-        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    # kopf says "Handler ... succeeded" at INFO for every event of every object (and for
+    # each startup/cleanup activity): most of the lines at scale, and a measurable share of
+    # the agents' CPU. Its warnings and errors stay; --log-level debug brings all back.
+    for name in ("kopf.objects", "kopf.activities"):
+        logging.getLogger(name).setLevel(max(root.level, logging.WARNING)
+                                         if root.level >= logging.INFO else logging.NOTSET)

@@ -114,8 +114,8 @@ def root_logging() -> Iterator[None]:
     root.setLevel(level)
 
 
-def _capture(fmt: str) -> io.StringIO:
-    setup(fmt=fmt)
+def _capture(fmt: str, level: str = "info") -> io.StringIO:
+    setup(level=level, fmt=fmt)
     (handler,) = logging.getLogger().handlers
     assert isinstance(handler, logging.StreamHandler)
     buf = io.StringIO()
@@ -185,3 +185,52 @@ def test_handlers_on_library_loggers_are_redacted_too() -> None:
 def test_unknown_log_format_is_an_error() -> None:
     with pytest.raises(ValueError, match="json, text"):
         setup(fmt="xml")
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_text_format_keeps_the_structured_fields() -> None:
+    buf = _capture("text")
+    logging.getLogger("hyperfleet.t").warning(
+        "converge failed", extra={"vm": "default/web", "attempt": 3, "error": "no such file",
+                                  "token": "abcdefghijkl"})
+    text = buf.getvalue()
+    assert 'converge failed vm=default/web attempt=3 error="no such file" token=***' in text
+    assert "abcdefghijkl" not in text
+
+
+@pytest.mark.usefixtures("root_logging")
+@pytest.mark.parametrize("level", ["debug", "info", "warning", "error"])
+def test_log_level_and_kopf_handler_noise(level: str) -> None:
+    """kopf's "Handler ... succeeded" (INFO, on kopf.objects and kopf.activities) shows only at
+    debug; its warnings and errors show whatever the level allows."""
+    buf = _capture("text", level)
+    for name in ("kopf.objects", "kopf.activities.startup"):
+        kopf_log = logging.getLogger(name)
+        kopf_log.info("Handler 'vm_event' succeeded.")
+        kopf_log.warning("Handler 'vm_event' failed temporarily: boom")
+        kopf_log.error("Handler 'vm_event' failed permanently: bang")
+    logging.getLogger("hyperfleet.t").info("VM bound")
+    text = buf.getvalue()
+    assert ("succeeded" in text) == (level == "debug")
+    assert ("VM bound" in text) == (level in ("debug", "info"))
+    assert text.count("failed temporarily") == (2 if level != "error" else 0)
+    assert text.count("failed permanently") == 2
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_unknown_log_level_is_an_error() -> None:
+    with pytest.raises(ValueError, match="debug, info, warning, error"):
+        setup(level="verbose")
+
+
+def test_entry_points_take_log_level() -> None:
+    from typer.testing import CliRunner
+
+    from hyperfleet.operator import gitsource
+    from hyperfleet.operator.cli import app
+
+    for cmd in ("controller", "agent"):
+        r = CliRunner().invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
+        assert "--log-level" in r.output and "debug" in r.output, r.output
+    with pytest.raises(SystemExit):
+        gitsource.main(["--log-level", "verbose"])
