@@ -69,7 +69,9 @@ def main() -> None:
         b.repo.set_fleet({f"vm-{i:04d}.yaml": vm(i) for i in range(n)})
         sha = b.repo.commit(f"{n} VMs")
         pids = {name: p.pid for name, p in b.procs.items()}
+        server = [p.pid for p in b.api.procs]  # etcd and the API server: the comparator
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        server0 = sum(cpu_seconds(pid) for pid in server)
         assert b.vms is not None
         writes0 = b.vms.writes
         t0 = b.push_and_notify(sha)
@@ -79,8 +81,10 @@ def main() -> None:
         writes = b.vms.writes - writes0
         events = len(kubectl(b.kc, "-n", NS, "get", "events", "-o", "name").stdout.split())
         cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        server1 = sum(cpu_seconds(pid) for pid in server)
         time.sleep(args.idle)
         cpu2 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        server2 = sum(cpu_seconds(pid) for pid in server)
         used = {name: cpu1[name] - cpu0[name] for name in pids}
         idle = {name: cpu2[name] - cpu1[name] for name in pids}
         agents = [name for name in pids if name.startswith("agent-")]
@@ -94,12 +98,16 @@ def main() -> None:
             ("  controller / GitSource controller / agents (sum)",
              f"{used['controller']:.1f} / {used['gitops']:.1f} / "
              f"{sum(used[a] for a in agents):.1f} s"),
+            ("API server + etcd CPU while starting (comparator)",
+             f"{server1 - server0:.1f} s = {1e3 * (server1 - server0) / n:.1f} ms per VM"),
             (f"idle CPU over {args.idle:g} s, all processes",
              f"{sum(idle.values()) / args.idle * 1e3:.0f} ms/s = "
              f"{sum(idle.values()) / args.idle / n * 1e6:.0f} us/s per VM"),
             ("  controller / GitSource controller / agents (sum)",
              f"{idle['controller'] / args.idle * 1e3:.0f} / {idle['gitops'] / args.idle * 1e3:.0f}"
              f" / {sum(idle[a] for a in agents) / args.idle * 1e3:.0f} ms/s"),
+            ("  API server + etcd (comparator)",
+             f"{(server2 - server1) / args.idle * 1e3:.0f} ms/s"),
             ("RSS controller / GitSource controller / agent (max)",
              f"{rss_mib(pids['controller']):.0f} / {rss_mib(pids['gitops']):.0f} / "
              f"{max(rss_mib(pids[a]) for a in agents):.0f} MiB"),

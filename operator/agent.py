@@ -9,7 +9,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
@@ -40,6 +40,7 @@ from .settings import AgentConfig, configure_kopf
 log = logging.getLogger("hyperfleet.agent")
 AGENT_VERSION = "0.1.0"
 PROBE_INTERVAL = 300.0  # seconds between capability discoveries
+ORPHAN_SWEEP_SECONDS = 60.0  # the backstop sweep for VMMs of VMs not bound here
 
 
 class Agent:
@@ -61,6 +62,10 @@ class Agent:
         self.vms: dict[str, kopf.Body] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.background: set[asyncio.Future[None]] = set()
+        # Per VM: the copy its loop last decided on (or wrote); a watch event equal to it
+        # but for bookkeeping does not wake the loop for another pass.
+        self.decided: dict[str, Mapping[str, Any]] = {}
+        self.poked: set[str] = set()  # VMs woken by news from outside their object
         self.node_status: dict[str, Any] = {}
         self._status_at = 0.0
         self._probed_at = time.monotonic()
@@ -87,6 +92,14 @@ class Agent:
         task = asyncio.get_running_loop().run_in_executor(self.job_threads, fn, *args)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+
+    def poke(self, key: str) -> None:
+        """Wake a VM's loop for news from outside its object (the VMM, a lifted fence):
+        unlike a watch event, never dismissed as nothing new."""
+        ev = self.wakeups.get(key)
+        if ev is not None:
+            self.poked.add(key)
+            ev.set()
 
     def wakeup(self, key: str) -> asyncio.Event:
         return self.wakeups.setdefault(key, asyncio.Event())
@@ -182,9 +195,7 @@ class Agent:
             if not self.wakeups:
                 continue
             for key in await asyncio.to_thread(self.driver.changed_among, list(self.wakeups)):
-                ev = self.wakeups.get(key)
-                if ev is not None:
-                    ev.set()
+                self.poke(key)
 
     def in_gap(self) -> bool:
         """Out of touch with the API server for longer than a few heartbeats."""
@@ -217,8 +228,8 @@ class Agent:
                     self.fenced = False
                     log.warning("API server reachable again; lifting the fence",
                                 extra={"node": self.cfg.node_name})
-                    for ev in list(self.wakeups.values()):
-                        ev.set()
+                    for key in list(self.wakeups):
+                        self.poke(key)
             except Exception:
                 log.exception("heartbeat failed", extra={"node": self.cfg.node_name})
                 lapse = time.monotonic() - self.last_contact
@@ -321,7 +332,7 @@ class Agent:
             await asyncio.sleep(1.0)
             try:
                 jobs = await asyncio.to_thread(self.kube.list, JOBS, None,
-                                               "spec.operation=vm.migrate")
+                                               "spec.operation=vm.migrate", True)
             except Exception:
                 log.exception("listing migrations failed")
                 continue
@@ -335,9 +346,10 @@ class Agent:
                 await asyncio.to_thread(self.fence_orphans)
             except Exception:
                 log.exception("orphan check failed")
-            # A backstop (gaps and fences check at once): each sweep lists every VM bound
-            # here, so it is the one periodic cost that grows with the node's VMs.
-            await asyncio.sleep(max(15.0, self.cfg.heartbeat_seconds))
+            # A backstop (gaps and fences check at once, and each VM's loop re-reads its
+            # binding after one): each sweep is a quorum list of every VM bound here, the
+            # one periodic cost that grows with the node's VMs.
+            await asyncio.sleep(max(ORPHAN_SWEEP_SECONDS, self.cfg.heartbeat_seconds))
 
 
 def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> Agent:
@@ -378,10 +390,16 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
                 await task
 
     @kopf.on.event(GROUP, VERSION, "virtualmachines", registry=registry)
-    async def vm_event(*, name: str, namespace: str | None, **_: Any) -> None:
-        ev = agent.wakeups.get(f"{namespace}/{name}")
-        if ev is not None:
-            ev.set()
+    async def vm_event(*, name: str, namespace: str | None, body: kopf.Body,
+                       **_: Any) -> None:
+        key = f"{namespace}/{name}"
+        ev = agent.wakeups.get(key)
+        if ev is None:
+            return
+        decided = agent.decided.get(key)
+        if decided is not None and _same_inputs(decided, body):
+            return  # kopf's finalizer or our own status write: nothing new to act on
+        ev.set()
 
     @kopf.on.event(GROUP, VERSION, "vmjobs", registry=registry)
     async def job_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
@@ -440,7 +458,9 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
                 if (body.get("status") or {}).get("evictFrom") == cfg.node_name:
                     await asyncio.to_thread(agent.evict, namespace, name, dict(body))
                     return
+                agent.poked.discard(key)
                 seen = copy.deepcopy(dict(body))  # the version this pass decides on
+                agent.decided[key] = seen
                 vm = VirtualMachine.from_body(seen)
                 with metrics.RECONCILE_SECONDS.labels("vm").time():
                     outcome = await asyncio.to_thread(agent.driver.converge, vm)
@@ -457,6 +477,7 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
                         await _wait_either(wake, stopped, 1.0)
                         continue
                     written = version_of(out)
+                    agent.decided[key] = out  # its watch event brings nothing new
                 for type_, reason, message in outcome.events:
                     await asyncio.to_thread(kube.event, dict(body), reason, message, type_,
                                             "hyperfleet-agent")
@@ -466,9 +487,19 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
                     delay = outcome.retry_after
                 else:
                     delay = agent.cfg.resync_seconds if outcome.converged else 0.2
-                await _wait_either(wake, stopped, delay)
+                until = time.monotonic() + delay
+                while not stopped and (left := until - time.monotonic()) > 0:
+                    await _wait_either(wake, stopped, left)
+                    if not wake.is_set() or key in agent.poked \
+                            or not _same_inputs(agent.decided[key], body):
+                        break
+                    # Woken by the watch event of our own write (it can arrive before the
+                    # write returns): nothing new, so no pass until the time is up.
+                    wake.clear()
         finally:
             agent.wakeups.pop(key, None)
+            agent.decided.pop(key, None)
+            agent.poked.discard(key)
             agent.vms.pop(key, None)
 
     @kopf.on.delete(GROUP, VERSION, "virtualmachines", registry=registry, when=bound_here)
@@ -483,6 +514,20 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
 
     return agent
 
+
+
+#: What a VM loop's decisions depend on: everything but the bookkeeping of writes
+#: (resourceVersion, managedFields) and the finalizers (kopf's own).
+_IGNORED_METADATA = frozenset({"resourceVersion", "managedFields", "finalizers"})
+
+
+def _same_inputs(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two copies of a VM differ only in what no converge pass reads."""
+    if a.get("spec") != b.get("spec") or a.get("status") != b.get("status"):
+        return False
+    ma, mb = a.get("metadata") or {}, b.get("metadata") or {}
+    return all(ma.get(k) == mb.get(k) for k in ma.keys() | mb.keys()
+               if k not in _IGNORED_METADATA)
 
 
 def _without_nulls(value: Any) -> Any:

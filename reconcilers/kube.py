@@ -98,14 +98,21 @@ class Kube:
         return dict(obj)
 
     def list(self, res: Resource, namespace: str | None = None,
-             field_selector: str | None = None) -> Items:
-        return self.snapshot(res, namespace, field_selector)[0]
+             field_selector: str | None = None, cached: bool = False) -> Items:
+        return self.snapshot(res, namespace, field_selector, cached)[0]
 
     @api_retry
     def snapshot(self, res: Resource, namespace: str | None = None,
-                 field_selector: str | None = None) -> tuple[Items, str]:
-        """The items and the list's resourceVersion (the point in time they describe)."""
-        kw = {"field_selector": field_selector} if field_selector else {}
+                 field_selector: str | None = None,
+                 cached: bool = False) -> tuple[Items, str]:
+        """The items and the list's resourceVersion (the point in time they describe).
+
+        ``cached``: from the API server's watch cache (resourceVersion "0"), possibly a
+        moment old but no read of etcd: for polls, never for decisions that need the latest
+        (fencing)."""
+        kw: dict[str, str] = {"field_selector": field_selector} if field_selector else {}
+        if cached:
+            kw["resource_version"] = "0"
         if res.namespaced and namespace:
             out = self.api.list_namespaced_custom_object(GROUP, VERSION, namespace, res.plural,
                                                          **kw)

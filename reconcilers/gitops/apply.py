@@ -102,7 +102,10 @@ class Applier:
 
     @api_retry
     def _list_labelled(self, plural: str, selector: str) -> list[dict[str, Any]]:
-        out = self.api.list_cluster_custom_object(GROUP, VERSION, plural, label_selector=selector)
+        # resourceVersion "0": from the API server's watch cache, not a quorum read of
+        # etcd. A periodic health verdict may lag by a moment; etcd then serves nothing.
+        out = self.api.list_cluster_custom_object(GROUP, VERSION, plural, label_selector=selector,
+                                                  resource_version="0")
         return list(out.get("items", []))
 
     def list_owned(self, kind: str, owner: str) -> list[dict[str, Any]]:

@@ -171,7 +171,7 @@ def _cli_flags(command: str) -> set[str]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A private API server (its own audit log), the chart's CRDs, and per-role identities."""
-    api = ApiServer(tmp_path_factory.mktemp("rbac-apiserver"))
+    api = ApiServer(tmp_path_factory.mktemp("rbac-apiserver"), audit=True)
     # Short: unix socket paths are limited to 107 bytes.
     work = Path("/tmp") / f"hf-rbac-{uuid.uuid4().hex[:6]}"
     work.mkdir()
