@@ -112,13 +112,14 @@ def _run(workdir: Path, n_nodes: int, keep: bool, api: ApiServer,
     print(f"==> GitSource 'fleet' follows {repo} (examples/vms.yaml, pushed with git)",
           flush=True)
     kubectl(kc, "apply", "-f", "-", input_=GIT_SOURCE.format(url=f"file://{repo}"))
-    ok = _wait_running(kc, timeout=120)
+    ok = _wait_running(kc, timeout=120) and _wait_source_healthy(kc, timeout=60)
     time.sleep(2.5)  # the controller publishes node allocations every 2 s
     print(kubectl(kc, "get", "gitsources").stdout, flush=True)
     print(kubectl(kc, "get", "workernodes").stdout, flush=True)
     print(kubectl(kc, "get", "hvm", "-o", "wide").stdout, flush=True)
     if not ok:
-        print(f"!! VMs did not reach Running; logs in {logs}", flush=True)
+        print(f"!! VMs did not reach Running (or GitSource 'fleet' not Ready); logs in {logs}",
+              flush=True)
         return 1
     print("==> all VMs Running", flush=True)
     if keep:
@@ -220,6 +221,18 @@ def _wait_nodes_ready(kc: Path, n: int, timeout: float) -> None:
         if sum((i.get("status") or {}).get("phase") == "Ready" for i in items) >= n:
             return
         time.sleep(0.5)
+
+
+def _wait_source_healthy(kc: Path, timeout: float) -> bool:
+    """The GitSource's health check has seen the VMs it applied Running (Ready=True)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = kubectl(kc, "get", "gitsource", "fleet", "-o",
+                    "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False)
+        if r.returncode == 0 and r.stdout.strip() == "True":
+            return True
+        time.sleep(1)
+    return False
 
 
 def _wait_running(kc: Path, timeout: float) -> bool:

@@ -191,3 +191,24 @@ def test_every_chart_value_is_documented() -> None:
             paths.append(key)
     missing = [p for p in paths if f"`{p}`" not in text and f"`{p}." not in text and f"`{p}`," not in text]
     assert not missing, f"document these chart values in docs/install.md: {missing}"
+
+
+def test_the_readme_transcript_is_the_recorded_demo() -> None:
+    """The README shows docs/demo.cast (an asciicast v2 recording of a real run), line for
+    line: re-record it (and paste it) when the demo's output changes."""
+    cast = (REPO / "docs" / "demo.cast").read_text().splitlines()
+    header = json.loads(cast[0])
+    assert header["version"] == 2 and header["width"] > 0
+    frames = [json.loads(line) for line in cast[1:]]
+    times = [f[0] for f in frames]
+    assert times == sorted(times) and all(f[1] == "o" for f in frames)
+    recorded = "".join(f[2] for f in frames).replace("\r\n", "\n").splitlines()
+    readme = (REPO / "README.md").read_text()
+    shown = readme.split("$ make demo\n", 1)[1].split("```", 1)[0].splitlines()
+    assert shown and recorded[-1] == "==> all VMs Running"
+    for line in shown:
+        if "(...)" in line:  # shortened in the README: the rest must still match
+            head, tail = line.split("(...)")
+            assert any(r.startswith(head) and r.endswith(tail) for r in recorded), line
+        else:
+            assert line in recorded, line
