@@ -148,6 +148,14 @@ def controller(
                             ] = "0.0.0.0",
     webhook_secret_file: Annotated[Path | None, typer.Option(
         help="File with the webhook secret (or set HYPERFLEET_WEBHOOK_SECRET)")] = None,
+    webhook_header_timeout: Annotated[float, typer.Option(
+        help="Seconds a webhook connection may take to send its request headers "
+             "(slow senders are cut off)")] = 10.0,
+    webhook_body_timeout: Annotated[float, typer.Option(
+        help="Seconds a webhook request may take to send its body (then 408)")] = 30.0,
+    webhook_replay_window: Annotated[float, typer.Option(
+        help="Seconds an accepted webhook delivery id is remembered; the same id again "
+             "is refused with 409 (0: off)")] = 3600.0,
     apply_workers: Annotated[int, typer.Option(
         help="Concurrent API calls per GitSource apply")] = 16,
     cross_namespace: Annotated[bool, typer.Option(
@@ -187,6 +195,9 @@ def controller(
                   else os.environ.get(gitsource.WEBHOOK_SECRET_ENV))
         git_cfg = gitsource.GitOpsConfig(cache_dir=git_cache_dir, webhook_port=webhook_port,
                                          webhook_host=webhook_host, webhook_secret=secret,
+                                         webhook_header_timeout=webhook_header_timeout,
+                                         webhook_body_timeout=webhook_body_timeout,
+                                         webhook_replay_window=webhook_replay_window,
                                          apply_workers=apply_workers,
                                          cross_namespace=cross_namespace)
         try:

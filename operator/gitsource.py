@@ -14,6 +14,12 @@ label: no VM watch, so a 1,000-VM fleet's status churn costs nothing between two
 With several controller replicas only the active one (kopf peering) may reconcile: the
 workers are plain asyncio tasks kopf does not pause, so they ask ``active`` before every
 reconcile, and a standby's webhook receiver answers 503.
+
+The receiver faces the internet, so every connection has deadlines: its request head (line
+and headers) must arrive within ``webhook_header_timeout`` of connecting or of its previous
+response (slowloris), its body within ``webhook_body_timeout`` (408), at most
+MAX_WEBHOOK_BODY bytes (413); a delivery id accepted within ``webhook_replay_window`` is
+refused with 409, checked after the signature so that unsigned requests never touch it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +51,12 @@ from hyperfleet.reconcilers.gitops.types import (
     RECONCILE_NOW_ANNOTATION,
 )
 from hyperfleet.reconcilers.gitops.webhook import (
+    MAX_DELIVERY_ID,
+    DeliveryLog,
+    Provider,
     Push,
     WebhookAuthError,
+    delivery_id,
     event_kind,
     matches,
     parse_push,
@@ -82,6 +92,13 @@ class GitOpsConfig:
     nix: str | None = None  # path of `nix`; None: look it up on PATH
     # False: a GitSource applies only into its own namespace (multi-tenant clusters).
     cross_namespace: bool = True
+    # Seconds a connection may take to send a request head (from connecting, or from its
+    # previous response when kept alive) and a request body.
+    webhook_header_timeout: float = 10.0
+    webhook_body_timeout: float = 30.0
+    # Seconds an accepted delivery id is remembered (0: no replay check), and how many ids.
+    webhook_replay_window: float = 3600.0
+    webhook_replay_capacity: int = 10_000
 
     def check(self) -> None:
         """Refuse a receiver that anyone could trigger."""
@@ -89,6 +106,85 @@ class GitOpsConfig:
             raise ValueError(f"the webhook receiver (port {self.webhook_port}) needs a secret: set "
                              f"{WEBHOOK_SECRET_ENV} or --webhook-secret-file, or use port 0 to "
                              "disable it")
+        if self.webhook_header_timeout <= 0 or self.webhook_body_timeout <= 0:
+            raise ValueError("the webhook header and body timeouts must be positive seconds")
+        if self.webhook_replay_window < 0 or self.webhook_replay_capacity < 1:
+            raise ValueError("the webhook replay window must be 0 (off) or positive seconds, "
+                             "and its capacity at least 1")
+
+
+class _HeadDeadline(asyncio.Protocol):
+    """aiohttp's per-connection protocol behind a deadline: a connection with no request in
+    the application must deliver a complete request head within ``timeout`` seconds, or it
+    is closed. aiohttp has no header timeout of its own (its keep-alive timer is not one in
+    every supported version), and a client trickling headers would hold a socket forever."""
+
+    def __init__(self, inner: asyncio.Protocol, timeout: float,
+                 guards: dict[asyncio.BaseTransport, _HeadDeadline]) -> None:
+        self.inner = inner
+        self.timeout = timeout
+        self.guards = guards
+        self.transport: asyncio.Transport | None = None
+        self.in_app = 0  # requests between head parsed and handler returned
+        self.handle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.guards[transport] = self
+        self.inner.connection_made(transport)
+        self.idle()
+
+    def _cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def idle(self) -> None:
+        """No request in the application: the next head is due within the timeout."""
+        self._cancel()
+        if self.transport is not None and self.in_app == 0:
+            self.handle = asyncio.get_running_loop().call_later(self.timeout, self._expire)
+
+    def entered(self) -> None:
+        self.in_app += 1
+        self._cancel()
+
+    def left(self) -> None:
+        self.in_app -= 1
+        self.idle()
+
+    def _expire(self) -> None:
+        self.handle = None
+        transport = self.transport
+        if transport is None or self.in_app:
+            return
+        if transport.get_write_buffer_size():  # a response is still on its way out
+            self.idle()
+            return
+        peer = transport.get_extra_info("peername")
+        log.info("webhook connection closed: no complete request head in time",
+                 extra={"remote": peer[0] if isinstance(peer, tuple) else str(peer),
+                        "timeout": self.timeout})
+        transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        if self.transport is not None:
+            self.guards.pop(self.transport, None)
+        self.transport = None
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
 
 
 def _key(body: Any) -> str:
@@ -144,7 +240,10 @@ class GitOps:
         self.executor = ThreadPoolExecutor(max_workers=max(1, cfg.max_concurrent),
                                            thread_name_prefix="gitops")
         self.runner: web.AppRunner | None = None
+        self.server: asyncio.Server | None = None
         self.port: int | None = None
+        self.deliveries = DeliveryLog(cfg.webhook_replay_window, cfg.webhook_replay_capacity)
+        self.guards: dict[asyncio.BaseTransport, _HeadDeadline] = {}
 
     # ------------------------------------------------------------------ watch side
 
@@ -277,13 +376,52 @@ class GitOps:
             return web.json_response(
                 {"error": "standby replica: another controller replica is active; retry"},
                 status=503, headers={"Retry-After": "1"})
-        body = await request.read()
+        try:
+            body = await asyncio.wait_for(request.read(), self.cfg.webhook_body_timeout)
+        except TimeoutError:
+            log.warning("webhook rejected: body too slow",
+                        extra={"remote": request.remote, "timeout": self.cfg.webhook_body_timeout})
+            resp = web.json_response(
+                {"error": f"the request body did not arrive within "
+                          f"{self.cfg.webhook_body_timeout:g} seconds"}, status=408)
+            resp.force_close()
+            return resp
+        except web.HTTPRequestEntityTooLarge:
+            resp = web.json_response(
+                {"error": f"the request body is larger than {MAX_WEBHOOK_BODY} bytes"}, status=413)
+            resp.force_close()
+            return resp
         secret = (self.cfg.webhook_secret or "").encode()
         try:
             provider = verify(request.headers, body, secret)
         except WebhookAuthError as exc:
             log.warning("webhook rejected", extra={"remote": request.remote, "reason": str(exc)})
             return web.json_response({"error": str(exc)}, status=401)
+        # Only now, authenticated: an unsigned request must not be able to burn an id.
+        delivery = delivery_id(request.headers)
+        if delivery is None:
+            log.debug("webhook delivery without an id: no replay check",
+                      extra={"provider": provider.value})
+        elif len(delivery) > MAX_DELIVERY_ID:
+            return web.json_response({"error": f"the delivery id is longer than "
+                                               f"{MAX_DELIVERY_ID} characters"}, status=400)
+        else:
+            age = self.deliveries.seen(delivery)
+            if age is not None:
+                log.warning("webhook replay refused",
+                            extra={"provider": provider.value, "delivery": delivery,
+                                   "first_seen_seconds_ago": round(age, 1)})
+                return web.json_response(
+                    {"error": f"delivery {delivery} was already accepted {age:.0f} seconds ago; "
+                              "a replayed delivery is refused (to reconcile again, change the "
+                              "hyperfleet.dev/reconcile-now annotation)"}, status=409)
+        resp = self._accept(provider, request, body)
+        if delivery is not None and resp.status < 300:
+            self.deliveries.remember(delivery)
+        return resp
+
+    def _accept(self, provider: Provider, request: web.Request, body: bytes) -> web.Response:
+        """The answer to an authenticated, new delivery (triggers matching GitSources)."""
         kind = event_kind(provider, request.headers)
         if kind == "ping":
             return web.json_response({"ok": True, "provider": provider.value})
@@ -300,6 +438,20 @@ class GitOps:
                                          "after": push.after, "triggered": keys})
         return web.json_response({"triggered": keys}, status=202)
 
+    @web.middleware
+    async def _in_app(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
+        """Holds the connection's head deadline while a request is being handled."""
+        guard = self.guards.get(request.transport) if request.transport is not None else None
+        if guard is None:
+            return await handler(request)
+        guard.entered()
+        try:
+            return await handler(request)
+        finally:
+            guard.left()
+
     async def handle_readyz(self, _: web.Request) -> web.Response:
         """Readiness: 200 only on the active replica. A standby answers pushes with 503, so it
         must not be a Service endpoint either (/healthz, liveness, is OK on every replica)."""
@@ -310,14 +462,19 @@ class GitOps:
     async def start(self) -> None:
         if not self.cfg.webhook_port:
             return
-        app = web.Application(client_max_size=MAX_WEBHOOK_BODY)
+        app = web.Application(client_max_size=MAX_WEBHOOK_BODY, middlewares=[self._in_app])
         app.router.add_get("/healthz", _healthz)
         app.router.add_get("/readyz", self.handle_readyz)
         app.router.add_post("/{tail:.*}", self.handle_webhook)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.cfg.webhook_host, self.cfg.webhook_port)
-        await site.start()
+        http = self.runner.server
+        assert http is not None
+        timeout = self.cfg.webhook_header_timeout
+        # Not a web.TCPSite: each connection's protocol gets the head deadline around it.
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: _HeadDeadline(http(), timeout, self.guards),
+            self.cfg.webhook_host, self.cfg.webhook_port, reuse_address=True)
         self.port = self.cfg.webhook_port
         log.info("webhook receiver listening",
                  extra={"host": self.cfg.webhook_host, "port": self.cfg.webhook_port})
@@ -329,6 +486,9 @@ class GitOps:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.tasks.clear()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -384,6 +544,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--webhook-host", default="0.0.0.0", help="address to bind the receiver to")
     p.add_argument("--webhook-secret-file", type=Path,
                    help=f"file holding the webhook secret (or set {WEBHOOK_SECRET_ENV})")
+    p.add_argument("--webhook-header-timeout", type=float, default=GitOpsConfig.webhook_header_timeout,
+                   help="seconds a connection may take to send its request headers")
+    p.add_argument("--webhook-body-timeout", type=float, default=GitOpsConfig.webhook_body_timeout,
+                   help="seconds a request may take to send its body (then 408)")
+    p.add_argument("--webhook-replay-window", type=float, default=GitOpsConfig.webhook_replay_window,
+                   help="seconds an accepted delivery id is remembered (409 when seen again; 0: off)")
     p.add_argument("--apply-workers", type=int, default=GitOpsConfig.apply_workers)
     p.add_argument("--no-cross-namespace", action="store_true",
                    help="apply only into each GitSource's own namespace (multi-tenant clusters)")
@@ -404,6 +570,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         secret = args.webhook_secret_file.read_text().strip()
     cfg = GitOpsConfig(cache_dir=args.cache_dir, webhook_port=args.webhook_port,
                        webhook_host=args.webhook_host, webhook_secret=secret,
+                       webhook_header_timeout=args.webhook_header_timeout,
+                       webhook_body_timeout=args.webhook_body_timeout,
+                       webhook_replay_window=args.webhook_replay_window,
                        apply_workers=args.apply_workers, cross_namespace=not args.no_cross_namespace)
     try:
         cfg.check()

@@ -3,6 +3,12 @@
 Pure functions; the HTTP receiver lives in ``hyperfleet.operator.gitsource``. Signatures are
 HMAC-SHA256 of the raw body (GitHub, Gitea) or a shared token (GitLab), always compared in
 constant time, and a request without any of them is refused.
+
+Replays: forges name each delivery (``X-GitHub-Delivery``, ``X-Gitea-Delivery``,
+``X-Gitlab-Event-UUID``, or ``X-Hyperfleet-Delivery`` for other senders); ``DeliveryLog``
+remembers the ids of accepted deliveries for a window so that the same delivery sent again
+is refused. The id is not covered by the signature, so this stops verbatim duplicates and
+replays, not a sender that knows the secret.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ import hmac
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -68,6 +76,65 @@ def verify(headers: Mapping[str, str], body: bytes, secret: bytes) -> Provider:
         "no signature: configure the webhook secret (GitHub: X-Hub-Signature-256, Gitea: "
         "X-Gitea-Signature, GitLab: X-Gitlab-Token)"
     )
+
+
+# Checked in this order; Gitea sends its id under its own and GitHub's name (same value).
+DELIVERY_HEADERS = ("x-github-delivery", "x-gitea-delivery", "x-gitlab-event-uuid",
+                    "x-hyperfleet-delivery")
+MAX_DELIVERY_ID = 200  # characters; longer ids are refused rather than stored
+
+
+def delivery_id(headers: Mapping[str, str]) -> str | None:
+    """The forge's id of this delivery, or None when the sender names none."""
+    h = _headers(headers)
+    for name in DELIVERY_HEADERS:
+        value = (h.get(name) or "").strip()
+        if value:
+            return value
+    return None
+
+
+class DeliveryLog:
+    """Ids of accepted deliveries for ``window`` seconds, at most ``capacity`` of them
+    (oldest forgotten first), so that memory stays bounded whatever the senders do.
+
+    Only accepted deliveries are remembered: one that failed (bad payload, standby replica)
+    may be redelivered by the forge under the same id."""
+
+    def __init__(self, window: float = 3600.0, capacity: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self.capacity = max(1, capacity)
+        self.clock = clock
+        self._seen: OrderedDict[str, float] = OrderedDict()  # id -> when accepted, oldest first
+
+    def _expire(self, now: float) -> None:
+        while self._seen:
+            oldest, at = next(iter(self._seen.items()))
+            if now - at < self.window:
+                return
+            del self._seen[oldest]
+
+    def seen(self, delivery: str) -> float | None:
+        """Seconds since ``delivery`` was accepted, or None when it is new (or expired)."""
+        if self.window <= 0:
+            return None
+        now = self.clock()
+        self._expire(now)
+        at = self._seen.get(delivery)
+        return None if at is None else now - at
+
+    def remember(self, delivery: str) -> None:
+        if self.window <= 0:
+            return
+        now = self.clock()
+        self._seen[delivery] = now
+        self._seen.move_to_end(delivery)
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 @dataclass(frozen=True)

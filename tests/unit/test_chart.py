@@ -571,6 +571,20 @@ def test_webhook_receiver_service_and_secret() -> None:
     assert not [o for o in cu.objects({}) if o["metadata"]["name"].endswith("-webhook")]
 
 
+def test_webhook_receiver_limits() -> None:
+    """The receiver's head/body deadlines and replay window reach the controller's flags."""
+    (c,) = cu.one(cu.objects(SCENARIOS["ha-gitops"]), "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert {"--webhook-header-timeout=10", "--webhook-body-timeout=30",
+            "--webhook-replay-window=3600"} <= set(c["args"])
+    tuned = {**SCENARIOS["ha-gitops"], "gitops": {"webhook": {
+        "enabled": True, "secret": "s", "headerTimeoutSeconds": 5, "replayWindowSeconds": 0}}}
+    (c,) = cu.one(cu.objects(tuned), "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert {"--webhook-header-timeout=5", "--webhook-replay-window=0"} <= set(c["args"])
+    for bad in ({"headerTimeoutSeconds": 0}, {"replayWindowSeconds": -1}, {"bodyTimeoutSeconds": "1m"}):
+        report = helm.lint(str(cu.CHART), {"gitops": {"webhook": bad}}, strict=True)
+        assert report["errors"], f"values.schema.json accepted {bad}"
+
+
 def test_agents_fence_well_before_the_controller_evicts() -> None:
     def args(values: dict[str, Any], kind: str) -> list[str]:
         w = next(o for o in cu.objects(values) if o["kind"] == kind)

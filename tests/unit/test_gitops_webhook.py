@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import aiohttp
 import kopf
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -17,9 +20,11 @@ from hyperfleet.operator import gitsource
 from hyperfleet.operator.gitsource import GitOps, GitOpsConfig, register, why_run
 from hyperfleet.reconcilers.gitops.reconcile import GitSourceReconciler, Result
 from hyperfleet.reconcilers.gitops.webhook import (
+    DeliveryLog,
     Provider,
     Push,
     WebhookAuthError,
+    delivery_id,
     event_kind,
     hmac_hex,
     matches,
@@ -262,3 +267,214 @@ def test_an_unanswerable_active_check_means_standby(tmp_path: Path) -> None:
     ops = register(kopf.OperatorRegistry(), GitOpsConfig(cache_dir=str(tmp_path)), Kube(), active=broken)
     assert not ops.is_active()
     assert GitOps(GitOpsConfig(cache_dir=str(tmp_path)), Kube()).is_active()  # default: always
+
+
+# ---------------------------------------------------------------- receiver hardening
+# The real receiver (GitOps.start) on 127.0.0.1, spoken to over real sockets.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _receiver(tmp_path: Path, **cfg: Any) -> tuple[GitOps, list[tuple[str, str]]]:
+    ops = GitOps(GitOpsConfig(cache_dir=str(tmp_path), webhook_port=_free_port(),
+                              webhook_host="127.0.0.1", webhook_secret=SECRET.decode(), **cfg), Kube())
+    triggered: list[tuple[str, str]] = []
+    ops.trigger = lambda key, reason: triggered.append((key, reason))  # type: ignore[method-assign]
+    ops.sources = {"ns/main": _source("main", "git@github.com:acme/fleet.git", {"branch": "main"})}
+    return ops, triggered
+
+
+async def _post(ops: GitOps, headers: dict[str, str], body: bytes = BODY) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"http://127.0.0.1:{ops.port}/hook", data=body, headers=headers) as r:
+        return r.status, await r.json()
+
+
+async def _read_until_closed(reader: asyncio.StreamReader, limit: float) -> bytes:
+    """Everything the server sends until it closes the connection (fails after ``limit``)."""
+    got = b""
+    async with asyncio.timeout(limit):
+        while chunk := await reader.read(4096):
+            got += chunk
+    return got
+
+
+def test_slowloris_headers_are_cut_off_while_a_valid_delivery_goes_through(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ops, triggered = _receiver(tmp_path, webhook_header_timeout=1.0)
+        await ops.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", ops.port)
+            started = time.monotonic()
+            writer.write(b"POST /hook HTTP/1.1\r\nHost: hooks\r\n")
+
+            async def trickle() -> None:  # one more header byte every 100 ms, never the end
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(100):
+                        writer.write(b"X")
+                        await writer.drain()
+                        await asyncio.sleep(0.1)
+
+            dripping = asyncio.create_task(trickle())
+            await asyncio.sleep(0.3)
+            # Meanwhile a real delivery is served at once.
+            status, answer = await _post(ops, sign_github(SECRET, BODY))
+            assert status == 202 and answer == {"triggered": ["ns/main"]}
+            assert time.monotonic() - started < 1.0
+            # The trickling connection is closed by the server after about the timeout.
+            assert await _read_until_closed(reader, 5.0) == b""
+            assert 0.9 <= time.monotonic() - started < 3.0
+            dripping.cancel()
+            writer.close()
+            assert triggered == [("ns/main", "webhook:github")]
+        finally:
+            await ops.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_kept_alive_connection_gets_a_fresh_head_deadline_per_request(tmp_path: Path) -> None:
+    """The deadline restarts after each response, and a silent idle connection is closed."""
+    async def scenario() -> None:
+        ops, _ = _receiver(tmp_path, webhook_header_timeout=0.6)
+        await ops.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", ops.port)
+            head = (f"POST /hook HTTP/1.1\r\nHost: hooks\r\nContent-Length: {len(BODY)}\r\n"
+                    + "".join(f"{k}: {v}\r\n" for k, v in sign_github(SECRET, BODY).items()) + "\r\n")
+            for _ in range(2):
+                await asyncio.sleep(0.4)  # within the deadline each time: 0.8 s in all
+                writer.write(head.encode() + BODY)
+                status_line = await asyncio.wait_for(reader.readline(), 2.0)
+                assert status_line.startswith(b"HTTP/1.1 202"), status_line
+                while (await asyncio.wait_for(reader.readline(), 2.0)) not in (b"\r\n", b""):
+                    pass
+                await asyncio.wait_for(reader.readexactly(len(b'{"triggered": ["ns/main"]}')), 2.0)
+            started = time.monotonic()
+            assert await _read_until_closed(reader, 3.0) == b""
+            assert 0.5 <= time.monotonic() - started < 2.0
+            writer.close()
+        finally:
+            await ops.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_slow_body_gets_408_and_a_large_one_413(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gitsource, "MAX_WEBHOOK_BODY", 4096)
+
+    async def scenario() -> None:
+        ops, triggered = _receiver(tmp_path, webhook_body_timeout=0.5, webhook_header_timeout=1.0)
+        await ops.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", ops.port)
+            started = time.monotonic()
+            writer.write(b"POST /hook HTTP/1.1\r\nHost: hooks\r\nContent-Length: 1000\r\n\r\n{")
+            raw = await _read_until_closed(reader, 5.0)
+            assert raw.startswith(b"HTTP/1.1 408"), raw
+            assert b"did not arrive within 0.5 seconds" in raw
+            assert 0.4 <= time.monotonic() - started < 3.0
+            writer.close()
+            big = b"{" + b" " * 8192 + b"}"
+            status, answer = await _post(ops, sign_github(SECRET, big), big)
+            assert status == 413 and answer == {"error": "the request body is larger than 4096 bytes"}
+            assert triggered == []
+        finally:
+            await ops.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_replayed_delivery_is_refused_and_only_signed_ones_count(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ops, triggered = _receiver(tmp_path)
+        await ops.start()
+        try:
+            uuid = "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+            signed = {**sign_github(SECRET, BODY), "X-GitHub-Delivery": uuid}
+            # A bad signature with a fresh id: refused, and the id stays unused.
+            forged = {**sign_github(b"guess", BODY), "X-GitHub-Delivery": signed["X-GitHub-Delivery"]}
+            status, answer = await _post(ops, forged)
+            assert status == 401 and "does not match" in answer["error"]
+            unsigned = {"X-GitHub-Event": "push", "X-GitHub-Delivery": signed["X-GitHub-Delivery"]}
+            assert (await _post(ops, unsigned))[0] == 401
+            assert len(ops.deliveries) == 0 and triggered == []
+            # The genuine delivery with that id is accepted once...
+            assert await _post(ops, signed) == (202, {"triggered": ["ns/main"]})
+            # ...and refused when sent again, with a sentence saying why.
+            status, answer = await _post(ops, signed)
+            assert status == 409
+            assert answer["error"].startswith(
+                f"delivery {signed['X-GitHub-Delivery']} was already accepted")
+            assert "replayed delivery is refused" in answer["error"]
+            # A forged replay is still a signature failure, not a replay.
+            assert (await _post(ops, forged))[0] == 401
+            assert triggered == [("ns/main", "webhook:github")]
+            # Another id goes through; so does a sender that names none (no replay check).
+            assert (await _post(ops, {**signed, "X-GitHub-Delivery": "another"}))[0] == 202
+            assert (await _post(ops, sign_github(SECRET, BODY)))[0] == 202
+            assert (await _post(ops, sign_github(SECRET, BODY)))[0] == 202
+            # GitLab's, Gitea's and the generic header are checked the same way.
+            for header, sign in (("X-Gitlab-Event-UUID", sign_gitlab), ("X-Gitea-Delivery", sign_gitea),
+                                 ("X-Hyperfleet-Delivery", sign_github)):
+                headers = {**sign(SECRET, BODY), header: f"id-{header}"}
+                assert (await _post(ops, headers))[0] == 202
+                assert (await _post(ops, headers))[0] == 409, header
+            assert len(triggered) == 7
+        finally:
+            await ops.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_delivery_does_not_burn_its_id(tmp_path: Path) -> None:
+    """A forge redelivers a failed delivery under the same id: that must go through."""
+    async def scenario() -> None:
+        ops, triggered = _receiver(tmp_path)
+        await ops.start()
+        try:
+            bad = b"not json"
+            headers = {**sign_gitlab(SECRET, bad), "X-Gitlab-Event-UUID": "u-1"}
+            assert (await _post(ops, headers, bad))[0] == 400
+            assert (await _post(ops, {**sign_gitlab(SECRET, BODY), "X-Gitlab-Event-UUID": "u-1"}))[0] == 202
+            assert triggered == [("ns/main", "webhook:gitlab")]
+        finally:
+            await ops.stop()
+
+    asyncio.run(scenario())
+
+
+def test_delivery_ids() -> None:
+    assert delivery_id({"X-GitHub-Delivery": " a "}) == "a"
+    assert delivery_id({"x-gitea-delivery": "b"}) == "b"
+    assert delivery_id({"X-Gitlab-Event-UUID": "c"}) == "c"
+    assert delivery_id({"X-Hyperfleet-Delivery": "d"}) == "d"
+    assert delivery_id({"X-GitHub-Delivery": ""}) is None and delivery_id({}) is None
+
+
+def test_delivery_log_window_and_capacity() -> None:
+    now = [0.0]
+    log = DeliveryLog(window=60.0, capacity=3, clock=lambda: now[0])
+    assert log.seen("a") is None
+    log.remember("a")
+    now[0] = 59.0
+    assert log.seen("a") == 59.0
+    now[0] = 60.0
+    assert log.seen("a") is None and len(log) == 0  # expired, and forgotten
+    for name in "bcde":
+        log.remember(name)
+    assert len(log) == 3 and log.seen("b") is None and log.seen("e") == 0.0  # oldest dropped
+    off = DeliveryLog(window=0)
+    off.remember("x")
+    assert off.seen("x") is None and len(off) == 0
+
+
+def test_receiver_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="timeouts must be positive"):
+        GitOpsConfig(webhook_header_timeout=0).check()
+    with pytest.raises(ValueError, match="replay window"):
+        GitOpsConfig(webhook_replay_capacity=0).check()
