@@ -29,6 +29,7 @@ from .vm import (
     Desired,
     Observed,
     Step,
+    console_socket_of,
     live_migratable,
     phase_of,
     ready_condition,
@@ -353,7 +354,8 @@ class VmDriver:
             "nodeName": self.node_name,
             "message": message,
             "observedGeneration": gen,
-            "hypervisor": {"state": observed.state, "pid": pid, "bootMemory": boot_memory},
+            "hypervisor": {"state": observed.state, "pid": pid, "bootMemory": boot_memory,
+                           "consoleSocket": console_socket_of(observed.config, observed.state)},
             "apiSocket": sock,
             "bootTime": _ts(boot_time),
             "restartCount": restarts,
@@ -435,6 +437,7 @@ class VmDriver:
             snapshot_url=f"file://{paths.snapshots}",
             vsock_socket=str(paths.socket.with_suffix(".vsock")),
             root_disk=str(root_disk) if root_disk else None,
+            console_socket=str(paths.console),
         )
 
     def _root_disk(self, vm: VirtualMachine) -> RootDisk | None:

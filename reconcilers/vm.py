@@ -13,7 +13,14 @@ from enum import StrEnum
 from typing import Any
 
 from .models.common import Condition
-from .models.vm import ConsoleMode, Phase, PowerState, RunStrategy, VirtualMachineSpec
+from .models.vm import (
+    ConsoleMode,
+    Phase,
+    PowerState,
+    RunStrategy,
+    SerialMode,
+    VirtualMachineSpec,
+)
 
 BOOTED = ("Running", "Paused")
 
@@ -70,6 +77,7 @@ class Desired:
     snapshot_url: str = ""
     vsock_socket: str | None = None
     root_disk: str | None = None  # the VM's overlay over spec.image, on this node
+    console_socket: str | None = None  # where spec.serial Socket puts the serial port
 
     @property
     def state(self) -> str:
@@ -109,7 +117,8 @@ def reconcile(desired: Desired, observed: Observed) -> list[Step]:
         sim.add(Action.SPAWN)
     elif not observed.socket:
         return [Step(Action.WAIT)]
-    target = vm_config(desired.spec, desired.vsock_socket, desired.root_disk)
+    target = vm_config(desired.spec, desired.vsock_socket, desired.root_disk,
+                       desired.console_socket)
     if sim.state is not None and observed.snapshot:
         sim.add(Action.DISCARD_SNAPSHOT, why=_STALE)
     if sim.state is None:
@@ -167,8 +176,10 @@ def _wind_down(desired: Desired, observed: Observed, want: str) -> list[Step]:
     return steps
 
 
-# Fields whose change cloud-hypervisor cannot apply to a live VM.
-_COLD_FIELDS = ("payload", "vsock", "serial", "console")
+# Fields whose change cloud-hypervisor cannot apply to a live VM. The serial port counts by
+# its mode only: a console socket elsewhere (a VM that migrated in from a node with another
+# --socket-dir) still works, and is not worth a restart.
+_COLD_FIELDS = ("payload", "vsock", "console")
 
 
 def recreate_reasons(current: dict[str, Any], target: dict[str, Any],
@@ -177,6 +188,8 @@ def recreate_reasons(current: dict[str, Any], target: dict[str, Any],
 
     ``boot_memory`` is the size the VM was created with (see :class:`Observed`)."""
     why = [f"{k} changed" for k in _COLD_FIELDS if not _covers(current.get(k), target.get(k))]
+    if (current.get("serial") or {}).get("mode") != (target.get("serial") or {}).get("mode"):
+        why.append("serial changed")
     cur_cpus, tgt_cpus = current.get("cpus") or {}, target["cpus"]
     if cur_cpus.get("max_vcpus") != tgt_cpus["max_vcpus"]:
         why.append("maxCpus changed")
@@ -343,8 +356,12 @@ def live_migratable(spec: VirtualMachineSpec, observed: Observed) -> tuple[bool,
 
 
 def vm_config(spec: VirtualMachineSpec, vsock_socket: str | None = None,
-              root_disk: str | None = None) -> dict[str, Any]:
-    """The upstream ``VmConfig`` body for ``vm.create``."""
+              root_disk: str | None = None, console_socket: str | None = None
+              ) -> dict[str, Any]:
+    """The upstream ``VmConfig`` body for ``vm.create``.
+
+    ``serial: Socket`` needs ``console_socket``; without one the port goes nowhere (Null):
+    cloud-hypervisor v54 panics on a Socket mode without a path."""
     payload = {
         k: v
         for k, v in {
@@ -364,7 +381,7 @@ def vm_config(spec: VirtualMachineSpec, vsock_socket: str | None = None,
         "cpus": {"boot_vcpus": spec.cpus, "max_vcpus": spec.max_cpus or spec.cpus},
         "memory": memory,
         "payload": payload,
-        "serial": {"mode": _mode(spec.serial)},
+        "serial": _serial(spec.serial, console_socket),
         "console": {"mode": _mode(spec.console)},
     }
     disks = [{"id": d.name, "path": d.path, "readonly": d.readonly, "direct": d.direct}
@@ -397,3 +414,21 @@ def vm_config(spec: VirtualMachineSpec, vsock_socket: str | None = None,
 
 def _mode(mode: ConsoleMode) -> str:
     return mode.value
+
+
+def _serial(mode: SerialMode, console_socket: str | None) -> dict[str, str]:
+    if mode == SerialMode.SOCKET:
+        if console_socket:
+            return {"mode": mode.value, "socket": console_socket}
+        return {"mode": SerialMode.NULL.value}
+    return {"mode": mode.value}
+
+
+def console_socket_of(config: Mapping[str, Any] | None, state: str | None) -> str | None:
+    """The serial console's socket path while the VMM holds it: cloud-hypervisor binds it
+    at vm.create and removes it at vm.shutdown, so only a booted VM's is reported."""
+    serial = (config or {}).get("serial") or {}
+    if state not in BOOTED or serial.get("mode") != SerialMode.SOCKET.value:
+        return None
+    socket = serial.get("socket")
+    return str(socket) if socket else None

@@ -45,6 +45,12 @@ Real-VMM facts it reproduces (the transcripts hold each one):
   emits ``snapshotted`` and answers 500; device add/remove emit nothing.
 * vm.counters reports what a guest that did no I/O shows, u64::MAX latency sentinels
   included.
+* ``serial: {mode: Socket, socket: P}``: vm.create binds P (a file already there fails it with
+  500 ``[..., "Error creating console devices", "Error creating console device", "Address
+  already in use (os error 98)"]``, the config still stored, vm.boot retrying the bind);
+  vm.shutdown, vm.delete and the process's exit remove P, vm.boot and vm.reboot bind it anew
+  (a reboot disconnects the client). One client at a time: a new connection makes the
+  previous one read EOF. The hung guest writes nothing, so a client reads nothing.
 * When the guest powers off, the VMM exits (events vm/shutdown, vm/deleted, vmm/shutdown;
   code 0) unless ``--no-shutdown``, which keeps the VM, as ``Created``.
 
@@ -907,6 +913,7 @@ class Vmm:
         self.vm: Vm | None = None
         self.receiving = False
         self.receive_path: str | None = None
+        self.serial: SerialSocket | None = None  # upstream's console_info, serial part
         self.no_shutdown = no_shutdown
         # Unset or "1": upstream (exit on guest power-off). "0": the pre-v54 double.
         self.exit_on_guest_shutdown = os.environ.get(EXIT_ON_GUEST_SHUTDOWN_ENV, "1") != "0"
@@ -955,6 +962,30 @@ class Vmm:
     def _exit_process(self) -> None:
         """Let the main thread run the orderly exit (it waits in sigwait)."""
         os.kill(os.getpid(), signal.SIGTERM)
+
+    def _serial_up(self, config: dict[str, Any], what: str) -> None:
+        """Bind ``serial.socket`` as upstream's pre_create_console_devices does: at vm.create
+        (the config is stored even when this fails), again at vm.boot after a shutdown
+        dropped it, at reboot, restore and migration receive."""
+        serial = config.get("serial") or {}
+        if self.serial is not None or serial.get("mode") != "Socket":
+            return
+        path = serial.get("socket")
+        if not path:  # upstream unwraps the path here (a panic): refuse instead
+            raise ApiFailure(500, what, "Error creating console devices",
+                             "Error creating console device", "serial socket path missing")
+        try:
+            self.serial = SerialSocket(str(path))
+        except OSError as exc:
+            raise ApiFailure(500, what, "Error creating console devices",
+                             "Error creating console device",
+                             f"{os.strerror(exc.errno or 0)} (os error {exc.errno})") from None
+
+    def drop_serial(self) -> None:
+        """The VM object went (shutdown, reboot, delete, exit): its socket file goes too."""
+        if self.serial is not None:
+            self.serial.close()
+            self.serial = None
 
     def _validate(self, config: dict[str, Any], what: str) -> None:
         try:
@@ -1027,6 +1058,7 @@ class Vmm:
             config.setdefault("cpus", {"boot_vcpus": 1, "max_vcpus": 1})
             config.setdefault("memory", {"size": _DEFAULT_MEMORY})
             self.vm = Vm(config=config)  # device ids stay unset until vm.boot names them
+            self._serial_up(config, what)
         return Reply(204)
 
     def delete(self, _: Any) -> Reply:
@@ -1041,6 +1073,7 @@ class Vmm:
         if self.vm.instance:
             self.events.emit("vm", "shutdown")
         self.vm = None
+        self.drop_serial()
         self.events.emit("vm", "deleted")
 
     def boot(self, _: Any) -> Reply:
@@ -1052,6 +1085,7 @@ class Vmm:
             if self.vm is None:
                 raise ApiFailure(404, what, "VM config is missing")
             vm = self.vm
+            self._serial_up(vm.config, what)
             self._validate(vm.config, what)
             vm.assign_ids()
             self._load_kernel(vm, what)
@@ -1112,6 +1146,7 @@ class Vmm:
             vm = self._booted(what)
             self._transition(vm, VmState.SHUTDOWN, what)
             vm.drop_instance()
+            self.drop_serial()
             self.events.emit("vm", "shutdown")
         return Reply(204)
 
@@ -1125,6 +1160,8 @@ class Vmm:
                 raise ApiFailure(404, what, "VM is not created")
             self._transition(vm, VmState.SHUTDOWN, what)
             vm.drop_instance()
+            self.drop_serial()  # the client is cut off, the socket bound anew
+            self._serial_up(vm.config, what)
             kernel = (vm.config.get("payload") or {}).get("kernel")
             if kernel and not os.path.exists(kernel):
                 raise ApiFailure(500, what, "Cannot open kernel file",
@@ -1155,11 +1192,13 @@ class Vmm:
         _log(logging.INFO, "guest powered off")
         if not self.exit_on_guest_shutdown:  # the pre-v54 double: stay, report Shutdown
             vm.drop_instance()
+            self.drop_serial()
             vm.guest_stopped = True
             self.events.emit("vm", "shutdown")
             return False
         if self.no_shutdown:
             vm.drop_instance()
+            self.drop_serial()
             self.events.emit("vm", "shutdown")
             return False
         self._drop_vm()
@@ -1185,6 +1224,11 @@ class Vmm:
                 _log(logging.WARNING, "SIGUSR2 ignored: no running VM")
                 return
             self.events.emit("vm", "rebooting")
+            self.drop_serial()
+            try:
+                self._serial_up(vm.config, "guest reboot")
+            except ApiFailure as exc:
+                _log(logging.WARNING, "serial socket not rebound", error=str(exc))
             vm.start_instance(VmState.RUNNING)
             self.events.emit("vm", "rebooted")
 
@@ -1441,6 +1485,7 @@ class Vmm:
                 vm = Vm.from_export(config, state, VmState.PAUSED)
             except (ValueError, OSError, KeyError, TypeError, IndexError) as exc:
                 raise ApiFailure(500, what, "Cannot restore VM", str(exc)) from None
+            self._serial_up(config, what)
             self.vm = vm
             self.events.emit("vm", "restored")
             if body.get("resume"):
@@ -1529,6 +1574,10 @@ class Vmm:
         with self.lock:
             if self.vm is not None:
                 raise ValueError("VM is already created")
+            try:
+                self._serial_up(config, "Error creating console devices")
+            except ApiFailure as exc:
+                raise ValueError(": ".join(exc.chain[1:])) from None
         return vm
 
     def send_migration(self, body: dict[str, Any]) -> Reply:
@@ -1652,6 +1701,72 @@ def _migration_connection(url: str) -> socket.socket:
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+class SerialSocket:
+    """``serial: {mode: Socket}``: the guest's serial port on a listening unix socket.
+
+    As upstream (recorded with the real v54, see the module docstring): bound in place (an
+    existing file fails with EADDRINUSE), one client at a time (a new connection disconnects
+    the previous one), the client's bytes go to the guest, and the guest, which the double
+    does not run, writes nothing back. :meth:`close` removes the socket file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._listener.bind(path)
+            self._listener.listen(8)
+        except OSError:
+            self._listener.close()
+            raise
+        self._lock = threading.Lock()
+        self._client: socket.socket | None = None
+        self._closed = False
+        threading.Thread(target=self._serve, name="serial", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                previous, self._client = self._client, conn
+            if previous is not None:
+                with contextlib.suppress(OSError):
+                    previous.shutdown(socket.SHUT_RDWR)
+            threading.Thread(target=self._drain, args=(conn,), name="serial-in",
+                             daemon=True).start()
+
+    def _drain(self, conn: socket.socket) -> None:
+        """Input for the guest's UART, which the double has no guest to read."""
+        with conn:
+            while True:
+                try:
+                    if not conn.recv(4096):
+                        break
+                except OSError:
+                    break
+            with self._lock:
+                if self._client is conn:
+                    self._client = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        _unlink_quietly(self.path)
 
 
 # --------------------------------------------------------------------------
@@ -2026,6 +2141,8 @@ def main(argv: list[str] | None = None) -> int:
             break
 
     _unlink_quietly(path)
+    with vmm.lock:
+        vmm.drop_serial()
     if vmm.receive_path is not None:  # a receiver still waiting for its sender
         _unlink_quietly(vmm.receive_path)
     with vmm.lock:

@@ -21,9 +21,10 @@ from .client import MAX_SOCKET_PATH, ChClient, ChError
 log = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-#: Unix sockets beside ``<ns>_<name>.sock``: the API socket's, the guest vsock's (driver)
-#: and the migration receiver's (jobs runner). All must fit sun_path, not only the first.
-_SOCKET_SUFFIXES = (".sock", ".vsock", ".migration")
+#: Unix sockets beside ``<ns>_<name>.sock``: the API socket's, the guest vsock's (driver),
+#: the serial console's and the migration receiver's (jobs runner). All must fit sun_path,
+#: not only the first.
+_SOCKET_SUFFIXES = (".sock", ".vsock", ".console", ".migration")
 _LONGEST_SUFFIX = max(_SOCKET_SUFFIXES, key=len)
 
 
@@ -34,6 +35,7 @@ class UnsafeNameError(ValueError):
 @dataclass(frozen=True)
 class VmPaths:
     socket: Path
+    console: Path  # the serial port's unix socket (spec.serial Socket), bound by the VMM
     pidfile: Path
     events: Path
     log: Path
@@ -79,6 +81,7 @@ class ProcessManager:
             )
         return VmPaths(
             socket=socket,
+            console=socket.with_suffix(".console"),
             pidfile=self.socket_dir / f"{stem}.pid",
             events=self.socket_dir / f"{stem}.events",
             log=self.socket_dir / f"{stem}.log",
@@ -87,8 +90,11 @@ class ProcessManager:
 
     def spawn(self, namespace: str, name: str) -> int:
         p = self.paths(namespace, name)
-        with contextlib.suppress(FileNotFoundError):
-            p.socket.unlink()  # a stale socket from a dead VMM would fool the readiness wait
+        for stale in (p.socket, p.console):
+            # A dead VMM's API socket would fool the readiness wait; its console socket
+            # would fail vm.create/vm.restore ("Address already in use").
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         cmd = [
             self.binary,
             "--api-socket",
@@ -157,7 +163,7 @@ class ProcessManager:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 self._wait_exit(p, pid, grace)
-        for f in (p.socket, p.pidfile, p.events):
+        for f in (p.socket, p.pidfile, p.events, p.console, console_lock(p.console)):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
         self._children.pop(str(p.socket), None)
@@ -204,6 +210,12 @@ def _monotonic_start(pid: int, pidfile: Path) -> float | None:
         except OSError:
             return None
     return time.monotonic() - max(0.0, age)
+
+
+def console_lock(console: Path) -> Path:
+    """The file ``hyperfleet console`` locks while attached: cloud-hypervisor would let a
+    second client take the serial port over silently, so sessions exclude each other here."""
+    return console.with_name(console.name + ".lock")
 
 
 def pid_alive(pid: int) -> bool:

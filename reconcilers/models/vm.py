@@ -192,6 +192,19 @@ class ConsoleMode(StrEnum):
     NULL = "Null"
 
 
+class SerialMode(StrEnum):
+    """The serial port's modes: the console's, plus Socket (cloud-hypervisor offers a socket
+    for the serial port only)."""
+
+    OFF = "Off"
+    PTY = "Pty"
+    TTY = "Tty"
+    FILE = "File"
+    NULL = "Null"
+    #: A unix socket the node agent puts beside the VM's API socket (``hyperfleet console``).
+    SOCKET = "Socket"
+
+
 class GuestAgentSpec(CamelModel):
     """The Hyperfleet guest agent inside the VM (``hyperfleet-guest-agent``), over vsock."""
 
@@ -261,7 +274,11 @@ class VirtualMachineSpec(CamelModel):
         description="Checkpoint the workload before sleep, restore it on wake, report guest "
         "health (needs vsock)",
     )
-    serial: ConsoleMode = ConsoleMode.NULL
+    serial: SerialMode = Field(
+        default=SerialMode.SOCKET,
+        description="Where the serial port goes; Socket (the default) lets `hyperfleet "
+        "console` attach to it",
+    )
     console: ConsoleMode = ConsoleMode.OFF
     run_strategy: RunStrategy = Field(
         default=RunStrategy.ALWAYS,
@@ -330,6 +347,10 @@ class HypervisorStatus(CamelModel):
         default=None,
         description="Bytes of memory the VM was created with: with maxMemory, how far it can "
         "grow live (the VMM rewrites its reported size on a resize)")
+    console_socket: str | None = Field(
+        default=None,
+        description="The serial console's unix socket on the node, while the VMM holds it "
+        "(spec.serial Socket)")
 
 
 class ImageStatus(CamelModel):

@@ -958,3 +958,66 @@ def test_drifting_reply_becomes_500(contract: double.Contract) -> None:
     assert reply.status == 500
     assert reply.body[0] == "Error from API"
     assert "version" in reply.body[-1]
+
+
+# -- serial console socket (recorded from the real v54: see double's docstring) ---------
+
+
+def _recv_or_timeout(s: socket.socket, timeout: float = 0.3) -> bytes | None:
+    """What the peer sent (b"" at EOF), or None when it sent nothing in time."""
+    s.settimeout(timeout)
+    try:
+        return s.recv(100)
+    except TimeoutError:
+        return None
+
+
+def test_serial_socket_lifecycle_matches_the_real_vmm(spawn: Callable[..., Double],
+                                                      workdir: Path) -> None:
+    d = spawn()
+    path = workdir / "vm.console"
+    d.ok("vm.create", base_config(serial={"mode": "Socket", "socket": str(path)}))
+    assert path.is_socket()  # bound at vm.create, before any boot
+    assert d.info()["config"]["serial"] == {"mode": "Socket", "socket": str(path)}
+    first = socket.socket(socket.AF_UNIX)
+    first.connect(str(path))
+    d.ok("vm.boot")
+    first.sendall(b"root\r")
+    assert _recv_or_timeout(first) is None  # the guest echoes nothing
+    second = socket.socket(socket.AF_UNIX)
+    second.connect(str(path))
+    assert _recv_or_timeout(first, 2) == b""  # the newcomer takes the port over
+    d.ok("vm.reboot")
+    assert _recv_or_timeout(second, 2) == b""  # a reboot cuts the client off
+    assert path.is_socket()
+    d.ok("vm.shutdown")
+    assert not path.exists()
+    d.ok("vm.boot")
+    assert path.is_socket()
+    d.ok("vm.delete")
+    assert not path.exists()
+    for s in (first, second):
+        s.close()
+
+
+def test_serial_socket_path_taken_fails_create_like_the_real_vmm(
+        spawn: Callable[..., Double], workdir: Path) -> None:
+    d = spawn()
+    path = workdir / "vm.console"
+    path.touch()
+    resp = d.put("vm.create", base_config(serial={"mode": "Socket", "socket": str(path)}))
+    assert resp.status_code == 500
+    assert error_chain(resp) == ["Error from API", "The VM could not be created",
+                                 "Error creating console devices",
+                                 "Error creating console device",
+                                 "Address already in use (os error 98)"]
+    resp = d.put("vm.boot")  # the config was stored: boot retries the bind
+    assert error_chain(resp)[1:] == ["The VM could not boot", "Error creating console devices",
+                                     "Error creating console device",
+                                     "Address already in use (os error 98)"]
+    path.unlink()
+    d.ok("vm.boot")
+    assert path.is_socket()
+    d.ok("vmm.shutdown", status=200)
+    d.proc.wait(timeout=5)
+    assert not path.exists()  # the exiting VMM removes it
