@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Coroutine, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -62,6 +62,7 @@ class Controller:
         self.cfg = cfg
         self.kube = kube
         self.vms: dict[str, dict[str, Any]] = {}
+        self._views: dict[str, tuple[Any, VmView]] = {}  # key -> (resourceVersion, view)
         self.nodes: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self.leases: dict[str, datetime] = {}  # node -> last renewTime of its agent's Lease
@@ -92,14 +93,25 @@ class Controller:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _view(self, key: str, body: Mapping[str, Any]) -> VmView:
+        """The scheduler's view of a VM, made again only when the VM changed: a pass then
+        costs little per VM that did not."""
+        version = body["metadata"].get("resourceVersion")
+        cached = self._views.get(key)
+        if cached is None or cached[0] != version:
+            cached = self._views[key] = (version, vm_view(body))
+        return cached[1]
+
     def observe(self, store: dict[str, dict[str, Any]], key: str, event: kopf.RawEvent,
                 body: kopf.Body) -> None:
         if event.get("type") == "DELETED":
             store.pop(key, None)
+            if store is self.vms:
+                self._views.pop(key, None)
         else:
             # Never older than what our own write already stored: a late event would
             # undo a binding in our view and let the next pass over-commit its node.
-            merge_one(store, key, copy.deepcopy(dict(body)))
+            merge_one(store, key, body)  # (merge_one keeps a compact copy)
         self.dirty.set()
 
     def liveness(self, now: datetime) -> tuple[dict[str, dict[str, Any]], dict[str, datetime]]:
@@ -193,8 +205,9 @@ class Controller:
         grace = timedelta(seconds=self.cfg.node_grace_seconds)
         bodies, alive = self.liveness(now)
         await self._mark_node_health(now, grace, bodies, alive)
-        vms = [b for b in self.vms.values() if not b["metadata"].get("deletionTimestamp")]
-        views = [vm_view(b) for b in self.vms.values()]
+        views = [self._view(k, b) for k, b in self.vms.items()]
+        if len(self._views) > len(self.vms):  # some left while no watch event told us
+            self._views = {k: v for k, v in self._views.items() if k in self.vms}
         deleting = {_key(b) for b in self.vms.values() if b["metadata"].get("deletionTimestamp")}
         pending_bodies = {v.key: self.vms[v.key] for v in views
                           if not v.node and v.key not in deleting}
@@ -204,6 +217,11 @@ class Controller:
         placed = [v for v in views if v.node]
         nodes = [node_view(b, now, grace, alive.get(n)) for n, b in bodies.items()]
         await self._publish_allocations(placed)
+        # Only VMs on nodes that are lost, silent or draining can have anything to do here:
+        # the eviction planning then costs what those nodes hold, not the fleet.
+        troubled = self._troubled({v.node for v in placed if v.node}, bodies, alive, now)
+        vms = [b for v in placed if v.node in troubled
+               and not (b := self.vms[v.key])["metadata"].get("deletionTimestamp")]
         await self._evict(vms, now, bodies, alive, nodes, placed)
         await self._dispatch_jobs(now, nodes)
         if not pending_bodies:
@@ -216,6 +234,22 @@ class Controller:
             *(self._bind(pending_bodies[k], n) for k, n in result.placements.items()),
             *(self._unschedulable(pending_bodies[k], r) for k, r in result.unschedulable.items()),
         ])
+
+    def _troubled(self, bound_to: set[str], bodies: dict[str, dict[str, Any]],
+                  alive: dict[str, datetime], now: datetime) -> set[str]:
+        """Nodes (of those VMs are bound to) that are absent, draining, or silent past
+        the eviction timeout: where ``evictions`` may decide something."""
+        timeout = timedelta(seconds=self.cfg.eviction_seconds)
+        out = set()
+        for name in bound_to:
+            body = bodies.get(name)
+            if body is None or (body.get("spec") or {}).get("drain"):
+                out.add(name)
+                continue
+            age = heartbeat_age(body, now, alive.get(name))
+            if age is None or age > timeout:
+                out.add(name)
+        return out
 
     async def _evict(self, vms: list[dict[str, Any]], now: datetime,
                      bodies: dict[str, dict[str, Any]], alive: dict[str, datetime],
@@ -486,11 +520,33 @@ def merge(store: dict[str, dict[str, Any]], listed: dict[str, dict[str, Any]],
         merge_one(store, key, body)
 
 
-def merge_one(store: dict[str, dict[str, Any]], key: str, body: dict[str, Any]) -> None:
-    """Store ``body`` unless a newer version of it is already there."""
+def merge_one(store: dict[str, dict[str, Any]], key: str, body: Mapping[str, Any]) -> None:
+    """Store a compact copy of ``body`` unless a newer version of it is already there."""
     have = store.get(key)
     if have is None or version_of(have) <= version_of(body):
-        store[key] = body
+        store[key] = compact(body)
+
+
+def compact(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of an object for the controller's view, which holds the whole fleet: without
+    managedFields (a third of a VM, read by nobody here), and with keys and short strings
+    interned, so the field names, phases, reasons and node names repeated in every object
+    are stored once (about half the memory of a plain deep copy, and faster to make)."""
+    meta = body.get("metadata")
+    out = _compact(body)
+    if isinstance(meta, Mapping) and "managedFields" in meta:
+        out["metadata"] = {k: v for k, v in out["metadata"].items() if k != "managedFields"}
+    return cast(dict[str, Any], out)
+
+
+def _compact(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {sys.intern(k) if isinstance(k, str) else k: _compact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_compact(v) for v in value]
+    if isinstance(value, str) and len(value) <= 64:
+        return sys.intern(value)
+    return value
 
 
 def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: Kube) -> Controller:

@@ -187,6 +187,8 @@ def plan_drain(
         else:
             cold.append(d)
 
+    if not live and not cold:
+        return out  # (scheduling costs O(fleet) even with nothing to place)
     placements = schedule(
         [replace(views[d.node + "/" + _key(d.vm)], node=None,
                  required_capabilities=views[d.node + "/" + _key(d.vm)].required_capabilities

@@ -77,9 +77,8 @@ class Kube:
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
         # The generated client's annotations say `object`; treat its answers as JSON.
         self.api: Any = client.CustomObjectsApi(api_client)
-        # Made once: each API class costs about a millisecond to build (and the first
-        # CoreV1Api a second-long import), far more than the call it is used for.
-        self.core: Any = client.CoreV1Api(self.api.api_client)
+        # Made once: each API class costs about a millisecond to build. (Events go out
+        # without CoreV1Api, whose import alone costs a second and 20 MB.)
         self.coordination: Any = client.CoordinationV1Api(self.api.api_client)
 
     @api_retry
@@ -241,6 +240,14 @@ class Kube:
         try:
             # A plain body and an unread answer: the generated models cost more CPU than
             # the request itself, and Events are the most frequent write after status.
-            self.core.create_namespaced_event(ns, body, _preload_content=False).release_conn()
+            api = self.api.api_client
+            request = api.param_serialize(
+                "POST", "/api/v1/namespaces/{namespace}/events", path_params={"namespace": ns},
+                header_params={"Content-Type": "application/json"}, body=body,
+                auth_settings=["BearerToken"])
+            answer = api.call_api(*request)
+            answer.read()  # (returns the connection to the pool)
+            if not 200 <= answer.status < 300:
+                raise ApiException(status=answer.status, reason=answer.reason)
         except Exception as exc:
             log.debug("event not recorded: %s", exc)
