@@ -677,6 +677,10 @@ def register(app: typer.Typer) -> None:
         app.command(fn.__name__, rich_help_panel=POWER_PANEL)(fn)
     app.add_typer(vm_app, name="vm", rich_help_panel=POWER_PANEL)
     app.command("get", rich_help_panel=VIEW_PANEL)(get)
+    from .console import console  # console imports get_vm from here
+
+    vm_app.command("console")(console)
+    app.command("console", rich_help_panel=VIEW_PANEL)(console)
     gitops_verbs: list[Callable[..., None]] = [reconcile, suspend, resume]
     for fn in gitops_verbs:
         app.command(fn.__name__, rich_help_panel=GITOPS_PANEL)(fn)
