@@ -92,12 +92,14 @@ class RollingUpdate(CamelModel):
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 {
-                    "rule": "string(self.maxUnavailable).matches('^([0-9]+|(100|[1-9]?[0-9])%)$')",
+                    "rule": "type(self.maxUnavailable) == int ? self.maxUnavailable >= 0 : "
+                    "self.maxUnavailable.matches('^(100|[1-9]?[0-9])%$')",
                     "message": "maxUnavailable must be a number >= 0 or a percentage from "
                     "\"0%\" to \"100%\"",
                 },
                 {
-                    "rule": "string(self.maxSurge).matches('^([0-9]+|(100|[1-9]?[0-9])%)$')",
+                    "rule": "type(self.maxSurge) == int ? self.maxSurge >= 0 : "
+                    "self.maxSurge.matches('^(100|[1-9]?[0-9])%$')",
                     "message": "maxSurge must be a number >= 0 or a percentage from \"0%\" "
                     "to \"100%\"",
                 },

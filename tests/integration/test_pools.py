@@ -172,8 +172,10 @@ def test_bad_pools_are_refused_naming_the_field(cluster: Cluster) -> None:
     r = c.apply(pool_yaml(strategy="  strategy: {rollingUpdate: {maxUnavailable: 0, maxSurge: "
                                    "'0%'}}\n"))
     assert r.returncode != 0 and "maxUnavailable and maxSurge cannot both be 0" in r.stderr
-    r = c.apply(pool_yaml(strategy="  strategy: {rollingUpdate: {maxSurge: '150%'}}\n"))
-    assert r.returncode != 0 and "maxSurge must be a number >= 0 or a percentage" in r.stderr
+    for bad in ("'150%'", "'1'", "-1"):  # a count is a number, not a string
+        r = c.apply(pool_yaml(strategy=f"  strategy: {{rollingUpdate: {{maxSurge: {bad}}}}}\n"))
+        assert r.returncode != 0 and "maxSurge must be a number >= 0 or a percentage" \
+            in r.stderr, (bad, r.stderr)
     r = c.apply(pool_yaml(extra_spec="      cpus: 0\n").replace("      cpus: 1\n", ""))
     assert r.returncode != 0 and "spec.template.spec.cpus" in r.stderr
 
