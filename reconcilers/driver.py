@@ -23,6 +23,7 @@ from .hypervisor.events import EventTail, is_outcome
 from .hypervisor.process import ProcessManager, UnsafeNameError
 from .models.common import Condition, now_utc, rfc3339, set_condition
 from .models.vm import Phase, RunStrategy, VirtualMachine
+from .text import describe, error_text
 from .vm import (
     BOOTED,
     Action,
@@ -245,7 +246,8 @@ class VmDriver:
             if root is not None and not root.ready:
                 # Nothing that needs the root disk runs before it exists.
                 plan, retry_after = [], 1.0
-                message = f"pulling image {root.status['key']}: {root.status.get('progress')}"
+                message = (f"pulling image {describe(root.status.get('key'))}: "
+                           f"{describe(root.status.get('progress') or 'starting')}")
                 conditions = set_condition(conditions, "Ready", False, "ImagePulling",
                                            message, gen)
             auto = vm.spec.run_strategy == RunStrategy.ALWAYS and desired.state in BOOTED
@@ -333,16 +335,17 @@ class VmDriver:
             if isinstance(exc, RootDiskError):
                 retry_after = exc.retry_after or 30.0
                 image_status = {"key": vm.spec.image.key if vm.spec.image else "",
-                                "phase": "Failed", "message": str(exc)}
-                conditions = set_condition(conditions, "ImageReady", False, reason, str(exc),
-                                           gen)
-            log.warning("converge failed", extra={"vm": key, "error": str(exc), "attempt": n})
+                                "phase": "Failed", "message": error_text(exc)}
+                conditions = set_condition(conditions, "ImageReady", False, reason,
+                                           error_text(exc), gen)
+            why = error_text(exc)
+            log.warning("converge failed", extra={"vm": key, "error": why, "attempt": n})
             was = next((c for c in conditions if c.type == "Failure"), None)
-            conditions = set_condition(conditions, "Ready", False, reason, str(exc), gen)
-            conditions = set_condition(conditions, "Failure", True, reason, str(exc), gen)
-            if was is None or was.status != "True" or was.message != str(exc):
-                events.append(("Warning", reason, str(exc)))  # once per distinct failure
-            phase, message, converged = Phase.FAILED, str(exc), False
+            conditions = set_condition(conditions, "Ready", False, reason, why, gen)
+            conditions = set_condition(conditions, "Failure", True, reason, why, gen)
+            if was is None or was.status != "True" or was.message != why:
+                events.append(("Warning", reason, why))  # once per distinct failure
+            phase, message, converged = Phase.FAILED, why, False
             with contextlib.suppress(ChError, UnsafeNameError, OSError):
                 observed, pid = self.observe(ns, name, boot_memory)
         try:
@@ -392,7 +395,7 @@ class VmDriver:
             return set_condition(conditions, kind, True, "GuestAgent", msg,
                                  vm.metadata.generation)
         except GuestError as exc:
-            msg = f"{step.why}: {exc}; continuing without it"
+            msg = f"{step.why}: {error_text(exc)}; continuing without it"
             events.append(("Warning", f"{kind}Failed", msg))
             return set_condition(conditions, kind, False,
                                  _GUEST_REASONS.get(type(exc), "GuestAgentError"), msg,
@@ -421,7 +424,7 @@ class VmDriver:
             msg = "; ".join(bad) if bad else f"{len(result.get('checks', []))} checks passed"
             reason = "ChecksPassed" if healthy else "ChecksFailed"
         except GuestError as exc:
-            healthy, msg = False, str(exc)
+            healthy, msg = False, error_text(exc)
             reason = _GUEST_REASONS.get(type(exc), "GuestAgentError")
         if old is None or (old.status == "True") != healthy:
             events.append(("Normal" if healthy else "Warning", reason, msg))
@@ -560,12 +563,51 @@ _EVENTS = {
 }
 
 
+def _gib(size: Any) -> str:
+    return f"{int(size) / 2**30:g} GiB"
+
+
+def _step_text(step: Step) -> str:
+    """What a step did, in words (its body is cloud-hypervisor's JSON, not for people)."""
+    body = step.body or {}
+    match step.action:
+        case Action.BOOT:
+            return "booted"
+        case Action.PAUSE:
+            return "paused"
+        case Action.RESUME:
+            return "resumed"
+        case Action.SHUTDOWN:
+            return "shut down"
+        case Action.RESIZE:
+            parts = []
+            if body.get("desired_vcpus") is not None:
+                parts.append(f"{body['desired_vcpus']} vCPUs")
+            if body.get("desired_ram") is not None:
+                parts.append(f"{_gib(body['desired_ram'])} of memory")
+            return "resized to " + (" and ".join(parts) or "the spec")
+        case Action.ADD_DISK:
+            path = f" ({body['path']})" if body.get("path") else ""
+            return f"added disk {describe(body.get('id') or 'without id')}{path}"
+        case Action.ADD_NET:
+            return f"added network interface {describe(body.get('id') or 'without id')}"
+        case Action.REMOVE_DEVICE:
+            return f"removed device {describe(body.get('id'))}"
+        case Action.SNAPSHOT:
+            dest = str(body.get("destination_url") or "").removeprefix("file://")
+            return "snapshotted" + (f" to {dest}" if dest else "")
+        case Action.RESTORE:
+            return "restored from its snapshot"
+    return step.action.value
+
+
 def _event_for(step: Step, node: str) -> tuple[str | None, str]:
+    """The Event a finished step gets: a sentence, e.g. "resized to 4 vCPUs on node-a
+    (cpus/memory changed)"."""
     reason = _EVENTS.get(step.action)
     if reason is None:
         return None, ""
-    detail = f" {step.body}" if step.body and step.action != Action.RESTORE else ""
-    return reason, f"{step.action.value}{detail} on {node}" + (f" ({step.why})" if step.why else "")
+    return reason, f"{_step_text(step)} on {node}" + (f" ({step.why})" if step.why else "")
 
 
 def _dir_size(path: Any) -> int:

@@ -31,6 +31,7 @@ from hyperfleet.reconcilers.models.gitsource import (
     Renderer,
     VerifySpec,
 )
+from hyperfleet.reconcilers.text import error_text
 
 from .apply import Applier, api_message
 from .fetch import Credentials, ExportError, FetchError, GitFetcher, PathNotFound, scrub
@@ -239,7 +240,8 @@ class _Run:
                                          requeue), interval)
         except Exception as exc:  # API hiccups and bugs: report, keep state, retry soon
             log.exception("reconcile failed", extra={"gitsource": self.key})
-            msg = api_message(exc) if isinstance(exc, ApiException) else f"{type(exc).__name__}: {exc}"
+            msg = (api_message(exc) if isinstance(exc, ApiException)
+                   else f"{type(exc).__name__}: {error_text(exc)}")
             result = self._stopped(_Stop("ReconcileFailed", scrub(msg, self.secrets), False,
                                          min(interval, RETRY_AFTER_FAILURE)), interval)
         self._write()

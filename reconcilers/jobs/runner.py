@@ -23,6 +23,7 @@ from typing import Any
 from ..driver import VmDriver
 from ..kube import JOBS, VMS, Conflict, Gone, Kube
 from ..models.common import now_utc
+from ..text import error_text
 from .dispatch import CANCEL_ANNOTATION, current_status, job_key, parse
 from .engine import (
     JobError,
@@ -303,8 +304,8 @@ class JobRunner:
         if isinstance(exc, JobFailure):
             return decide_after_failure(job, st, exc.error, now)
         adapter.error("handler crashed", exc_info=exc)
-        return decide_after_failure(job, st, JobError(f"{type(exc).__name__}: {exc}",
-                                                      retryable=True), now)
+        crash = f"the handler crashed: {type(exc).__name__}: {error_text(exc)}"
+        return decide_after_failure(job, st, JobError(crash, retryable=True), now)
 
     def _abandon(self, job: JobDocument, st: JobStatus, why: str,
                  adapter: JobLog) -> JobStatus | None:
