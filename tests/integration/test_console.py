@@ -62,8 +62,9 @@ def test_console_attaches_to_the_socket_the_agent_configured(cluster: Cluster,
     path = Path(st["hypervisor"]["consoleSocket"])
     assert path == cluster.socket_dir(node) / f"{cluster.namespace}_con.console"
     assert path.is_socket()  # bound by the VMM itself
-    serial = ChClient(st["apiSocket"]).info()["config"]["serial"]
-    assert serial == {"mode": "Socket", "socket": str(path)}
+    info = ChClient(st["apiSocket"]).info()
+    assert info is not None
+    assert info["config"]["serial"] == {"mode": "Socket", "socket": str(path)}
 
     first = _console(cluster, "con")
     assert first.stdin is not None
