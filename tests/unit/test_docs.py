@@ -23,6 +23,7 @@ from hyperfleet.operator import metrics
 from hyperfleet.reconcilers.jobs.protocol import parse_job
 from hyperfleet.reconcilers.models.gitsource import GitSourceSpec
 from hyperfleet.reconcilers.models.node import WorkerNodeSpec
+from hyperfleet.reconcilers.models.pool import VirtualMachinePoolSpec
 from hyperfleet.reconcilers.models.vm import VirtualMachineSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +32,8 @@ PAGES = sorted(DOCS.glob("*.md")) + ([REPO / "README.md"] if (REPO / "README.md"
 FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```\s*$", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 SPEC_MODELS: dict[str, type[BaseModel]] = {
-    "VirtualMachine": VirtualMachineSpec, "WorkerNode": WorkerNodeSpec, "GitSource": GitSourceSpec}
+    "VirtualMachine": VirtualMachineSpec, "WorkerNode": WorkerNodeSpec, "GitSource": GitSourceSpec,
+    "VirtualMachinePool": VirtualMachinePoolSpec}
 
 
 @dataclass(frozen=True)
