@@ -20,6 +20,7 @@ import pytest
 
 from hyperfleet.reconcilers.hypervisor.client import ChClient
 from hyperfleet.reconcilers.hypervisor.process import pid_alive
+from hyperfleet.reconcilers.vm import ready_settled
 
 from .conftest import Backend, Cluster, wait_for
 
@@ -67,10 +68,12 @@ def _patch(cluster: Cluster, name: str, spec: dict[str, Any]) -> None:
 def _wait_phase(cluster: Cluster, name: str, phase: str, timeout: float = 30) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         st = _status(cluster, name)
-        ready = {c["type"]: c["status"] for c in st.get("conditions", [])}.get("Ready")
+        # Settled: Ready=True when running, or Ready=False saying it is stopped, paused or
+        # asleep as asked (KubeVirt's meaning of Ready).
+        ready = {c["type"]: c for c in st.get("conditions", [])}.get("Ready")
         vm = cluster.get("hvm", name) or {}
         current = st.get("observedGeneration") == vm.get("metadata", {}).get("generation")
-        return st if st.get("phase") == phase and ready == "True" and current else None
+        return st if st.get("phase") == phase and ready_settled(ready) and current else None
 
     result: dict[str, Any] = wait_for(check, timeout, f"{name} {phase}", cluster)
     return result
