@@ -33,6 +33,9 @@ spec:
   maxCpus: 4
   memory: 256Mi
   liveMigration: true
+  # Both agents run on this one host: a receiving VMM binds the migrated config's console
+  # socket, which is the sender's own path here (on real nodes it is free), so no socket.
+  serial: "Null"
   boot: {{kernel: {kernel}}}
   nodeSelector: {{hyperfleet.dev/node: {node}}}
 """
