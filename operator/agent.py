@@ -15,6 +15,7 @@ from typing import Any
 import kopf
 
 from hyperfleet.reconcilers import providers
+from hyperfleet.reconcilers.conventions import WORKER_NODE
 from hyperfleet.reconcilers.disks import NodeStorage
 from hyperfleet.reconcilers.driver import VmDriver
 from hyperfleet.reconcilers.eviction import unbound_status
@@ -110,10 +111,10 @@ class Agent:
         if self.kube.get(NODES, name) is None:
             self.kube.create(NODES, {
                 "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "WorkerNode",
+                "kind": WORKER_NODE.kind,
                 # Registered as a placeholder: a GitSource that declares this node may
                 # take it over (pool, cordon, overcommit) without a manual annotation.
-                "metadata": {"name": name, "labels": {"hyperfleet.dev/node": name},
+                "metadata": {"name": name, "labels": {LEASE_LABEL: name},
                              "annotations": {ADOPT_ANNOTATION: "true"}},
                 "spec": {"pool": self.cfg.pool},
             })
@@ -364,8 +365,8 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
         # Watch only this node's VMs and jobs (selectable fields in the CRDs): an agent's
         # load then grows with its own VMs, not with the fleet.
         node = cfg.node_name
-        settings.watching.field_selectors[GROUP, "virtualmachines"] = f"status.nodeName={node}"
-        settings.watching.field_selectors[GROUP, "vmjobs"] = f"status.assignedNode={node}"
+        settings.watching.field_selectors[GROUP, VMS.plural] = f"status.nodeName={node}"
+        settings.watching.field_selectors[GROUP, JOBS.plural] = f"status.assignedNode={node}"
         # Each VM's converge pass runs in a worker thread (blocking socket I/O); the default
         # pool (cores + 4) would serialise a node's VMs behind a few slow VMM starts.
         asyncio.get_running_loop().set_default_executor(
@@ -389,7 +390,7 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    @kopf.on.event(GROUP, VERSION, "virtualmachines", registry=registry)
+    @kopf.on.event(GROUP, VERSION, VMS.plural, registry=registry)
     async def vm_event(*, name: str, namespace: str | None, body: kopf.Body,
                        **_: Any) -> None:
         key = f"{namespace}/{name}"
@@ -401,7 +402,7 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
             return  # kopf's finalizer or our own status write: nothing new to act on
         ev.set()
 
-    @kopf.on.event(GROUP, VERSION, "vmjobs", registry=registry)
+    @kopf.on.event(GROUP, VERSION, JOBS.plural, registry=registry)
     async def job_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
                         namespace: str | None, **_: Any) -> None:
         key = f"{namespace}/{name}"
@@ -414,7 +415,7 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
             agent.jobs.running[key] = threading.Event()  # claimed here; the runner takes over
             agent.spawn_job(agent.jobs.run, snapshot)
 
-    @kopf.daemon(GROUP, VERSION, "virtualmachines", registry=registry, when=bound_here,
+    @kopf.daemon(GROUP, VERSION, VMS.plural, registry=registry, when=bound_here,
                  cancellation_timeout=30.0)
     async def vm_daemon(
         *, body: kopf.Body, name: str, namespace: str | None, stopped: kopf.DaemonStopped,
@@ -502,7 +503,7 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> A
             agent.poked.discard(key)
             agent.vms.pop(key, None)
 
-    @kopf.on.delete(GROUP, VERSION, "virtualmachines", registry=registry, when=bound_here)
+    @kopf.on.delete(GROUP, VERSION, VMS.plural, registry=registry, when=bound_here)
     async def vm_delete(*, name: str, namespace: str | None, spec: kopf.Spec,
                         **_: Any) -> None:
         namespace = namespace or "default"

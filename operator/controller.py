@@ -567,7 +567,7 @@ def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: Kube)
             with contextlib.suppress(asyncio.CancelledError):
                 await ctl.task
 
-    @kopf.on.event(GROUP, VERSION, "virtualmachines", registry=registry)
+    @kopf.on.event(GROUP, VERSION, VMS.plural, registry=registry)
     async def vm_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
                        namespace: str | None, **_: Any) -> None:
         ctl.observe(ctl.vms, f"{namespace}/{name}", event, body)
@@ -582,12 +582,12 @@ def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: Kube)
         else:
             ctl.leases[node] = parse_time(renew)
 
-    @kopf.on.event(GROUP, VERSION, "vmjobs", registry=registry)
+    @kopf.on.event(GROUP, VERSION, JOBS.plural, registry=registry)
     async def job_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
                         namespace: str | None, **_: Any) -> None:
         ctl.observe(ctl.jobs, f"{namespace}/{name}", event, body)
 
-    @kopf.on.event(GROUP, VERSION, "workernodes", registry=registry)
+    @kopf.on.event(GROUP, VERSION, NODES.plural, registry=registry)
     async def node_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
                          **_: Any) -> None:
         ctl.observe(ctl.nodes, name, event, body)

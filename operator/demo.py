@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from hyperfleet.reconcilers import conventions as conv
+
 from .devstack import (
     REPO,
     ApiServer,
@@ -114,8 +116,8 @@ def _run(workdir: Path, n_nodes: int, keep: bool, api: ApiServer,
     kubectl(kc, "apply", "-f", "-", input_=GIT_SOURCE.format(url=f"file://{repo}"))
     ok = _wait_running(kc, timeout=120) and _wait_source_healthy(kc, timeout=60)
     time.sleep(2.5)  # the controller publishes node allocations every 2 s
-    print(kubectl(kc, "get", "gitsources").stdout, flush=True)
-    print(kubectl(kc, "get", "workernodes").stdout, flush=True)
+    print(kubectl(kc, "get", conv.GIT_SOURCE.plural).stdout, flush=True)
+    print(kubectl(kc, "get", conv.WORKER_NODE.plural).stdout, flush=True)
     print(kubectl(kc, "get", "hvm", "-o", "wide").stdout, flush=True)
     if not ok:
         print(f"!! VMs did not reach Running (or GitSource 'fleet' not Ready); logs in {logs}",
@@ -216,7 +218,7 @@ def _sample_repo(workdir: Path, real: bool) -> Path:
 def _wait_nodes_ready(kc: Path, n: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = kubectl(kc, "get", "workernodes", "-o", "json", check=False)
+        r = kubectl(kc, "get", conv.WORKER_NODE.plural, "-o", "json", check=False)
         items = json.loads(r.stdout).get("items", []) if r.returncode == 0 else []
         if sum((i.get("status") or {}).get("phase") == "Ready" for i in items) >= n:
             return

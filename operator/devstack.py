@@ -21,6 +21,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hyperfleet.reconcilers.conventions import ALL_KINDS
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -250,8 +252,7 @@ def install_crds(kubeconfig: Path, crd_dir: Path = REPO / "crds") -> None:
     kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=60s",
             "crd", "-l", "app.kubernetes.io/part-of=hyperfleet")
     # The first request to a new resource type may get 429 while storage initialises.
-    for plural in ("virtualmachines", "workernodes", "vmjobs", "gitsources",
-                   "virtualmachinepools"):
+    for plural in (k.plural for k in ALL_KINDS):
         while kubectl(kubeconfig, "get", plural, "-A", check=False).returncode != 0:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{plural} never became servable")

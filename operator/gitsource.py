@@ -62,7 +62,7 @@ from hyperfleet.reconcilers.gitops.webhook import (
     parse_push,
     verify,
 )
-from hyperfleet.reconcilers.kube import Kube
+from hyperfleet.reconcilers.kube import GITSOURCES, Kube
 from hyperfleet.reconcilers.models.common import GROUP, VERSION
 from hyperfleet.reconcilers.models.gitsource import GitRef
 
@@ -525,7 +525,7 @@ def register(registry: kopf.OperatorRegistry, cfg: GitOpsConfig, kube: Kube,
     async def gitops_cleanup(**_: Any) -> None:
         await ops.stop()
 
-    @kopf.on.event(GROUP, VERSION, "gitsources", registry=registry, id="gitops-gitsource-event")
+    @kopf.on.event(GROUP, VERSION, GITSOURCES.plural, registry=registry, id="gitops-gitsource-event")
     async def gitsource_event(*, event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         ops.observe(event.get("type"), copy.deepcopy(dict(body)))
 

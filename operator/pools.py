@@ -26,7 +26,7 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from hyperfleet.reconcilers.kube import VMS, Conflict, Gone, Kube, Resource, version_of
+from hyperfleet.reconcilers.kube import POOLS, VMS, Conflict, Gone, Kube, version_of
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc
 from hyperfleet.reconcilers.models.pool import POOL_LABEL
 from hyperfleet.reconcilers.pools import (
@@ -41,7 +41,6 @@ from hyperfleet.reconcilers.pools import (
 
 log = logging.getLogger("hyperfleet.pools")
 
-POOLS = Resource("virtualmachinepools", True)
 RESYNC = 30.0  # seconds between two plans of a quiet pool (a safety net, not the driver)
 ERROR_RETRY = 2.0  # seconds before a plan whose API calls failed is tried again
 DEBOUNCE = 0.1  # seconds to gather a burst of member events into one plan

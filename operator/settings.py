@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from hyperfleet.reconcilers.models.common import GROUP
+from hyperfleet.reconcilers.conventions import role_annotation_prefix, role_finalizer
 
 DEFAULT_EVICTION_SECONDS = 300.0
 #: Half the eviction timeout: a partitioned node pauses its VMs well before the controller
@@ -82,8 +82,8 @@ CHANGE_HANDLERS_FORBIDDEN = ("create", "update", "resume")
 def configure_kopf(settings: kopf.OperatorSettings, role: str) -> None:
     """Separate finalizers and annotation prefixes per role, so that the controller and
     every agent can handle the same objects without reading each other's bookkeeping."""
-    prefix = f"{role}.{GROUP}"
-    settings.persistence.finalizer = f"{GROUP}/{role}"
+    prefix = role_annotation_prefix(role)
+    settings.persistence.finalizer = role_finalizer(role)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.level = logging.WARNING

@@ -14,18 +14,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from .models.common import GROUP, VERSION
+from .conventions import GROUP, VERSION, KindId
 
 _DROP_KEYS = {"title", "examples"}
 
 
 @dataclass(frozen=True)
 class CrdKind:
-    kind: str
-    plural: str
-    singular: str
-    short_names: list[str]
-    scope: str  # "Namespaced" | "Cluster"
+    """What a CRD needs beyond the kind's identity (which comes from conventions.py)."""
+
+    identity: KindId
     spec_model: type[BaseModel]
     status_model: type[BaseModel]
     columns: list[dict[str, Any]] = field(default_factory=list)
@@ -36,6 +34,26 @@ class CrdKind:
     #: The scale subresource (specReplicasPath, statusReplicasPath, labelSelectorPath),
     #: so `kubectl scale` and autoscalers can resize the kind.
     scale: dict[str, str] | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.identity.kind
+
+    @property
+    def plural(self) -> str:
+        return self.identity.plural
+
+    @property
+    def singular(self) -> str:
+        return self.identity.singular
+
+    @property
+    def short_names(self) -> list[str]:
+        return list(self.identity.short_names)
+
+    @property
+    def scope(self) -> str:
+        return self.identity.scope
 
 
 def _resolve(node: Any, defs: dict[str, Any]) -> Any:

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from .conventions import DRAIN_LABEL as DRAIN_LABEL
 from .models.common import rfc3339
 from .models.vm import node_local_reasons
 from .nodes import heartbeat_age
@@ -29,7 +30,6 @@ from .scheduler import NodeView, Policy, VmView, schedule, vm_view
 #: Live migrations a draining node sends at once (KubeVirt's default per node is 2 too):
 #: each one copies the VM's whole memory over the network.
 PARALLEL_DRAIN_MIGRATIONS = 2
-DRAIN_LABEL = "hyperfleet.dev/drain-node"
 _TERMINAL = ("Succeeded", "Failed", "TimedOut", "Cancelled")
 
 

@@ -1,7 +1,8 @@
-"""The Hyperfleet custom resource kinds: names, scopes, printer columns, models."""
+"""The Hyperfleet CRDs: models, printer columns, selectable fields (identity: conventions.py)."""
 
 from __future__ import annotations
 
+from . import conventions as conv
 from .crdgen import CrdKind
 from .gitops.crd import GIT_SOURCE
 from .jobs.engine import JobStatus
@@ -11,11 +12,7 @@ from .models.pool import VirtualMachinePoolSpec, VirtualMachinePoolStatus
 from .models.vm import VirtualMachineSpec, VirtualMachineStatus
 
 VIRTUAL_MACHINE = CrdKind(
-    kind="VirtualMachine",
-    plural="virtualmachines",
-    singular="virtualmachine",
-    short_names=["hvm"],
-    scope="Namespaced",
+    conv.VIRTUAL_MACHINE,
     spec_model=VirtualMachineSpec,
     status_model=VirtualMachineStatus,
     selectable_fields=[".status.nodeName"],
@@ -35,11 +32,7 @@ VIRTUAL_MACHINE = CrdKind(
 )
 
 WORKER_NODE = CrdKind(
-    kind="WorkerNode",
-    plural="workernodes",
-    singular="workernode",
-    short_names=["wn"],
-    scope="Cluster",
+    conv.WORKER_NODE,
     spec_model=WorkerNodeSpec,
     status_model=WorkerNodeStatus,
     columns=[
@@ -62,11 +55,7 @@ WORKER_NODE = CrdKind(
 )
 
 VM_JOB = CrdKind(
-    kind="VmJob",
-    plural="vmjobs",
-    singular="vmjob",
-    short_names=["vmjob"],
-    scope="Namespaced",
+    conv.VM_JOB,
     spec_model=JobDocument,
     status_model=JobStatus,
     selectable_fields=[".spec.operation", ".status.assignedNode"],
@@ -82,11 +71,7 @@ VM_JOB = CrdKind(
 )
 
 VIRTUAL_MACHINE_POOL = CrdKind(
-    kind="VirtualMachinePool",
-    plural="virtualmachinepools",
-    singular="virtualmachinepool",
-    short_names=["hvmpool", "vmpool"],
-    scope="Namespaced",
+    conv.VIRTUAL_MACHINE_POOL,
     spec_model=VirtualMachinePoolSpec,
     status_model=VirtualMachinePoolStatus,
     scale={"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",

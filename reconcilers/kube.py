@@ -12,20 +12,29 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-from .models.common import GROUP, VERSION
+from . import conventions as conv
+from .conventions import GROUP, VERSION, KindId
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Resource:
+    """Where a kind lives on the API server (the two facts a custom-object call needs)."""
+
     plural: str
     namespaced: bool
 
+    @classmethod
+    def of(cls, kind: KindId) -> Resource:
+        return cls(kind.plural, kind.namespaced)
 
-VMS = Resource("virtualmachines", True)
-NODES = Resource("workernodes", False)
-JOBS = Resource("vmjobs", True)
+
+VMS = Resource.of(conv.VIRTUAL_MACHINE)
+NODES = Resource.of(conv.WORKER_NODE)
+JOBS = Resource.of(conv.VM_JOB)
+GITSOURCES = Resource.of(conv.GIT_SOURCE)
+POOLS = Resource.of(conv.VIRTUAL_MACHINE_POOL)
 
 
 #: The items of a list response.

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from .conventions import LEASE_LABEL as LEASE_LABEL
 from .models.common import format_quantity, now_utc, parse_quantity, parse_time, rfc3339
 from .models.node import Provider
 from .scheduler import NodeView
@@ -26,7 +27,6 @@ def host_capacity() -> tuple[int, int]:
     return os.cpu_count() or 1, mem
 
 
-LEASE_LABEL = "hyperfleet.dev/node"
 
 
 def lease_name(node: str) -> str:

@@ -35,7 +35,8 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from .models.common import API_VERSION, GROUP, Condition, set_condition
+from .conventions import POOL_FINALIZER
+from .models.common import API_VERSION, Condition, set_condition
 from .models.pool import (
     POOL_LABEL,
     REVISION_LABEL,
@@ -48,7 +49,7 @@ from .models.pool import (
 #: The pool controller's finalizer: deleting a pool deletes its members first (there may
 #: be no garbage collector, e.g. the local API server, and members can outlive a GC's
 #: foreground wait when nodes are slow to stop them).
-FINALIZER = f"{GROUP}/pool-members"
+FINALIZER = POOL_FINALIZER
 POOL_KIND = "VirtualMachinePool"
 MAX_NAMED = 5  # members named in a condition message before "and N more"
 

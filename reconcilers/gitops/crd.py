@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
+from hyperfleet.reconcilers import conventions as conv
 from hyperfleet.reconcilers.crdgen import CrdKind
 from hyperfleet.reconcilers.models.gitsource import GitSourceSpec, GitSourceStatus
 
 GIT_SOURCE = CrdKind(
-    kind="GitSource",
-    plural="gitsources",
-    singular="gitsource",
-    short_names=["gs"],
-    scope="Namespaced",
+    conv.GIT_SOURCE,
     spec_model=GitSourceSpec,
     status_model=GitSourceStatus,
     columns=[

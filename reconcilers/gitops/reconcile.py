@@ -21,7 +21,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from hyperfleet.reconcilers.kube import Kube, Resource
+from hyperfleet.reconcilers.conventions import VIRTUAL_MACHINE
+from hyperfleet.reconcilers.kube import GITSOURCES, Kube
 from hyperfleet.reconcilers.models.common import now_utc, set_condition
 from hyperfleet.reconcilers.models.gitsource import (
     GitSourceSpec,
@@ -50,7 +51,6 @@ from .verify import PublicKey, VerificationError, Verified, Verifier, keys_diges
 
 log = logging.getLogger("hyperfleet.gitops")
 
-GITSOURCES = Resource("gitsources", True)
 COMPONENT = "hyperfleet-gitops"
 RETRY_AFTER_FAILURE = 30.0  # seconds; a transient failure is retried sooner than a long interval
 MAX_ERRORS_SHOWN = 5
@@ -59,7 +59,7 @@ HEALTH_POLL_PROGRESSING = 5.0
 HEALTH_POLL_SETTLED = 15.0
 #: Ready reasons that come from a successful apply, so the health check may update Ready.
 _HEALTH_GOVERNED = frozenset({"ReconciliationSucceeded", PROGRESSING, FAILED})
-VM_KIND = "VirtualMachine"
+VM_KIND = VIRTUAL_MACHINE.kind
 
 State = Literal["applied", "unchanged", "held", "stalled", "failed", "suspended", "deleted"]
 

@@ -7,21 +7,22 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from hyperfleet.reconcilers.models.common import API_VERSION, GROUP
+from hyperfleet.reconcilers import conventions as conv
 
-#: Ownership label: only objects carrying it (with our value) are ever pruned.
-OWNER_LABEL = f"{GROUP}/gitsource"
-#: Human-readable "<namespace>/<name>" of the owning GitSource (labels cannot hold "/").
-SOURCE_ANNOTATION = f"gitops.{GROUP}/source"
-COMMIT_ANNOTATION = f"gitops.{GROUP}/commit"
-PATH_ANNOTATION = f"gitops.{GROUP}/path"
-DIGEST_ANNOTATION = f"gitops.{GROUP}/digest"
-#: User-facing annotations on the GitSource.
-RECONCILE_NOW_ANNOTATION = f"{GROUP}/reconcile-now"
-CONFIRM_DELETION_ANNOTATION = f"{GROUP}/confirm-deletion"
-#: Set by a user on a live object that exists without a GitSource's label: "true" lets the
-#: GitSource defining it take it over, "<namespace>/<name>" also takes it from another one.
-ADOPT_ANNOTATION = f"{GROUP}/adopt"
+# Declared in conventions.py; re-exported because the gitops modules read them from here.
+from hyperfleet.reconcilers.conventions import ADOPT_ANNOTATION as ADOPT_ANNOTATION
+from hyperfleet.reconcilers.conventions import API_VERSION
+from hyperfleet.reconcilers.conventions import COMMIT_ANNOTATION as COMMIT_ANNOTATION
+from hyperfleet.reconcilers.conventions import (
+    CONFIRM_DELETION_ANNOTATION as CONFIRM_DELETION_ANNOTATION,
+)
+from hyperfleet.reconcilers.conventions import DIGEST_ANNOTATION as DIGEST_ANNOTATION
+from hyperfleet.reconcilers.conventions import OWNER_LABEL as OWNER_LABEL
+from hyperfleet.reconcilers.conventions import PATH_ANNOTATION as PATH_ANNOTATION
+from hyperfleet.reconcilers.conventions import (
+    RECONCILE_NOW_ANNOTATION as RECONCILE_NOW_ANNOTATION,
+)
+from hyperfleet.reconcilers.conventions import SOURCE_ANNOTATION as SOURCE_ANNOTATION
 
 FIELD_MANAGER = "hyperfleet-gitops"
 
@@ -36,10 +37,9 @@ class KindInfo:
 
 #: The only kinds a GitSource applies: Hyperfleet's own.
 KINDS: dict[str, KindInfo] = {
-    "WorkerNode": KindInfo("WorkerNode", "workernodes", False, 0),
-    "VirtualMachine": KindInfo("VirtualMachine", "virtualmachines", True, 1),
-    "VirtualMachinePool": KindInfo("VirtualMachinePool", "virtualmachinepools", True, 1),
-    "VmJob": KindInfo("VmJob", "vmjobs", True, 2),
+    k.kind: KindInfo(k.kind, k.plural, k.namespaced, order)
+    for k, order in ((conv.WORKER_NODE, 0), (conv.VIRTUAL_MACHINE, 1),
+                     (conv.VIRTUAL_MACHINE_POOL, 1), (conv.VM_JOB, 2))
 }
 
 

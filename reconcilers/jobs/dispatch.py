@@ -15,6 +15,7 @@ from typing import Any
 
 from ulid import ULID
 
+from ..conventions import CANCEL_ANNOTATION as CANCEL_ANNOTATION
 from ..eviction import node_local
 from ..models.common import parse_time
 from .engine import (
@@ -38,8 +39,6 @@ from .engine import (
 )
 from .payloads import VmMigrateV1
 from .protocol import JobDocument, JobValidationError, from_manifest
-
-CANCEL_ANNOTATION = "hyperfleet.dev/cancel"
 
 
 @dataclass(frozen=True)

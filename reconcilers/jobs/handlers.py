@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..conventions import OWNER_LABEL
 from ..driver import VmDriver
-from ..gitops.types import OWNER_LABEL
 from ..hypervisor.client import ChClient, ChError
 from ..hypervisor.events import EventTail
 from ..hypervisor.process import pid_alive

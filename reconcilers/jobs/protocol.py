@@ -44,6 +44,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 from ulid import ULID
 
+from ..conventions import GROUP, JOB_ID_LABEL, JOB_OPERATION_LABEL, VERSION, VM_JOB
 from .payloads import (
     BUILTIN_PAYLOADS,
     DNS_LABEL_PATTERN,
@@ -94,9 +95,9 @@ __all__ = [
 
 PROTOCOL_VERSION = "1.0"
 SUPPORTED_MAJOR = 1
-API_GROUP = "hyperfleet.dev"
-API_VERSION = f"{API_GROUP}/v1alpha1"
-KIND = "VmJob"
+API_GROUP = GROUP
+API_VERSION = f"{API_GROUP}/{VERSION}"
+KIND = VM_JOB.kind
 
 # RE2-compatible so they can be copied into CRD ``pattern`` fields.
 VERSION_PATTERN = r"^([0-9]+)\.([0-9]+)$"
@@ -1013,9 +1014,9 @@ def to_manifest(job: JobDocument, name: str | None = None, namespace: str = "def
         name = job.job_id.lower()
     labels: dict[str, str] = {}
     if len(job.operation) <= 63:
-        labels[f"{API_GROUP}/operation"] = job.operation
+        labels[JOB_OPERATION_LABEL] = job.operation
     if job.job_id is not None:
-        labels[f"{API_GROUP}/job-id"] = job.job_id.lower()
+        labels[JOB_ID_LABEL] = job.job_id.lower()
     metadata: dict[str, Any] = {"name": name, "namespace": namespace}
     if labels:
         metadata["labels"] = labels

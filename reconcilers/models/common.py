@@ -11,9 +11,10 @@ from kubernetes.utils.quantity import parse_quantity as k8s_parse_quantity
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-GROUP = "hyperfleet.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+# Re-exported: the models predate conventions.py and many modules import these from here.
+from ..conventions import API_VERSION as API_VERSION
+from ..conventions import GROUP as GROUP
+from ..conventions import VERSION as VERSION
 
 #: A non-negative Kubernetes quantity as memory is written: a decimal number (``1.5``,
 #: ``.5``) with a binary (Ki..Ei) or decimal (k..E) suffix or a decimal exponent (``1e9``).

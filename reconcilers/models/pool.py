@@ -13,13 +13,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
-from .common import GROUP, CamelModel, Condition, KubeObject
+# On every member: the name of its pool (members are listed and watched by it), and the
+# hash of the template it was made from (what a roll compares). Declared in conventions.py.
+from ..conventions import POOL_LABEL as POOL_LABEL
+from ..conventions import REVISION_LABEL as REVISION_LABEL
+from .common import CamelModel, Condition, KubeObject
 from .vm import VirtualMachineSpec
 
-#: On every member: the name of its pool (members are listed and watched by it).
-POOL_LABEL = f"{GROUP}/pool"
-#: On every member: the hash of the template it was made from (what a roll compares).
-REVISION_LABEL = f"{GROUP}/pool-revision"
 RESERVED_LABELS = (POOL_LABEL, REVISION_LABEL)
 
 _PERCENT_RE = re.compile(r"^(100|[1-9]?[0-9])%$")
