@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from hyperfleet.reconcilers.jobs.protocol import JobValidationError, parse_job
 from hyperfleet.reconcilers.models.common import API_VERSION
 from hyperfleet.reconcilers.models.node import WorkerNodeSpec
 from hyperfleet.reconcilers.models.pool import VirtualMachinePoolSpec
@@ -187,10 +188,6 @@ def pydantic_messages(exc: ValidationError, prefix: str) -> list[str]:
 
 
 def _validate_vmjob(spec: Any) -> list[str]:
-    try:
-        from hyperfleet.reconcilers.jobs import JobValidationError, parse_job
-    except ImportError:  # the VmJob protocol is optional; the API server still validates
-        return []
     try:
         parse_job(spec)
     except JobValidationError as exc:
