@@ -29,7 +29,8 @@ from hyperfleet.operator.controller import Controller
 from hyperfleet.operator.settings import ControllerConfig
 from hyperfleet.reconcilers.kube import NODES, VMS
 from hyperfleet.reconcilers.models.common import rfc3339
-from tests.unit.test_controller import FakeKube, node
+from tests.fakekube import FakeKube
+from tests.unit.test_controller import node
 
 NOW = datetime.now(UTC)
 
@@ -96,7 +97,7 @@ def vm_body(i: int, node_name: str | None) -> dict[str, Any]:
 
 def controller(n_vms: int) -> tuple[Controller, FakeKube]:
     kube = FakeKube()
-    ctl = Controller(ControllerConfig(), cast(Any, kube))
+    ctl = Controller(ControllerConfig(), kube)
     n_nodes = max(1, n_vms // 10)
     for j in range(n_nodes):
         body = node(f"node-{j:04d}", 64, NOW)

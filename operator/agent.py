@@ -24,7 +24,7 @@ from hyperfleet.reconcilers.hypervisor import fence
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
 from hyperfleet.reconcilers.images import DEFAULT_ROOTS
 from hyperfleet.reconcilers.jobs.runner import RECEIVE_TIMEOUT, JobRunner
-from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, Kube, version_of
+from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, KubeApi, version_of
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_quantity
 from hyperfleet.reconcilers.models.vm import VirtualMachine
 from hyperfleet.reconcilers.nodes import (
@@ -47,7 +47,7 @@ ORPHAN_SWEEP_SECONDS = 60.0  # the backstop sweep for VMMs of VMs not bound here
 class Agent:
     """State shared by the agent's handlers (one per process)."""
 
-    def __init__(self, cfg: AgentConfig, kube: Kube) -> None:
+    def __init__(self, cfg: AgentConfig, kube: KubeApi) -> None:
         self.cfg = cfg
         self.kube = kube
         self.pm = ProcessManager(cfg.ch_binary, cfg.socket_dir, list(cfg.vmm_args))
@@ -353,7 +353,7 @@ class Agent:
             await asyncio.sleep(max(ORPHAN_SWEEP_SECONDS, self.cfg.heartbeat_seconds))
 
 
-def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> Agent:
+def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: KubeApi) -> Agent:
     agent = Agent(cfg, kube)
 
     def bound_here(status: kopf.Status, **_: Any) -> bool:

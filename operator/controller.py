@@ -28,7 +28,7 @@ from hyperfleet.reconcilers.eviction import (
 from hyperfleet.reconcilers.jobs.dispatch import Decision, dispatch
 from hyperfleet.reconcilers.jobs.engine import WorkerView
 from hyperfleet.reconcilers.jobs.protocol import JobBuilder, to_manifest
-from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Kube, Resource, version_of
+from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, KubeApi, Resource, version_of
 from hyperfleet.reconcilers.models.common import (
     GROUP,
     VERSION,
@@ -58,7 +58,7 @@ log = logging.getLogger("hyperfleet.controller")
 class Controller:
     """An in-memory view of the cluster fed by watch events, and the scheduling loop."""
 
-    def __init__(self, cfg: ControllerConfig, kube: Kube) -> None:
+    def __init__(self, cfg: ControllerConfig, kube: KubeApi) -> None:
         self.cfg = cfg
         self.kube = kube
         self.vms: dict[str, dict[str, Any]] = {}
@@ -549,7 +549,7 @@ def _compact(value: Any) -> Any:
     return value
 
 
-def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: Kube) -> Controller:
+def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: KubeApi) -> Controller:
     ctl = Controller(cfg, kube)
 
     @kopf.on.startup(registry=registry)

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -82,7 +82,42 @@ def load_config(kubeconfig: str | None = None) -> None:
         config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
 
 
+class KubeApi(Protocol):
+    """What the controller, the agent and the job runner call on the API: ``Kube`` in
+    production, tests/fakekube.py's in-memory API server in unit tests. Code that needs more
+    (the raw client: server-side apply, Secrets) takes ``Kube`` itself."""
+
+    def get(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        ...
+
+    def list(self, res: Resource, namespace: str | None = None,
+             field_selector: str | None = None, cached: bool = False) -> Items: ...
+
+    def snapshot(self, res: Resource, namespace: str | None = None,
+                 field_selector: str | None = None,
+                 cached: bool = False) -> tuple[Items, str]: ...
+
+    def create(self, res: Resource, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    def patch(self, res: Resource, name: str, patch: dict[str, Any],
+              namespace: str | None = None, status: bool = False) -> dict[str, Any]: ...
+
+    def delete(self, res: Resource, name: str, namespace: str | None = None) -> None: ...
+
+    def renew_lease(self, namespace: str, name: str, holder: str, seconds: int,
+                    labels: dict[str, str]) -> None: ...
+
+    def peering_status(self, name: str) -> dict[str, Any]: ...
+
+    def lease_renewals(self, label: str) -> dict[str, datetime]: ...
+
+    def event(self, involved: dict[str, Any], reason: str, message: str,
+              type_: str = "Normal", component: str = "hyperfleet") -> None: ...
+
+
 class Kube:
+    """The real API client (implements ``KubeApi``)."""
+
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
         # The generated client's annotations say `object`; treat its answers as JSON.
         self.api: Any = client.CustomObjectsApi(api_client)

@@ -24,7 +24,7 @@ from ..driver import VmDriver
 from ..hypervisor.client import ChClient, ChError
 from ..hypervisor.events import EventTail
 from ..hypervisor.process import pid_alive
-from ..kube import NODES, VMS, Kube
+from ..kube import NODES, VMS, KubeApi
 from ..models.common import format_quantity, parse_quantity
 from ..nodes import allocatable
 from ..vm import ready_settled
@@ -73,7 +73,7 @@ class JobContext:
     namespace: str
     node: str
     driver: VmDriver
-    kube: Kube
+    kube: KubeApi
     log: logging.LoggerAdapter[logging.Logger]
     report: Callable[[int, str], None]  # progress: percent, message
     cancelled: threading.Event = field(default_factory=threading.Event)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..driver import VmDriver
-from ..kube import JOBS, VMS, Conflict, Gone, Kube
+from ..kube import JOBS, VMS, Conflict, Gone, KubeApi
 from ..models.common import now_utc
 from ..text import error_text
 from .dispatch import CANCEL_ANNOTATION, current_status, job_key, parse
@@ -114,7 +114,7 @@ class Attempt:
 
 
 class JobRunner:
-    def __init__(self, node: str, kube: Kube, driver: VmDriver,
+    def __init__(self, node: str, kube: KubeApi, driver: VmDriver,
                  migration_address: str | None = None, stop_grace: float = 10.0) -> None:
         self.node = node
         self.kube = kube

@@ -10,34 +10,21 @@ import pytest
 
 from hyperfleet.operator.agent import Agent
 from hyperfleet.operator.settings import AgentConfig
-from hyperfleet.reconcilers.kube import Conflict, Gone, Resource
+from hyperfleet.reconcilers.kube import NODES, VMS, Resource
+from tests.fakekube import FakeKube
 
 
-class FakeKube:
-    """One VM with a resourceVersion, and the API server's precondition check."""
-
-    def __init__(self, vm: dict[str, Any]) -> None:
-        self.vm: dict[str, Any] | None = vm
-        self.writes: list[dict[str, Any]] = []
-
-    def get(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any] | None:
-        return copy.deepcopy(self.vm)
-
-    def patch(self, res: Resource, name: str, patch: dict[str, Any],
-              namespace: str | None = None, status: bool = False) -> dict[str, Any]:
-        if self.vm is None:
-            raise Gone(name)
-        if patch["metadata"]["resourceVersion"] != self.vm["metadata"]["resourceVersion"]:
-            raise Conflict(name)
-        self.vm["status"].update(patch["status"])
-        self.vm["metadata"]["resourceVersion"] = str(int(self.vm["metadata"]["resourceVersion"]) + 1)
-        self.writes.append(patch)
-        return copy.deepcopy(self.vm)
+def stored(body: dict[str, Any], res: Resource = VMS) -> FakeKube:
+    """An API holding just ``body``, at the resourceVersion it carries."""
+    kube = FakeKube()
+    kube.put(res, body, keep_version=True)
+    return kube
 
 
-def vm_of(kube: FakeKube) -> dict[str, Any]:
-    assert kube.vm is not None
-    return kube.vm
+def vm_of(kube: FakeKube, res: Resource = VMS, name: str = "web", ns: str | None = "ns"
+          ) -> dict[str, Any]:
+    """The stored object itself (not a copy), for a test to change behind the agent's back."""
+    return kube.objs[kube._key(res, name, ns)]
 
 
 def vm(rv: int, node: str | None, **status: Any) -> dict[str, Any]:
@@ -47,7 +34,7 @@ def vm(rv: int, node: str | None, **status: Any) -> dict[str, Any]:
 
 def agent(kube: FakeKube) -> Agent:
     return Agent(AgentConfig(node_name="a", ch_binary="/bin/true", socket_dir="/tmp/hf-unit"),
-                 kube)  # type: ignore[arg-type]
+                 kube)
 
 
 @pytest.mark.parametrize("moved", [
@@ -56,29 +43,27 @@ def agent(kube: FakeKube) -> Agent:
     {"nodeName": "a", "evictFrom": "a"},  # drain asked us to stop it
 ])
 def test_a_write_racing_a_binding_change_is_dropped(moved: dict[str, Any]) -> None:
-    kube = FakeKube(vm(7, "a"))
+    kube = stored(vm(7, "a"))
     seen = copy.deepcopy(vm_of(kube))
-    assert kube.vm is not None
-    kube.vm["status"].update(moved)
-    kube.vm["metadata"]["resourceVersion"] = "8"
+    vm_of(kube)["status"].update(moved)
+    vm_of(kube)["metadata"]["resourceVersion"] = "8"
     assert agent(kube).write_status(seen, {"phase": "Running", "nodeName": "a"}) is None
-    assert kube.writes == [] and kube.vm["status"]["nodeName"] == moved["nodeName"]
+    assert kube.writes == [] and vm_of(kube)["status"]["nodeName"] == moved["nodeName"]
 
 
 def test_a_write_racing_another_change_is_retried_on_the_fresh_version() -> None:
-    kube = FakeKube(vm(7, "a"))
+    kube = stored(vm(7, "a"))
     seen = copy.deepcopy(vm_of(kube))
-    assert kube.vm is not None
-    kube.vm["metadata"]["resourceVersion"] = "9"  # e.g. a spec edit
+    vm_of(kube)["metadata"]["resourceVersion"] = "9"  # e.g. a spec edit
     out = agent(kube).write_status(seen, {"phase": "Sleeping", "snapshot": {"path": "/s"}})
     assert out is not None and out["status"]["snapshot"] == {"path": "/s"}
     assert [w["metadata"]["resourceVersion"] for w in kube.writes] == ["9"]
 
 
 def test_a_deleted_vm_is_not_written() -> None:
-    kube = FakeKube(vm(7, "a"))
+    kube = stored(vm(7, "a"))
     seen = copy.deepcopy(vm_of(kube))
-    kube.vm = None
+    kube.delete(VMS, "web", "ns")
     assert agent(kube).write_status(seen, {"phase": "Running"}) is None
 
 
@@ -90,15 +75,11 @@ def test_the_heartbeat_status_write_keeps_the_controllers_node_conditions() -> N
     node = {"metadata": {"name": "a", "resourceVersion": "3"},
             "status": {"conditions": [{"type": "Ready", "status": "False"}, drain]}}
 
-    class NodeKube(FakeKube):
-        def renew_lease(self, *args: Any) -> None:
-            pass
-
-    kube = NodeKube(node)
+    kube = stored(node, NODES)
     a = Agent(AgentConfig(node_name="a", ch_binary="/bin/true", socket_dir="/tmp/hf-unit",
-                          fence_after_seconds=0), kube)  # type: ignore[arg-type]
+                          fence_after_seconds=0), kube)
     a.node_status = {"phase": "Ready", "conditions": [{"type": "Ready", "status": "True"}]}
     a.heartbeat()
-    conditions = {c["type"]: c for c in vm_of(kube)["status"]["conditions"]}
+    conditions = {c["type"]: c for c in vm_of(kube, NODES, "a", None)["status"]["conditions"]}
     assert conditions == {"Ready": {"type": "Ready", "status": "True"}, "DrainBlocked": drain}
     assert kube.writes[0]["metadata"]["resourceVersion"] == "3"

@@ -1,64 +1,20 @@
 """The controller's view of the cluster: late watch events, terminating VMs, node clocks.
 
-Runs the real Controller against an in-memory API (resourceVersions and conditional
-patches as the API server does them)."""
+Runs the real Controller against tests/fakekube.py's in-memory API (resourceVersions and
+conditional patches as the API server does them)."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from hyperfleet.operator.controller import Controller
 from hyperfleet.operator.settings import ControllerConfig
-from hyperfleet.reconcilers.kube import NODES, VMS, Conflict, Gone, Resource
+from hyperfleet.reconcilers.kube import NODES, VMS
 from hyperfleet.reconcilers.models.common import rfc3339
-
-
-class FakeKube:
-    def __init__(self) -> None:
-        self.rv = itertools.count(100)
-        self.objs: dict[tuple[str, str], dict[str, Any]] = {}
-
-    def _key(self, res: Resource, name: str, ns: str | None) -> tuple[str, str]:
-        return res.plural, f"{ns or 'default'}/{name}" if res.namespaced else name
-
-    def put(self, res: Resource, body: dict[str, Any]) -> dict[str, Any]:
-        body = copy.deepcopy(body)
-        body["metadata"]["resourceVersion"] = str(next(self.rv))
-        self.objs[self._key(res, body["metadata"]["name"], body["metadata"].get("namespace"))] = body
-        return copy.deepcopy(body)
-
-    def snapshot(self, res: Resource, namespace: str | None = None
-                 ) -> tuple[list[dict[str, Any]], str]:
-        items = [copy.deepcopy(b) for (p, _), b in self.objs.items() if p == res.plural]
-        return items, str(next(self.rv))
-
-    def lease_renewals(self, label: str) -> dict[str, datetime]:
-        return {}
-
-    def get(self, res: Resource, name: str, ns: str | None = None) -> dict[str, Any] | None:
-        b = self.objs.get(self._key(res, name, ns))
-        return copy.deepcopy(b) if b else None
-
-    def patch(self, res: Resource, name: str, patch: dict[str, Any], ns: str | None = None,
-              status: bool = False) -> dict[str, Any]:
-        cur = self.objs.get(self._key(res, name, ns))
-        if cur is None:
-            raise Gone(name)
-        patch = copy.deepcopy(patch)
-        want = (patch.get("metadata") or {}).pop("resourceVersion", None)
-        if want is not None and want != cur["metadata"]["resourceVersion"]:
-            raise Conflict(name)
-        for k, v in (patch.get("status") or {}).items():
-            cur.setdefault("status", {})[k] = v
-        cur["metadata"]["resourceVersion"] = str(next(self.rv))
-        return copy.deepcopy(cur)
-
-    def event(self, *args: Any, **kwargs: Any) -> None:
-        pass
+from tests.fakekube import FakeKube
 
 
 def event(kind: str) -> Any:
@@ -87,7 +43,7 @@ def bound(kube: FakeKube, name: str) -> str | None:
 def test_a_late_watch_event_does_not_undo_a_binding() -> None:
     async def scenario() -> FakeKube:
         kube = FakeKube()
-        ctl = Controller(ControllerConfig(), cast(Any, kube))
+        ctl = Controller(ControllerConfig(), kube)
         zeta = kube.put(VMS, vm("zeta", 4))
         ctl.observe(ctl.vms, "t/zeta", event("ADDED"), cast(Any, zeta))
         await ctl.pass_once()  # no node yet: zeta is Unschedulable
@@ -113,7 +69,7 @@ def test_a_terminating_vm_keeps_its_place_until_its_agent_stopped_it() -> None:
         kube.put(VMS, vm("old", 4, "n1", deletionTimestamp="2030-01-01T00:00:00Z",
                          finalizers=["hyperfleet.dev/agent"]))
         kube.put(VMS, vm("new", 4))
-        ctl = Controller(ControllerConfig(), cast(Any, kube))
+        ctl = Controller(ControllerConfig(), kube)
         await ctl.prime()
         await ctl.pass_once()
         return kube
@@ -126,7 +82,7 @@ def test_a_vm_is_not_bound_to_a_node_deleted_during_the_pass() -> None:
     async def scenario() -> FakeKube:
         kube = FakeKube()
         kube.put(VMS, vm("a", 1))
-        ctl = Controller(ControllerConfig(), cast(Any, kube))
+        ctl = Controller(ControllerConfig(), kube)
         await ctl.prime()
         await ctl._bind(ctl.vms["t/a"], "n1")  # the scheduler chose n1, then it went away
         return kube
@@ -136,7 +92,7 @@ def test_a_vm_is_not_bound_to_a_node_deleted_during_the_pass() -> None:
 
 def test_node_liveness_is_measured_by_the_controllers_clock() -> None:
     now = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-    ctl = Controller(ControllerConfig(), cast(Any, FakeKube()))
+    ctl = Controller(ControllerConfig(), FakeKube())
     # The agent's clock is an hour behind: its fresh heartbeat still means "alive now".
     ctl.nodes["slow"] = node("slow", 4, now - timedelta(hours=1))
     # This one's clock is ten minutes ahead, and it stops heartbeating.
