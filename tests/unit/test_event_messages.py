@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -29,6 +29,7 @@ from hyperfleet.reconcilers.jobs.protocol import JobBuilder
 from hyperfleet.reconcilers.kube import NODES, VMS
 from hyperfleet.reconcilers.text import describe, error_text, repr_fragments
 from hyperfleet.reconcilers.vm import Action, Step
+from tests.fakekube import FakeKube
 from tests.unit import test_controller as tc
 from tests.unit import test_driver as td
 from tests.unit import test_job_runner as tj
@@ -179,13 +180,13 @@ def test_controller_scheduling_and_eviction_messages() -> None:
     messages: list[tuple[str, str]] = []
 
     async def scenario() -> None:
-        kube = tc.FakeKube()
+        kube = FakeKube()
         now = datetime.now(UTC)
         kube.put(NODES, tc.node("n1", 4, now))
         kube.put(VMS, tc.vm("fits", 2))
         kube.put(VMS, tc.vm("huge", 64))
         kube.put(VMS, tc.vm("stranded", 1, "vanished"))  # its WorkerNode and agent are gone
-        ctl = Controller(ControllerConfig(eviction_seconds=0), cast(Any, kube))
+        ctl = Controller(ControllerConfig(eviction_seconds=0), kube)
         ctl.record = lambda body, reason, message, type_: messages.append(  # type: ignore[method-assign]
             (reason, message))
         await ctl.prime()
