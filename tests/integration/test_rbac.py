@@ -214,6 +214,9 @@ def _vm(name: str, namespace: str | None = None) -> str:
     meta = f"{{name: {name}, namespace: {namespace}}}" if namespace else f"{{name: {name}}}"
     return (f"apiVersion: hyperfleet.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {meta}\n"
             "spec:\n  cpus: 1\n  maxCpus: 2\n  memory: 128Mi\n  liveMigration: true\n"
+            # The drain live-migrates it between two agents on this one host: the receiving
+            # VMM would bind the sender's console socket path (docs/console.md).
+            '  serial: "Null"\n'
             f"  boot: {{kernel: {PLACEHOLDER_KERNEL}}}\n")
 
 
