@@ -10,8 +10,8 @@ Prints figures; asserts nothing. Usage: python bench/cluster_bench.py [--vms 100
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -19,6 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import cpu_seconds
 from hyperfleet.operator.devstack import (
     ApiServer,
     agent_cmd,
@@ -52,16 +55,6 @@ def fake_nodes(kube: Kube, count: int, stop: threading.Event) -> None:
             st = heartbeat_status(64, 256 << 30, [ch], ["provision"], "bench")
             kube.patch(NODES, f"fake-{i}", {"status": st}, status=True)
         stop.wait(5)  # the agents' default heartbeat interval
-
-
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU time of a process so far (from /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def print_cpu(label: str, procs: dict[str, int]) -> None:

@@ -25,6 +25,7 @@ from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import rss_mib
 from hyperfleet.operator.controller import Controller
 from hyperfleet.operator.settings import ControllerConfig
 from hyperfleet.reconcilers.kube import NODES, VMS
@@ -130,14 +131,6 @@ def timed(ctl: Controller, kube: FakeKube, loop: asyncio.AbstractEventLoop, repe
 async def settle(ctl: Controller) -> None:
     """Let the Events the passes posted in the background finish."""
     await asyncio.gather(*ctl._background)
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def main() -> None:

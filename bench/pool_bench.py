@@ -23,10 +23,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import discard
+from bench import cpu_seconds, discard, print_figures
 from bench.fastvmm import fastvmm_binary
 from bench.gitops_bench import KERNEL, NS, Bench, wait
-from bench.scale_bench import cpu_seconds
 from hyperfleet.operator.devstack import agent_cmd, hyperfleet_cmd, kubectl
 from hyperfleet.reconcilers.models.pool import POOL_LABEL, resolve_int_or_percent
 
@@ -149,10 +148,8 @@ def main() -> None:
     finally:
         b.down()
         discard(work)
-    width = max(len(key) for key, _ in figures) if figures else 0
-    print(f"\nPool benchmark ({os.cpu_count()} cores, real API server + etcd on loopback)")
-    for key, value in figures:
-        print(f"  {key:<{width}}  {value}")
+    print_figures(f"Pool benchmark ({os.cpu_count()} cores, real API server + etcd on loopback)",
+                  figures)
 
 
 if __name__ == "__main__":

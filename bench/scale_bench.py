@@ -19,27 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import discard
+from bench import cpu_seconds, discard, print_figures, rss_mib
 from bench.fastvmm import fastvmm_binary
 from bench.gitops_bench import NS, Bench, vm, wait
 from hyperfleet.operator.devstack import agent_cmd, hyperfleet_cmd, kubectl
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """The process's own user+system CPU (not its children: the VMMs are not ours)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def main() -> None:
@@ -117,10 +100,8 @@ def main() -> None:
     finally:
         b.down()
         discard(work)
-    width = max(len(key) for key, _ in figures) if figures else 0
-    print(f"\nScale benchmark ({os.cpu_count()} cores, real API server + etcd on loopback)")
-    for key, value in figures:
-        print(f"  {key:<{width}}  {value}")
+    print_figures(f"Scale benchmark ({os.cpu_count()} cores, real API server + etcd on loopback)",
+                  figures)
 
 
 if __name__ == "__main__":

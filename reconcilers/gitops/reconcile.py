@@ -156,6 +156,15 @@ class GitSourceReconciler:
         run._write()
         return run.health_after()
 
+    def _secret(self, name: str, namespace: str) -> Any:
+        """A Secret (None when there is none); other API errors propagate."""
+        try:
+            return client.CoreV1Api(self.kube.api.api_client).read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def verify_keys(self, namespace: str, verify: VerifySpec) -> list[PublicKey]:
         """The trusted keys: inline ones, then every value of the Secret (if named)."""
         keys = [PublicKey(f"spec.verify.publicKeys[{i}]", k) for i, k in enumerate(verify.public_keys)]
@@ -163,14 +172,14 @@ class GitSourceReconciler:
             return keys
         name = verify.secret_ref.name
         try:
-            secret = client.CoreV1Api(self.kube.api.api_client).read_namespaced_secret(name, namespace)
+            secret = self._secret(name, namespace)
         except ApiException as exc:
-            if exc.status == 404:
-                raise VerificationError("SecretNotFound", f"Secret {name} (spec.verify.secretRef) not "
-                                        f"found in namespace {namespace}: create it with the trusted "
-                                        "public keys or fix spec.verify.secretRef") from None
             raise VerificationError("VerificationFailed", f"cannot read Secret {name} "
                                     f"(spec.verify.secretRef): {api_message(exc)}", transient=True) from None
+        if secret is None:
+            raise VerificationError("SecretNotFound", f"Secret {name} (spec.verify.secretRef) not "
+                                    f"found in namespace {namespace}: create it with the trusted "
+                                    "public keys or fix spec.verify.secretRef")
         for k, v in sorted((secret.data or {}).items()):
             keys.append(PublicKey(f"Secret {name} key {k} (spec.verify.secretRef)",
                                   base64.b64decode(v).decode("utf-8", "replace")))
@@ -181,13 +190,13 @@ class GitSourceReconciler:
             return None
         name = spec.secret_ref.name
         try:
-            secret = client.CoreV1Api(self.kube.api.api_client).read_namespaced_secret(name, namespace)
+            secret = self._secret(name, namespace)
         except ApiException as exc:
-            if exc.status == 404:
-                raise FetchError(f"Secret {name} (spec.secretRef) not found in namespace {namespace}: "
-                                 "create it or fix spec.secretRef", transient=False,
-                                 reason="SecretNotFound") from None
             raise FetchError(f"cannot read Secret {name}: {api_message(exc)}") from None
+        if secret is None:
+            raise FetchError(f"Secret {name} (spec.secretRef) not found in namespace {namespace}: "
+                             "create it or fix spec.secretRef", transient=False,
+                             reason="SecretNotFound")
         data = {k: base64.b64decode(v).decode("utf-8", "replace") for k, v in (secret.data or {}).items()}
         return Credentials.from_secret_data(data, name, spec.url)
 
