@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import copy
 import logging
 import threading
@@ -37,6 +36,7 @@ from hyperfleet.reconcilers.nodes import (
 
 from . import metrics
 from .settings import AgentConfig, configure_kopf
+from .tasks import cancel_all
 
 log = logging.getLogger("hyperfleet.agent")
 AGENT_VERSION = "0.1.0"
@@ -385,10 +385,7 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: KubeApi) -
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
         await asyncio.to_thread(agent.jobs.hand_back)
-        for task in agent.tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(agent.tasks)
 
     @kopf.on.event(GROUP, VERSION, VMS.plural, registry=registry)
     async def vm_event(*, name: str, namespace: str | None, body: kopf.Body,

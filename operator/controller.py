@@ -51,6 +51,7 @@ from hyperfleet.reconcilers.scheduler import NodeView, VmView, schedule, vm_view
 
 from . import metrics
 from .settings import ControllerConfig, configure_kopf
+from .tasks import cancel_all
 
 log = logging.getLogger("hyperfleet.controller")
 
@@ -563,9 +564,7 @@ def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: KubeA
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
         if ctl.task:
-            ctl.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ctl.task
+            await cancel_all([ctl.task])
 
     @kopf.on.event(GROUP, VERSION, VMS.plural, registry=registry)
     async def vm_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import copy
 import logging
 import os
@@ -67,6 +66,7 @@ from hyperfleet.reconcilers.models.common import GROUP, VERSION
 from hyperfleet.reconcilers.models.gitsource import GitRef
 
 from . import metrics
+from .tasks import cancel_all
 
 log = logging.getLogger("hyperfleet.gitops")
 
@@ -480,11 +480,7 @@ class GitOps:
                  extra={"host": self.cfg.webhook_host, "port": self.cfg.webhook_port})
 
     async def stop(self) -> None:
-        for task in list(self.tasks.values()):
-            task.cancel()
-        for task in list(self.tasks.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(self.tasks.values())
         self.tasks.clear()
         if self.server is not None:
             self.server.close()

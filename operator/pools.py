@@ -39,6 +39,8 @@ from hyperfleet.reconcilers.pools import (
     with_failure,
 )
 
+from .tasks import cancel_all
+
 log = logging.getLogger("hyperfleet.pools")
 
 RESYNC = 30.0  # seconds between two plans of a quiet pool (a safety net, not the driver)
@@ -286,11 +288,7 @@ class Pools:
         return True
 
     async def stop(self) -> None:
-        for task in list(self.tasks.values()):
-            task.cancel()
-        for task in list(self.tasks.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(self.tasks.values())
         self.tasks.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
