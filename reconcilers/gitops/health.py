@@ -6,7 +6,10 @@ at once; one still on its way (Pending, Scheduled, Starting, Unschedulable, cras
 backoff, status not yet for the current generation) fails it only once it has been so for
 longer than the timeout, counted from the later of the apply that changed the GitSource's
 objects and the VM's own last Ready/Scheduled transition (a VM that ran fine for a week and
-is now being rescheduled gets the full timeout too). WorkerNodes and VmJobs are not checked.
+is now being rescheduled gets the full timeout too). A VirtualMachinePool is healthy once
+its status is for the current generation and every member is updated and available; a
+template it refuses (ReplicaFailure InvalidTemplate/InvalidSpec) fails the check at once.
+WorkerNodes and VmJobs are not checked.
 """
 
 from __future__ import annotations
@@ -128,6 +131,53 @@ def vm_health(ref: ObjectRef, body: Mapping[str, Any] | None) -> VmHealth:
     return VmHealth(ref, "healthy")
 
 
+#: ReplicaFailure reasons nothing but a spec change fixes.
+_POOL_FATAL = frozenset({"InvalidTemplate", "InvalidSpec"})
+
+
+def pool_health(ref: ObjectRef, body: Mapping[str, Any] | None) -> VmHealth:
+    """One VirtualMachinePool's state, as kstatus judges a Deployment: fully rolled out."""
+    if body is None:
+        return VmHealth(ref, "progressing", "not found")
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    want = int((body.get("spec") or {}).get("replicas", 1))
+    conds = _conditions(status)
+    failure = conds.get("ReplicaFailure")
+    since = _pool_not_available_since(conds)
+    if failure is not None and failure.get("status") == "True":
+        state: Literal["failed", "progressing"] = \
+            "failed" if failure.get("reason") in _POOL_FATAL else "progressing"
+        return VmHealth(ref, state, f"{failure.get('reason')}: {failure.get('message')}", since)
+    if meta.get("deletionTimestamp"):
+        return VmHealth(ref, "progressing", "being deleted", since)
+    generation, observed = meta.get("generation"), status.get("observedGeneration")
+    if generation is not None and (observed is None or int(observed) < int(generation)):
+        return VmHealth(ref, "progressing", f"status not yet for generation {generation}", since)
+    updated, available = int(status.get("updatedReplicas", 0)), \
+        int(status.get("availableReplicas", 0))
+    if updated < want or available < want or int(status.get("replicas", 0)) != want:
+        return VmHealth(ref, "progressing", f"{updated} of {want} members updated, {available} "
+                        "available", since)
+    return VmHealth(ref, "healthy")
+
+
+def _pool_not_available_since(conds: Mapping[str, Mapping[str, Any]]) -> datetime | None:
+    for t in ("Available", "Progressing"):
+        c = conds.get(t)
+        if c is not None and c.get("lastTransitionTime") and \
+                (t == "Progressing" or c.get("status") != "True"):
+            try:
+                return parse_time(str(c["lastTransitionTime"]))
+            except ValueError:
+                continue
+    return None
+
+
+#: The kinds the health check judges, and how.
+_JUDGES = {"VirtualMachine": vm_health, "VirtualMachinePool": pool_health}
+
+
 def _listing(vms: Sequence[VmHealth]) -> str:
     shown = "; ".join(str(v) for v in vms[:MAX_SHOWN])
     more = f"; and {len(vms) - MAX_SHOWN} more" if len(vms) > MAX_SHOWN else ""
@@ -141,15 +191,17 @@ def _duration(seconds: float) -> str:
 
 def assess_health(applied: Iterable[ObjectRef], observed: Mapping[ObjectRef, Mapping[str, Any]],
                   now: datetime, since: datetime | None, timeout: float) -> Health:
-    """Whether the applied VirtualMachines are healthy.
+    """Whether the applied VirtualMachines and VirtualMachinePools are healthy.
 
-    ``applied``: the inventory (other kinds are skipped); ``observed``: live VMs by reference
-    (a missing one counts as not yet created); ``since``: when the last apply changed
-    objects (None: long ago); ``timeout``: seconds a VM may stay on its way."""
-    vms = sorted({r for r in applied if r.kind == "VirtualMachine"}, key=lambda r: r.sort_key())
+    ``applied``: the inventory (other kinds are skipped); ``observed``: live objects by
+    reference (a missing one counts as not yet created); ``since``: when the last apply
+    changed objects (None: long ago); ``timeout``: seconds one may stay on its way."""
+    vms = sorted({r for r in applied if r.kind in _JUDGES}, key=lambda r: r.sort_key())
     if not vms:
         return Health("True", HEALTHY, "no VirtualMachines to check", checked=0)
-    states = [vm_health(r, observed.get(r)) for r in vms]
+    states = [_JUDGES[r.kind](r, observed.get(r)) for r in vms]
+    noun = "VirtualMachines" if all(r.kind == "VirtualMachine" for r in vms) else \
+        "VirtualMachines and pools"
     failed = [s for s in states if s.state == "failed"]
     waiting = [s for s in states if s.state == "progressing"]
     overdue = []
@@ -165,13 +217,13 @@ def assess_health(applied: Iterable[ObjectRef], observed: Mapping[ObjectRef, Map
             parts.append(f"{len(failed)} failed: {_listing(failed)}")
         if overdue:
             parts.append(f"{len(overdue)} not healthy after {_duration(timeout)}: {_listing(overdue)}")
-        return Health("False", FAILED, f"{len(bad)} of {n} VirtualMachines unhealthy; "
+        return Health("False", FAILED, f"{len(bad)} of {n} {noun} unhealthy; "
                       + "; ".join(parts), tuple(bad), n)
     if waiting:
-        return Health("Unknown", PROGRESSING, f"waiting for {len(waiting)} of {n} VirtualMachines "
+        return Health("Unknown", PROGRESSING, f"waiting for {len(waiting)} of {n} {noun} "
                       f"to become healthy: {_listing(waiting)}", tuple(waiting), n)
-    return Health("True", HEALTHY, f"all {n} VirtualMachines healthy", checked=n)
+    return Health("True", HEALTHY, f"all {n} {noun} healthy", checked=n)
 
 
 __all__ = ["FAILED", "HEALTHY", "PROGRESSING", "Health", "VmHealth", "assess_health",
-           "expected_phases", "vm_health"]
+           "expected_phases", "pool_health", "vm_health"]

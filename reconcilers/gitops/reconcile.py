@@ -21,7 +21,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from hyperfleet.reconcilers.conventions import VIRTUAL_MACHINE
+from hyperfleet.reconcilers.conventions import VIRTUAL_MACHINE, VIRTUAL_MACHINE_POOL
 from hyperfleet.reconcilers.kube import GITSOURCES, Kube
 from hyperfleet.reconcilers.models.common import now_utc, set_condition
 from hyperfleet.reconcilers.models.gitsource import (
@@ -60,6 +60,8 @@ HEALTH_POLL_SETTLED = 15.0
 #: Ready reasons that come from a successful apply, so the health check may update Ready.
 _HEALTH_GOVERNED = frozenset({"ReconciliationSucceeded", PROGRESSING, FAILED})
 VM_KIND = VIRTUAL_MACHINE.kind
+#: The kinds whose health gates Ready (see health.py).
+HEALTH_KINDS = frozenset({VM_KIND, VIRTUAL_MACHINE_POOL.kind})
 
 State = Literal["applied", "unchanged", "held", "stalled", "failed", "suspended", "deleted"]
 
@@ -151,7 +153,9 @@ class GitSourceReconciler:
             return None  # the next reconcile reports it
         if not run.wants_health():
             return None
-        owned = self.applier.list_owned(VM_KIND, owner_value(namespace, name))
+        owner = owner_value(namespace, name)
+        owned = [b for kind in sorted({e.kind for e in run.status.inventory} & HEALTH_KINDS)
+                 for b in self.applier.list_owned(kind, owner)]
         run.assess(owned, governs_ready=run.ready_follows_health())
         run._write()
         return run.health_after()
@@ -426,7 +430,7 @@ class _Run:
                 and self.prev_ready.reason not in _HEALTH_GOVERNED:
             self._event("ReconciliationSucceeded", f"recovered: {self._applied_message()}")
         if self.wants_health():
-            self.assess([b for r, b in live.items() if r.kind == VM_KIND], governs_ready=True)
+            self.assess([b for r, b in live.items() if r.kind in HEALTH_KINDS], governs_ready=True)
         else:
             self._drop("Healthy")
             self._set("Ready", True, "ReconciliationSucceeded", self._applied_message())
@@ -439,7 +443,7 @@ class _Run:
     def wants_health(self) -> bool:
         spec = self.spec
         return bool(spec is not None and spec.health_check.enabled and not spec.suspend
-                    and any(e.kind == VM_KIND for e in self.status.inventory))
+                    and any(e.kind in HEALTH_KINDS for e in self.status.inventory))
 
     def ready_follows_health(self) -> bool:
         """Whether Ready is the health check's to set: the last reconcile applied the commit
@@ -454,7 +458,7 @@ class _Run:
     def assess(self, vms: Sequence[dict[str, Any]], governs_ready: bool) -> Health:
         """Set Healthy (and Ready, where it follows health) from the live ``vms``."""
         assert self.spec is not None
-        observed = {ObjectRef.of({**b, "kind": VM_KIND}): b for b in vms}
+        observed = {ObjectRef.of(b): b for b in vms}
         inventory = [ObjectRef.from_inventory(e.wire()) for e in self.status.inventory]
         before = next((c for c in self.status.conditions if c.type == "Healthy"), None)
         health = assess_health(inventory, observed, now_utc(), self.status.last_changed_at,

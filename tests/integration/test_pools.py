@@ -203,13 +203,19 @@ def test_bad_pools_are_refused_naming_the_field(cluster: Cluster) -> None:
     assert conditions(c)["ReplicaFailure"]["status"] == "False"
 
 
+def healthy(c: Cluster) -> dict[str, Any]:
+    """The GitSource ``fleet``'s Healthy condition ({} until it has one)."""
+    st = (c.get("gitsource", "fleet") or {}).get("status") or {}
+    return next((x for x in st.get("conditions", []) if x["type"] == "Healthy"), {})
+
+
 def test_a_pool_applied_from_a_gitsource(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
     start(c)  # the controller runs the GitSource reconciler too
     repo = Repo(tmp_path / "repo").init()
     repo.write("fleet/pool.yaml", pool_yaml(name="git", replicas=2))
     sha = repo.push("a pool")
-    gitsource(c, "fleet", str(repo.remote), extra="  maxDeletionRatio: 1.0\n")
+    gitsource(c, "fleet", str(repo.remote), extra="  maxDeletionRatio: 1.0\n", health=True)
     wait_for(lambda: applied(c, sha), 60, "GitSource applied the pool", c)
     wait_for(lambda: sorted(members(c, "git")) == ["git-0", "git-1"]
              and all(available(v) for v in members(c, "git").values()), 60,
@@ -221,6 +227,9 @@ def test_a_pool_applied_from_a_gitsource(cluster: Cluster, tmp_path: Path) -> No
     wait_for(lambda: sorted(members(c, "git")) == ["git-0", "git-1"] and all(
         available(v) and v["spec"]["cpus"] == 2 for v in members(c, "git").values()), 90,
         "members rolled to the new template", c)
+    # The GitSource's health check judges the pool itself: healthy once fully rolled out.
+    wait_for(lambda: (h := healthy(c)).get("status") == "True" and h, 60, "GitSource Healthy", c)
+    assert healthy(c)["message"] == "all 1 VirtualMachines and pools healthy"
     # Removed from Git: pruned, and its members with it.
     repo.remove("fleet/pool.yaml")
     repo.write("fleet/.keep", "")

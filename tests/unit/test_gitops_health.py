@@ -139,6 +139,58 @@ def test_no_vms_is_healthy_and_other_kinds_are_not_checked() -> None:
 # ---------------------------------------------------------------------- in a reconcile
 
 
+def pool(name: str, replicas: int = 3, updated: int = 3, available: int = 3, gen: int = 2,
+         observed: int | None = 2, *conditions: dict[str, Any]) -> dict[str, Any]:
+    st: dict[str, Any] = {"replicas": replicas, "updatedReplicas": updated,
+                          "availableReplicas": available, "readyReplicas": available,
+                          "conditions": list(conditions)}
+    if observed is not None:
+        st["observedGeneration"] = observed
+    return {"kind": "VirtualMachinePool",
+            "metadata": {"name": name, "namespace": "ns", "generation": gen},
+            "spec": {"replicas": replicas}, "status": st}
+
+
+def pool_verdict(bodies: list[dict[str, Any]], now: datetime) -> Any:
+    refs = {ObjectRef("VirtualMachinePool", "ns", b["metadata"]["name"]): b for b in bodies}
+    return assess_health(list(refs), refs, now, T0, TIMEOUT)
+
+
+def test_a_fully_rolled_out_pool_is_healthy_beside_its_vms() -> None:
+    refs = {ObjectRef("VirtualMachinePool", "ns", "web"): pool("web"), ref("db"): body("db")}
+    h = assess_health(list(refs), refs, T0, T0, TIMEOUT)
+    assert (h.status, h.reason, h.checked) == ("True", "Healthy", 2)
+    assert h.message == "all 2 VirtualMachines and pools healthy"
+
+
+@pytest.mark.parametrize(("b", "why"), [
+    (pool("web", updated=1), "1 of 3 members updated, 3 available"),
+    (pool("web", available=2), "3 of 3 members updated, 2 available"),
+    (pool("web", observed=1), "status not yet for generation 2"),
+    (pool("web", 3, 3, 3, 2, 2, cond("ReplicaFailure", "True", "CreateFailed", "API said no")),
+     "CreateFailed: API said no"),
+])
+def test_a_pool_on_its_way_progresses_then_fails_after_the_timeout(b: dict[str, Any],
+                                                                  why: str) -> None:
+    h = pool_verdict([b], T0 + timedelta(seconds=10))
+    assert h.status == "Unknown" and why in h.message
+    late = pool_verdict([b], T0 + timedelta(seconds=TIMEOUT + 1))
+    assert late.status == "False" and late.reason == "HealthCheckFailed" and why in late.message
+
+
+def test_a_refused_pool_template_fails_at_once() -> None:
+    b = pool("web", 3, 0, 0, 2, 2,
+             cond("ReplicaFailure", "True", "InvalidTemplate", "spec.template.spec.disks[0] is "
+                  "writable and not shared"))
+    h = pool_verdict([b], T0 + timedelta(seconds=1))
+    assert h.status == "False" and "InvalidTemplate: spec.template.spec.disks[0]" in h.message
+
+
+def test_a_missing_pool_is_not_yet_created() -> None:
+    r = ObjectRef("VirtualMachinePool", "ns", "web")
+    assert assess_health([r], {}, T0 + timedelta(seconds=1), T0, TIMEOUT).status == "Unknown"
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
     return Env(tmp_path, healthCheck={"enabled": True, "timeout": "5m"})
