@@ -219,6 +219,11 @@ def get(
         "--all-namespaces", "-A", help="Every namespace")] = False,
     namespace: NamespaceOpt = None,
     kubeconfig: KubeconfigOpt = None,
+    watch: Annotated[bool, typer.Option(
+        "--watch", "-w", help="After the list, print each change as it happens (Ctrl-C stops)")
+    ] = False,
+    watch_timeout: Annotated[float | None, typer.Option(
+        help="Stop watching after this many seconds (default: until Ctrl-C)")] = None,
 ) -> None:
     """List VMs, worker nodes, VmJobs or GitSources, or show one (kubectl get's columns)."""
     k = resolve_kind(kind)
@@ -231,15 +236,60 @@ def get(
         if body is None:
             where = f"{ns}/" if k.resource.namespaced else ""
             fail(f"{k.singular} {where}{name} not found", ExitCode.NOT_FOUND)
-        items = [body]
+        items, since = [body], str(body["metadata"]["resourceVersion"])
     else:
-        items = kube.list(k.resource, scope)
+        items, since = kube.snapshot(k.resource, scope)
         items.sort(key=lambda b: (b["metadata"].get("namespace") or "", b["metadata"]["name"]))
         if not items and output in ("table", "wide"):
             where = f" in {ns} namespace" if scope else ""
             typer.echo(f"No {k.crd.plural} found{where}.", err=True)
-            return
-    sys.stdout.write(render(k, items, output, single=bool(name), all_namespaces=all_namespaces))
+            if not watch:
+                return
+    if items:
+        sys.stdout.write(render(k, items, output, single=bool(name),
+                                all_namespaces=all_namespaces))
+        sys.stdout.flush()
+    if watch:
+        watch_changes(kube, k, scope, name, since, output, all_namespaces, watch_timeout)
+
+
+def watch_changes(kube: Kube, k: Kind, scope: str | None, name: str | None, since: str,
+                  output: str, all_namespaces: bool, timeout: float | None) -> None:
+    """`kubectl get -w`: one more row (or object) per change after ``since``, until Ctrl-C
+    or ``timeout``. A watch the API server expires (410) resumes from a fresh list."""
+    from kubernetes import watch as k8s_watch
+    from kubernetes.client.exceptions import ApiException
+
+    from hyperfleet.reconcilers.conventions import GROUP, VERSION
+
+    api = kube.api
+    fn = api.list_namespaced_custom_object if scope else api.list_cluster_custom_object
+    args = (GROUP, VERSION, scope, k.resource.plural) if scope else \
+        (GROUP, VERSION, k.resource.plural)
+    selector = {"field_selector": f"metadata.name={name}"} if name else {}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    w: Any = k8s_watch.Watch()  # type: ignore[no-untyped-call]
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            left = 300.0 if deadline is None else min(300.0, deadline - time.monotonic())
+            try:
+                for ev in w.stream(fn, *args, resource_version=since,
+                                   timeout_seconds=max(1, int(left)), **selector):
+                    obj = ev["object"]
+                    since = obj["metadata"]["resourceVersion"]
+                    text = render(k, [obj], output, single=True, all_namespaces=all_namespaces)
+                    if output in ("table", "wide"):
+                        text = text.split("\n", 1)[1]  # the row only, as kubectl get -w
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return
+            except ApiException as exc:
+                if exc.status != 410:
+                    raise
+                since = kube.snapshot(k.resource, scope)[1]  # expired: carry on from now
+    except KeyboardInterrupt:
+        return
 
 
 # ----------------------------------------------------------------------- GitOps ownership

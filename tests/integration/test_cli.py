@@ -334,3 +334,25 @@ def test_a_gitops_owned_power_state_warns_that_it_will_be_reverted(cluster: Clus
               input_=yaml.safe_dump(bare))
     r = hf(c, "stop", "gitvm2", "-n", ns)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_get_watch_prints_each_change_as_a_row(cluster: Cluster) -> None:
+    """`hyperfleet get vms -w`, like `kubectl get -w`: the table, then one row per change."""
+    c = cluster
+    assert c.apply(vm_manifest("w1")).returncode == 0
+    p = hf_bg(c, "get", "vms", "-n", c.namespace, "-w", "--watch-timeout", "20")
+    assert p.stdout is not None
+    try:
+        header = p.stdout.readline()
+        assert header.split()[:3] == ["NAME", "PHASE", "NODE"], header
+        assert p.stdout.readline().split()[0] == "w1"
+        patch_status(c, "hvm", "w1", {"phase": "Starting"})
+        row = p.stdout.readline().split()
+        assert row[:2] == ["w1", "Starting"], row
+        assert c.apply(vm_manifest("w2")).returncode == 0
+        assert p.stdout.readline().split()[0] == "w2"
+    finally:
+        p.kill()
+        p.wait()
+    r = hf(c, "get", "vms", "w1", "-n", c.namespace, "-w", "--watch-timeout", "2", "-o", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)["metadata"]["name"] == "w1", r.stderr
