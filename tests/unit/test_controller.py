@@ -104,3 +104,11 @@ def test_node_liveness_is_measured_by_the_controllers_clock() -> None:
     ctl.nodes["slow"] = node("slow", 4, now - timedelta(hours=1) + timedelta(minutes=9))
     _, alive = ctl.liveness(later)
     assert alive == {"slow": later, "fast": now}  # fast: silent for 9 minutes, whatever it said
+
+
+def test_passes_are_spaced_by_twice_their_cost_within_bounds() -> None:
+    from hyperfleet.operator.controller import pass_gap
+
+    assert pass_gap(0.001) == 0.02  # a small fleet reacts at once
+    assert pass_gap(0.1) == 0.2  # a 10k-VM pass: passes take at most a third of the time
+    assert pass_gap(3.0) == 1.0  # never more than a second between passes
