@@ -6,7 +6,11 @@ conditions) bound to N/10 WorkerNodes, then times ``pass_once``: a steady pass (
 changed) and a pass after one VM arrives (one to place). Memory: the Python heap the view
 holds (tracemalloc) and the process RSS. Writes go to the in-memory API of the unit tests.
 
-Usage: python bench/controller_bench.py [--vms 1000 10000] [--repeats 15]
+With ``--real N``: a real controller process against the real API server holding N VMs
+(bound to WorkerNodes that do not exist, so it only holds them), its RSS and idle CPU once
+the initial listing is digested.
+
+Usage: python bench/controller_bench.py [--vms 1000 10000] [--repeats 15] [--real 10000]
 """
 
 from __future__ import annotations
@@ -133,11 +137,66 @@ async def settle(ctl: Controller) -> None:
     await asyncio.gather(*ctl._background)
 
 
+def real_process(n: int, settle: float) -> tuple[float, float, float]:
+    """(seconds to create the VMs, controller RSS MiB, idle CPU ms/s) for ``n`` VMs."""
+    import concurrent.futures
+    import tempfile
+
+    from bench import cpu_seconds, discard
+    from hyperfleet.operator.devstack import (
+        ApiServer,
+        hyperfleet_cmd,
+        install_crds,
+        kubectl,
+        launch,
+        stop_process,
+    )
+    from hyperfleet.reconcilers.kube import Kube, load_config
+
+    work = Path(tempfile.mkdtemp(prefix="hf-bench-ctl-", dir="/tmp"))
+    api = ApiServer(work / "api").start()
+    try:
+        install_crds(api.kubeconfig)
+        kubectl(api.kubeconfig, "create", "namespace", "fleet")
+        load_config(str(api.kubeconfig))
+        kube = Kube()
+
+        def create(i: int) -> None:
+            body = vm_body(i, f"node-{i % max(1, n // 10):04d}")
+            status = body.pop("status")
+            body["metadata"] = {k: v for k, v in body["metadata"].items()
+                                if k in ("name", "namespace", "labels", "annotations")}
+            kube.create(VMS, body)
+            kube.patch(VMS, body["metadata"]["name"], {"status": status}, "fleet", status=True)
+
+        t = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(create, range(n)))
+        made = time.monotonic() - t
+        proc = launch(hyperfleet_cmd("controller", "--no-gitops"), work / "controller.log",
+                      api.kubeconfig)
+        try:
+            time.sleep(settle)
+            c0 = cpu_seconds(proc.pid)
+            time.sleep(10)
+            idle = (cpu_seconds(proc.pid) - c0) * 100  # ms/s over 10 s
+            return made, rss_mib(proc.pid), idle
+        finally:
+            stop_process(proc)
+    finally:
+        api.stop()
+        discard(work)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vms", type=int, nargs="+", default=[0, 1000, 10000])
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--real", type=int, nargs="*", default=[],
+                    help="also a real controller process holding this many VMs")
+    ap.add_argument("--settle", type=float, default=60.0,
+                    help="seconds the real controller gets to digest its initial listing")
     args = ap.parse_args()
     rows = []
     for n in args.vms:
@@ -163,6 +222,10 @@ def main() -> None:
             return " / ".join(f"{1e3 * x:.1f}" for x in (min(xs), statistics.median(xs), max(xs)))
         print(f"{n:>7}  {f(steady):>22}  {f(one):>22}  {view / 2**20:>9.1f}  "
               f"{(view / n / 1024 if n else 0):>10.1f}  {rss:>8.0f}")
+    for n in args.real:
+        made, rss, idle = real_process(n, args.settle)
+        print(f"\nreal controller process, {n} VMs on the API server (created in {made:.0f} s): "
+              f"RSS {rss:.0f} MiB, idle CPU after {args.settle:g} s {idle:.0f} ms/s")
 
 
 if __name__ == "__main__":
