@@ -388,16 +388,12 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: KubeApi) -
         await cancel_all(agent.tasks)
 
     @kopf.on.event(GROUP, VERSION, VMS.plural, registry=registry)
-    async def vm_event(*, name: str, namespace: str | None, body: kopf.Body,
-                       **_: Any) -> None:
-        key = f"{namespace}/{name}"
-        ev = agent.wakeups.get(key)
-        if ev is None:
-            return
-        decided = agent.decided.get(key)
-        if decided is not None and _same_inputs(decided, body):
-            return  # kopf's finalizer or our own status write: nothing new to act on
-        ev.set()
+    async def vm_event(*, name: str, namespace: str | None, **_: Any) -> None:
+        # (A loop woken by kopf's finalizer or its own status write sees nothing new in
+        # the body and goes back to waiting: see the wait after each pass.)
+        ev = agent.wakeups.get(f"{namespace}/{name}")
+        if ev is not None:
+            ev.set()
 
     @kopf.on.event(GROUP, VERSION, JOBS.plural, registry=registry)
     async def job_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,

@@ -545,10 +545,9 @@ def compact(body: Mapping[str, Any]) -> dict[str, Any]:
     interned, so the field names, phases, reasons and node names repeated in every object
     are stored once (about half the memory of a plain deep copy, and faster to make)."""
     meta = body.get("metadata")
-    out = _compact(body)
-    if isinstance(meta, Mapping) and "managedFields" in meta:
-        out["metadata"] = {k: v for k, v in out["metadata"].items() if k != "managedFields"}
-    return cast(dict[str, Any], out)
+    if isinstance(meta, Mapping) and "managedFields" in meta:  # dropped before, not after
+        body = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    return cast(dict[str, Any], _compact(body))
 
 
 def _compact(value: Any) -> Any:
