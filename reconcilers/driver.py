@@ -1,7 +1,8 @@
-"""Node-side VM driver: observe a VM's VMM, run the planned steps, report status.
+"""Node-side VM driver: observe a VM's VMM, execute what the lifecycle policy decides.
 
-This is the I/O half of :mod:`.vm`; the kopf agent calls :meth:`VmDriver.converge`
-from a worker thread for each VM bound to its node.
+The I/O half of :mod:`.lifecycle` (which decides, purely) and :mod:`.vm` (which plans);
+the kopf agent calls :meth:`VmDriver.converge` from a worker thread for each VM bound to
+its node.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from .disks import NodeStorage, PathRefused, RootDisk, RootDiskError
@@ -21,32 +20,16 @@ from .guest import GuestClient, GuestError, GuestTimeout, GuestUnreachable
 from .hypervisor.client import ChClient, ChError
 from .hypervisor.events import EventTail, is_outcome
 from .hypervisor.process import ProcessManager, UnsafeNameError
-from .models.common import Condition, now_utc, rfc3339, set_condition
-from .models.vm import Phase, RunStrategy, VirtualMachine
-from .text import describe, error_text
-from .vm import (
-    BOOTED,
-    Action,
-    Desired,
-    Observed,
-    Step,
-    console_socket_of,
-    live_migratable,
-    phase_of,
-    ready_condition,
-    reconcile,
-)
+from .lifecycle import Decision, Event, Place, RootState, begin, decide
+from .models.common import now_utc
+from .models.vm import VirtualMachine
+from .text import error_text
+from .vm import Action, Observed, Step
 
 log = logging.getLogger(__name__)
 
-#: Steps that start a VMM or hand it host paths: the spec's paths are checked first.
-_STARTS = frozenset({Action.SPAWN, Action.CREATE, Action.ADD_DISK, Action.RESTORE})
-
 #: How long a freshly spawned VMM may take to create its API socket.
 SOCKET_TIMEOUT = 10.0
-#: Restart backoff: immediate first, then doubling up to the cap; reset after a quiet spell.
-BACKOFF_CAP = 300.0
-BACKOFF_RESET = timedelta(minutes=10)
 #: The guest's whole budget for its checkpoint or restore hooks: it stops them then and
 #: answers, so the VM is never paused mid-hook (the client waits a margin more).
 GUEST_STEP_DEADLINE = 60.0
@@ -63,29 +46,9 @@ class Outcome:
     """What one converge pass learned: the status patch and events worth recording."""
 
     status: dict[str, Any]
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    events: list[Event] = field(default_factory=list)
     converged: bool = False
     retry_after: float | None = None  # seconds; None: the normal resync
-
-
-def restart_delay(streak: int) -> float:
-    """Seconds to wait before the next automatic restart, given the restarts already in
-    this crash streak: the first is immediate, then 2 s doubling up to the cap."""
-    if streak <= 0:
-        return 0.0
-    return float(min(BACKOFF_CAP, 2 ** min(streak, 12)))
-
-
-def crash_streak(streak: int, up_since: datetime | None, now: datetime) -> int:
-    """The streak an exit at ``now`` continues: a VM that stayed up BACKOFF_RESET starts
-    over, however often it crashed before (restartCount keeps the lifetime total)."""
-    if up_since is None or now - up_since >= BACKOFF_RESET:
-        return 0
-    return streak
-
-
-def _ts(t: datetime | None) -> str | None:
-    return rfc3339(t) if t else None
 
 
 class VmDriver:
@@ -205,126 +168,36 @@ class VmDriver:
                 self._catch_up(ns, name)
 
     def _converge(self, vm: VirtualMachine) -> Outcome:
+        """Observe, let :func:`.lifecycle.decide` plan, execute, observe again, report."""
         ns, name = vm.metadata.namespace or "default", vm.metadata.name
         key = vm.key
-        st = vm.status
-        gen = vm.metadata.generation
-        now = now_utc()
-        events: list[tuple[str, str, str]] = []
-        conditions = list(st.conditions)
-        boot_time, restarts, last_restart = st.boot_time, st.restart_count, st.last_restart_time
-        streak, restart_at = st.consecutive_restarts, st.next_restart_time
-        halted_gen = st.halted_generation if st.halted_generation == gen else None
-        snapshot = st.snapshot.wire() if st.snapshot else None
-        boot_memory = st.hypervisor.boot_memory if st.hypervisor else None
-        retry_after: float | None = None
-        observed, pid = Observed(process=False), None
-        image_status: dict[str, Any] | None = None
-        message: str | None = None
+        d = begin(vm, self.node_name, now_utc())
         try:
             paths = self.pm.paths(ns, name)
-            observed, pid = self.observe(ns, name, boot_memory)
+            place = Place(api_socket=str(paths.socket), snapshots=str(paths.snapshots),
+                          vsock=str(paths.socket.with_suffix(".vsock")),
+                          console=str(paths.console))
+            observed, pid = self.observe(ns, name, d.ledger.boot_memory)
             root = self._root_disk(vm)
-            if root is not None:
-                image_status = root.status
-                conditions = set_condition(
-                    conditions, "ImageReady", root.ready, "Ready" if root.ready else "Pulling",
-                    root.status.get("progress") or f"root disk {root.path}", gen)
-            desired = self._desired(vm, halted_gen, root.path if root else None)
-            exited = self._guest_exited(vm, observed)
-            if exited and vm.spec.run_strategy == RunStrategy.MANUAL \
-                    and desired.state in BOOTED:
-                halted_gen = gen
-                events.append(("Normal", "GuestStopped",
-                               "guest stopped on its own; runStrategy Manual keeps it off"))
-                desired = self._desired(vm, halted_gen)
-            plan = reconcile(desired, observed)
-            if self.storage is not None and any(s.action in _STARTS for s in plan):
-                # Before anything hands the spec's host paths to a VMM (not every pass:
-                # resolving each path is the dearest part of a pass with nothing to do).
+            decide(vm, observed, d.now, node=self.node_name, place=place, pid=pid,
+                   root=RootState(root.ready, str(root.path), root.status) if root else None,
+                   decision=d)
+            if self.storage is not None and d.hands_paths:
                 self.storage.check_paths(vm.spec)
-            if root is not None and not root.ready:
-                # Nothing that needs the root disk runs before it exists.
-                plan, retry_after = [], 1.0
-                message = (f"pulling image {describe(root.status.get('key'))}: "
-                           f"{describe(root.status.get('progress') or 'starting')}")
-                conditions = set_condition(conditions, "Ready", False, "ImagePulling",
-                                           message, gen)
-            auto = vm.spec.run_strategy == RunStrategy.ALWAYS and desired.state in BOOTED
-            if restart_at is not None and not (auto and plan):
-                restart_at = None  # up again, stopped, asleep or Manual now: nothing to wait for
-            if auto and plan and (exited or restart_at is not None):
-                how = "process died" if not observed.process else "guest shut down"
-                if exited:
-                    ups = [t for t in (boot_time, last_restart) if t is not None]
-                    streak = crash_streak(streak, max(ups) if ups else None, now)
-                    delay = restart_delay(streak)
-                    if delay:
-                        restart_at = now + timedelta(seconds=delay)
-                        events.append(("Warning", "BackOff",
-                                       f"VM exited ({how}); restart {restarts + 1} in "
-                                       f"{delay:.0f}s (runStrategy Always)"))
-                if vm.metadata.deletion_timestamp:
-                    plan = []  # being deleted: the delete handler stops the VMM
-                elif restart_at is not None and restart_at > now:
-                    # The message names a fixed time, so waiting passes write no new status
-                    # (each status write would wake this VM's loop again at once).
-                    conditions = set_condition(
-                        conditions, "Ready", False, "RestartBackoff",
-                        f"VM exited; restart {restarts + 1} at {rfc3339(restart_at)}", gen)
-                    plan, retry_after = [], (restart_at - now).total_seconds()
-                else:
-                    restarts += 1
-                    streak += 1
-                    last_restart = now
-                    text = f"VM exited ({how})" if restart_at is None else "backoff over"
-                    restart_at = None
-                    events.append(("Warning", "Restarted",
-                                   f"{text}; restart {restarts} (runStrategy Always)"))
-            if any(s.action == Action.WAIT for s in plan):
+            if d.waits_for_socket:
                 self._check_socket_timeout(ns, name)
-            recreate = next((s.why for s in plan if s.action == Action.DELETE and s.why), None)
-            if recreate:
-                conditions = set_condition(conditions, "Recreated", True, "ColdChange", recreate,
-                                           gen)
-                events.append(("Normal", "Recreating", recreate))
-            for step in plan:
+            for step in d.steps:
                 if step.action in (Action.GUEST_CHECKPOINT, Action.GUEST_RESTORE):
-                    conditions = self._guest_step(vm, step, conditions, events)
+                    self._guest_step(vm, step, d)
                     continue
                 self._execute(ns, name, step)
-                if step.action == Action.CREATE and step.body:
-                    boot_memory = int(step.body["memory"]["size"])
-                if step.action == Action.BOOT or (step.action == Action.RESUME
-                                                   and observed.state is None):
-                    boot_time = now_utc()
-                if step.action == Action.SNAPSHOT:
-                    snapshot = {"path": str(paths.snapshots), "takenAt": _ts(now_utc()),
-                                "sizeBytes": _dir_size(paths.snapshots)}
-                if step.action == Action.RESTORE and snapshot:
-                    snapshot = {**snapshot, "restoredAt": _ts(now_utc())}
-                if step.action == Action.DISCARD_SNAPSHOT and snapshot \
-                        and not snapshot.get("restoredAt"):
-                    snapshot = None  # gone from disk, and no wake-up from it is on record
-                reason, text = _event_for(step, self.node_name)
-                if reason:
-                    events.append(("Normal", reason, text))
-            if plan:
-                observed, pid = self.observe(ns, name, boot_memory)
-            converged = retry_after is None and not reconcile(desired, observed)
-            if vm.spec.guest_agent is not None and observed.state == "Running":
-                conditions = self._guest_health(vm, conditions, events)
-            phase = phase_of(desired, observed)
-            if retry_after is None:
-                conditions = set_condition(
-                    conditions, "Ready", *ready_condition(desired, observed, converged,
-                                                          conditions), gen)
-                if converged and vm.spec.guest_agent is not None and observed.state == "Running":
-                    retry_after = self._health_due(vm)  # the next health check, not a resync
-            conditions = set_condition(conditions, "LiveMigratable",
-                                       *live_migratable(vm.spec, observed), gen)
-            if any(c.type == "Failure" and c.status == "True" for c in conditions):
-                conditions = set_condition(conditions, "Failure", False, "Recovered", "", gen)
+                d.executed(step, now_utc(), _dir_size(paths.snapshots)
+                           if step.action == Action.SNAPSHOT else 0)
+            if d.steps:
+                d.observed_again(*self.observe(ns, name, d.ledger.boot_memory))
+            if d.checks_health:
+                self._guest_health(vm, d)
+            d.settle(self._health_due(vm) if d.checks_health else None)
             self._failures.pop(key, None)
         except (ChError, UnsafeNameError, OSError, ValueError, RootDiskError) as exc:
             reason = "InvalidName" if isinstance(exc, UnsafeNameError) \
@@ -334,72 +207,32 @@ class VmDriver:
             retry_after = min(60.0, 0.5 * 2 ** min(n, 7))
             if isinstance(exc, RootDiskError):
                 retry_after = exc.retry_after or 30.0
-                image_status = {"key": vm.spec.image.key if vm.spec.image else "",
-                                "phase": "Failed", "message": error_text(exc)}
-                conditions = set_condition(conditions, "ImageReady", False, reason,
-                                           error_text(exc), gen)
             why = error_text(exc)
             log.warning("converge failed", extra={"vm": key, "error": why, "attempt": n})
-            was = next((c for c in conditions if c.type == "Failure"), None)
-            conditions = set_condition(conditions, "Ready", False, reason, why, gen)
-            conditions = set_condition(conditions, "Failure", True, reason, why, gen)
-            if was is None or was.status != "True" or was.message != why:
-                events.append(("Warning", reason, why))  # once per distinct failure
-            phase, message, converged = Phase.FAILED, why, False
+            d.failed(reason, why, retry_after, image_failed=isinstance(exc, RootDiskError))
             with contextlib.suppress(ChError, UnsafeNameError, OSError):
-                observed, pid = self.observe(ns, name, boot_memory)
-        try:
-            sock: str | None = str(self.pm.paths(ns, name).socket) if pid else None
-        except UnsafeNameError:
-            sock = None
-        status: dict[str, Any] = {
-            "phase": phase.value,
-            "nodeName": self.node_name,
-            "message": message,
-            "observedGeneration": gen,
-            "hypervisor": {"state": observed.state, "pid": pid, "bootMemory": boot_memory,
-                           "consoleSocket": console_socket_of(observed.config, observed.state)},
-            "apiSocket": sock,
-            "bootTime": _ts(boot_time),
-            "restartCount": restarts,
-            "lastRestartTime": _ts(last_restart),
-            "consecutiveRestarts": streak,
-            "nextRestartTime": _ts(restart_at),
-            "haltedGeneration": halted_gen,
-            "snapshot": snapshot,
-            "image": image_status,
-            "conditions": [c.wire() for c in conditions],
-        }
-        return Outcome(status=status, events=events, converged=converged, retry_after=retry_after)
+                d.observed_again(*self.observe(ns, name, d.ledger.boot_memory))
+        return Outcome(status=d.status, events=d.events, converged=d.converged,
+                       retry_after=d.retry_after)
 
     def _guest(self, vm: VirtualMachine) -> GuestClient:
         paths = self.pm.paths(vm.metadata.namespace or "default", vm.metadata.name)
         port = vm.spec.guest_agent.port if vm.spec.guest_agent else 1024
         return GuestClient(str(paths.socket.with_suffix(".vsock")), port)
 
-    def _guest_step(self, vm: VirtualMachine, step: Step, conditions: list[Condition],
-                    events: list[tuple[str, str, str]]) -> list[Condition]:
-        """Checkpoint/restore through the guest agent; a silent, slow or failing guest does
-        not block sleep (the memory snapshot is still crash-consistent) but is reported. The
-        deadline makes the guest stop its hooks before it answers, so the pause that follows
-        never lands mid-hook."""
+    def _guest_step(self, vm: VirtualMachine, step: Step, d: Decision) -> None:
+        """Checkpoint/restore through the guest agent. The deadline makes the guest stop
+        its hooks before it answers, so the pause that follows never lands mid-hook."""
         checkpoint = step.action == Action.GUEST_CHECKPOINT
-        kind = "GuestCheckpointed" if checkpoint else "GuestRestored"
         try:
             result = self._guest(vm).call("checkpoint" if checkpoint else "restore",
                                           deadline=GUEST_STEP_DEADLINE,
                                           retry_for=0 if checkpoint else 10)
-            hooks = ", ".join(result.get("hooks") or []) or "no hooks"
-            msg = f"guest agent {'checkpointed' if checkpoint else 'restored'} ({hooks})"
-            events.append(("Normal", kind, msg))
-            return set_condition(conditions, kind, True, "GuestAgent", msg,
-                                 vm.metadata.generation)
         except GuestError as exc:
-            msg = f"{step.why}: {error_text(exc)}; continuing without it"
-            events.append(("Warning", f"{kind}Failed", msg))
-            return set_condition(conditions, kind, False,
-                                 _GUEST_REASONS.get(type(exc), "GuestAgentError"), msg,
-                                 vm.metadata.generation)
+            d.guest_answered(step, error=(_GUEST_REASONS.get(type(exc), "GuestAgentError"),
+                                          error_text(exc)))
+        else:
+            d.guest_answered(step, hooks=result.get("hooks") or [])
 
     def _health_due(self, vm: VirtualMachine) -> float:
         """Seconds until the guest's next health check is due."""
@@ -407,14 +240,14 @@ class VmDriver:
         since = time.monotonic() - self._health_at.get(vm.key, 0.0)
         return max(1.0, vm.spec.guest_agent.health_interval_seconds - since)
 
-    def _guest_health(self, vm: VirtualMachine, conditions: list[Condition],
-                      events: list[tuple[str, str, str]]) -> list[Condition]:
+    def _guest_health(self, vm: VirtualMachine, d: Decision) -> None:
+        """Ask the guest how it is, at most once per spec.guestAgent.healthIntervalSeconds."""
         spec = vm.spec.guest_agent
         assert spec is not None
         last = self._health_at.get(vm.key, 0.0)
-        old = next((c for c in conditions if c.type == "GuestHealthy"), None)
-        if old is not None and time.monotonic() - last < spec.health_interval_seconds:
-            return conditions
+        known = any(c.type == "GuestHealthy" for c in d.conditions)
+        if known and time.monotonic() - last < spec.health_interval_seconds:
+            return
         self._health_at[vm.key] = time.monotonic()
         try:
             result = self._guest(vm).call("health", deadline=GUEST_HEALTH_DEADLINE)
@@ -426,22 +259,7 @@ class VmDriver:
         except GuestError as exc:
             healthy, msg = False, error_text(exc)
             reason = _GUEST_REASONS.get(type(exc), "GuestAgentError")
-        if old is None or (old.status == "True") != healthy:
-            events.append(("Normal" if healthy else "Warning", reason, msg))
-        return set_condition(conditions, "GuestHealthy", healthy, reason, msg,
-                             vm.metadata.generation)
-
-    def _desired(self, vm: VirtualMachine, halted_gen: int | None,
-                 root_disk: Path | None = None) -> Desired:
-        paths = self.pm.paths(vm.metadata.namespace or "default", vm.metadata.name)
-        return Desired(
-            spec=vm.spec,
-            halted=halted_gen is not None,
-            snapshot_url=f"file://{paths.snapshots}",
-            vsock_socket=str(paths.socket.with_suffix(".vsock")),
-            root_disk=str(root_disk) if root_disk else None,
-            console_socket=str(paths.console),
-        )
+        d.health(healthy, reason, msg)
 
     def _root_disk(self, vm: VirtualMachine) -> RootDisk | None:
         """Make sure the root disk exists (or is on its way) before any step could hand
@@ -455,18 +273,6 @@ class VmDriver:
             return None
         return self.storage.prepare(vm.metadata.namespace or "default", vm.metadata.name,
                                     vm.spec.image)
-
-    @staticmethod
-    def _guest_exited(vm: VirtualMachine, observed: Observed) -> bool:
-        """The VM was up when last reported and is now down without being asked to.
-
-        Only the moment of the exit: a restart still waiting out its backoff is
-        ``status.nextRestartTime`` (the waiting pass reports phase Starting)."""
-        st = vm.status
-        # Failed still reports the VMM state it re-observed: a guest that then dies exits.
-        was_up = st.phase in (Phase.RUNNING, Phase.PAUSED, Phase.FAILED) \
-            and st.hypervisor is not None and st.hypervisor.state in BOOTED
-        return was_up and observed.state not in BOOTED
 
     def _check_socket_timeout(self, ns: str, name: str) -> None:
         started = self.pm.started_at(ns, name)
@@ -547,67 +353,6 @@ class VmDriver:
         c = self._clients.pop(f"{ns}/{name}", None)
         if c is not None:
             c.close()
-
-
-_EVENTS = {
-    Action.BOOT: "Booted",
-    Action.PAUSE: "Paused",
-    Action.RESUME: "Resumed",
-    Action.SHUTDOWN: "Stopped",
-    Action.RESIZE: "Resized",
-    Action.ADD_DISK: "DeviceAdded",
-    Action.ADD_NET: "DeviceAdded",
-    Action.REMOVE_DEVICE: "DeviceRemoved",
-    Action.SNAPSHOT: "Snapshotted",
-    Action.RESTORE: "Restored",
-}
-
-
-def _gib(size: Any) -> str:
-    return f"{int(size) / 2**30:g} GiB"
-
-
-def _step_text(step: Step) -> str:
-    """What a step did, in words (its body is cloud-hypervisor's JSON, not for people)."""
-    body = step.body or {}
-    match step.action:
-        case Action.BOOT:
-            return "booted"
-        case Action.PAUSE:
-            return "paused"
-        case Action.RESUME:
-            return "resumed"
-        case Action.SHUTDOWN:
-            return "shut down"
-        case Action.RESIZE:
-            parts = []
-            if body.get("desired_vcpus") is not None:
-                parts.append(f"{body['desired_vcpus']} vCPUs")
-            if body.get("desired_ram") is not None:
-                parts.append(f"{_gib(body['desired_ram'])} of memory")
-            return "resized to " + (" and ".join(parts) or "the spec")
-        case Action.ADD_DISK:
-            path = f" ({body['path']})" if body.get("path") else ""
-            return f"added disk {describe(body.get('id') or 'without id')}{path}"
-        case Action.ADD_NET:
-            return f"added network interface {describe(body.get('id') or 'without id')}"
-        case Action.REMOVE_DEVICE:
-            return f"removed device {describe(body.get('id'))}"
-        case Action.SNAPSHOT:
-            dest = str(body.get("destination_url") or "").removeprefix("file://")
-            return "snapshotted" + (f" to {dest}" if dest else "")
-        case Action.RESTORE:
-            return "restored from its snapshot"
-    return step.action.value
-
-
-def _event_for(step: Step, node: str) -> tuple[str | None, str]:
-    """The Event a finished step gets: a sentence, e.g. "resized to 4 vCPUs on node-a
-    (cpus/memory changed)"."""
-    reason = _EVENTS.get(step.action)
-    if reason is None:
-        return None, ""
-    return reason, f"{_step_text(step)} on {node}" + (f" ({step.why})" if step.why else "")
 
 
 def _dir_size(path: Any) -> int:

@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 
 from hyperfleet.reconcilers import driver as driver_mod
-from hyperfleet.reconcilers.driver import Outcome, VmDriver, crash_streak, restart_delay
+from hyperfleet.reconcilers.driver import Outcome, VmDriver
 from hyperfleet.reconcilers.hypervisor.client import ChError
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
+from hyperfleet.reconcilers.lifecycle import crash_streak, restart_delay
 from hyperfleet.reconcilers.models.common import now_utc, rfc3339
 from hyperfleet.reconcilers.models.vm import VirtualMachine
 from hyperfleet.reconcilers.vm import Action, Step

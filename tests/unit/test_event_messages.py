@@ -27,6 +27,7 @@ from hyperfleet.reconcilers.hypervisor.process import ProcessManager
 from hyperfleet.reconcilers.jobs.handlers import JobContext
 from hyperfleet.reconcilers.jobs.protocol import JobBuilder
 from hyperfleet.reconcilers.kube import NODES, VMS
+from hyperfleet.reconcilers.lifecycle import event_for
 from hyperfleet.reconcilers.text import describe, error_text, repr_fragments
 from hyperfleet.reconcilers.vm import Action, Step
 from tests.fakekube import FakeKube
@@ -111,7 +112,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> td.Clock:
     Step(Action.RESTORE, {"source_url": "file:///run/hf/ns_vm/snapshots"}, "wake from sleep"),
 ])
 def test_every_step_event_is_a_sentence(step: Step) -> None:
-    reason, message = driver_mod._event_for(step, "node-a")
+    reason, message = event_for(step, "node-a")
     assert reason
     assert_sentences([message])
     assert message.split(" on node-a")[0] and "vm." not in message
@@ -119,10 +120,10 @@ def test_every_step_event_is_a_sentence(step: Step) -> None:
 
 def test_step_events_say_what_changed() -> None:
     resize = Step(Action.RESIZE, {"desired_vcpus": 4, "desired_ram": 2 * 2**30}, "cpus/memory changed")
-    assert driver_mod._event_for(resize, "node-a") == (
+    assert event_for(resize, "node-a") == (
         "Resized", "resized to 4 vCPUs and 2 GiB of memory on node-a (cpus/memory changed)")
     disk = Step(Action.ADD_DISK, {"id": "data", "path": "/srv/d.raw"}, "added to spec")
-    assert driver_mod._event_for(disk, "n")[1] == "added disk data (/srv/d.raw) on n (added to spec)"
+    assert event_for(disk, "n")[1] == "added disk data (/srv/d.raw) on n (added to spec)"
 
 
 def test_driver_outcome_events_over_a_lifecycle(sockdir: Path, clock: td.Clock,

@@ -31,7 +31,8 @@ from hyperfleet.reconcilers.guest import (
 )
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
 from hyperfleet.reconcilers.hypervisor.process import pid_alive as alive
-from hyperfleet.reconcilers.models.common import Condition
+from hyperfleet.reconcilers.lifecycle import begin
+from hyperfleet.reconcilers.models.common import Condition, now_utc
 from hyperfleet.reconcilers.models.vm import VirtualMachine
 from hyperfleet.reconcilers.vm import Action, Step
 from tests import PLACEHOLDER_KERNEL
@@ -199,7 +200,9 @@ def test_driver_tells_a_slow_guest_from_a_missing_one(
 
     def health() -> Condition:
         drv._health_at.clear()
-        return drv._guest_health(vm, [], [])[0]
+        d = begin(vm, "node-a", now_utc())
+        drv._guest_health(vm, d)
+        return d.conditions[0]
 
     assert health().reason == "GuestAgentUnreachable"
     requests: list[dict[str, Any]] = []
@@ -207,9 +210,10 @@ def test_driver_tells_a_slow_guest_from_a_missing_one(
     try:
         slow = health()
         assert (slow.status, slow.reason) == ("False", "GuestAgentTimeout")
-        events: list[tuple[str, str, str]] = []
         step = Step(Action.GUEST_CHECKPOINT, why="powerState Sleeping")
-        cond = drv._guest_step(vm, step, [], events)[0]
+        d = begin(vm, "node-a", now_utc())
+        drv._guest_step(vm, step, d)
+        cond, events = d.conditions[0], d.events
         assert (cond.type, cond.status, cond.reason) == \
             ("GuestCheckpointed", "False", "GuestAgentTimeout")
         assert "continuing without it" in cond.message
