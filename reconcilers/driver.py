@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .disks import NodeStorage, PathRefused, RootDisk, RootDiskError
 from .guest import GuestClient, GuestError, GuestTimeout, GuestUnreachable
@@ -117,23 +117,28 @@ class VmDriver:
         return Observed(True, True, info["state"], info.get("config"), snapshot,
                         boot_memory), pid
 
-    def changed_among(self, keys: list[str]) -> list[str]:
-        """The VMs (namespace/name) whose VMM died or reported something since their last
-        pass: one call per watcher tick for the whole node, not a thread hop per VM."""
-        out = []
+    def changed_among(self, keys: list[str]) -> tuple[list[str], list[str]]:
+        """(changed, busy): the VMs (namespace/name) whose VMM died or reported something
+        since their last pass, and those whose pass is running now (ask again after it):
+        one call per batch of news for the whole node, not a thread hop per VM."""
+        changed, busy = [], []
         for key in keys:
             ns, _, name = key.partition("/")
-            if self.changed(ns, name):
-                out.append(key)
-        return out
+            news = self.changed(ns, name)
+            if news is None:
+                busy.append(key)
+            elif news:
+                changed.append(key)
+        return changed, busy
 
-    def changed(self, ns: str, name: str) -> bool:
-        """Cheap check for the watcher: did the VMM die, or report something that happened,
-        since the last converge pass ended? What a pass itself set off (including a failed
-        action's events) is no news: waking on it would retry at once, past the backoff."""
+    def changed(self, ns: str, name: str) -> bool | None:
+        """Cheap check for the watchers: did the VMM die, or report something that happened,
+        since the last converge pass observed it? What a pass itself set off (including a
+        failed action's events) is no news: waking on it would retry at once, past the
+        backoff. None while a pass runs."""
         lock = self.lock(ns, name)
         if not lock.acquire(blocking=False):
-            return False  # a pass is running; it sees the VMM itself
+            return None
         try:
             before = self._seen.get(f"{ns}/{name}", -1)
             pid, events = self._catch_up(ns, name)
@@ -141,12 +146,15 @@ class VmDriver:
             lock.release()
         return before != -1 and (before != pid or any(is_outcome(e) for e in events))
 
-    def _catch_up(self, ns: str, name: str) -> tuple[int | None, list[dict[str, Any]]]:
-        """Record the VMM's pid and read its new events; called with the VM's lock held."""
+    def _catch_up(self, ns: str, name: str, observed: int | Literal["now"] | None = "now"
+                  ) -> tuple[int | None, list[dict[str, Any]]]:
+        """Record the VMM's pid (``observed``: the one a pass last saw, so a VMM that died
+        after that look is still news) and read its new events; called with the VM's lock
+        held."""
         key = f"{ns}/{name}"
         try:
             paths = self.pm.paths(ns, name)
-            pid = self.pm.pid(ns, name)
+            pid = self.pm.pid(ns, name) if observed == "now" else observed
             tail = self._tails.get(key)
             if tail is None:
                 tail = self._tails[key] = EventTail(paths.events)
@@ -162,10 +170,13 @@ class VmDriver:
         with self.lock(ns, name):
             if vm.key in self.departed:
                 return None
+            outcome: Outcome | None = None
             try:
-                return self._converge(vm)
+                outcome = self._converge(vm)
+                return outcome
             finally:
-                self._catch_up(ns, name)
+                self._catch_up(ns, name, outcome.status["hypervisor"]["pid"]
+                               if outcome is not None else "now")
 
     def _converge(self, vm: VirtualMachine) -> Outcome:
         """Observe, let :func:`.lifecycle.decide` plan, execute, observe again, report."""
