@@ -22,8 +22,7 @@ from typing import Any, Protocol
 
 from pydantic import AwareDatetime, Field
 
-from ..models.common import Condition, set_condition
-from .payloads import CamelModel
+from ..models.common import Condition, OpenCamelModel, set_condition
 from .protocol import (
     MAX_BACKOFF_SECONDS,
     Backoff,
@@ -165,14 +164,14 @@ HISTORY_LIMIT = 50
 """History entries kept in status; bounded because etcd objects are size-limited."""
 
 
-class Progress(CamelModel):
+class Progress(OpenCamelModel):
     """Agent-reported progress of the running attempt."""
 
     percent: int = Field(default=0, ge=0, le=100)
     message: str | None = None
 
 
-class HistoryEntry(CamelModel):
+class HistoryEntry(OpenCamelModel):
     """One phase change, for ``kubectl describe`` and post-mortems."""
 
     phase: JobPhase
@@ -181,7 +180,7 @@ class HistoryEntry(CamelModel):
     message: str | None = None
 
 
-class JobStatus(CamelModel):
+class JobStatus(OpenCamelModel):
     """``VmJob.status``. ``attempts`` counts attempts started (or failed at scheduling)."""
 
     phase: JobPhase = JobPhase.PENDING

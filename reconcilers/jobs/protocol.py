@@ -45,11 +45,11 @@ from pydantic_core import PydanticCustomError
 from ulid import ULID
 
 from ..conventions import GROUP, JOB_ID_LABEL, JOB_OPERATION_LABEL, VERSION, VM_JOB
+from ..models.common import OpenCamelModel
 from .payloads import (
     BUILTIN_PAYLOADS,
     DNS_LABEL_PATTERN,
     DNS_SUBDOMAIN_PATTERN,
-    CamelModel,
     PayloadData,
     quote,
 )
@@ -231,7 +231,7 @@ MAX_BACKOFF_SECONDS = 86400
 value overflows the retry time (``now + delay``)."""
 
 
-class Backoff(CamelModel):
+class Backoff(OpenCamelModel):
     """Retry delay policy: ``initialSeconds * multiplier**(attempt-1)``, capped, jittered."""
 
     initial_seconds: float = Field(
@@ -252,7 +252,7 @@ class Backoff(CamelModel):
     jitter: bool = Field(default=True, description="Randomise delays (equal jitter).")
 
 
-class Execution(CamelModel):
+class Execution(OpenCamelModel):
     """How the job is executed: retries, timeout, priority, deadline, de-duplication."""
 
     idempotency_key: str | None = Field(
@@ -270,7 +270,7 @@ class Execution(CamelModel):
     )
 
 
-class Constraints(CamelModel):
+class Constraints(OpenCamelModel):
     """Requirements a worker node must meet, on top of what the payload type implies."""
 
     required_capabilities: list[Capability] = Field(default_factory=list)
@@ -281,7 +281,7 @@ class Constraints(CamelModel):
         return _no_duplicates(value, "capability")
 
 
-class TargetVm(CamelModel):
+class TargetVm(OpenCamelModel):
     """The VirtualMachine the job acts on; ``namespace`` defaults to the VmJob's."""
 
     name: str = Field(
@@ -315,14 +315,14 @@ class TargetVm(CamelModel):
         return value
 
 
-class Affinity(CamelModel):
+class Affinity(OpenCamelModel):
     """Node placement: ``nodeNames`` is a hard filter, ``preferNodeNames`` an ordered wish."""
 
     node_names: list[NodeName] = Field(default_factory=list)
     prefer_node_names: list[NodeName] = Field(default_factory=list)
 
 
-class Routing(CamelModel):
+class Routing(OpenCamelModel):
     """Where the job may run."""
 
     worker_pool: str | None = Field(
@@ -344,7 +344,7 @@ class Routing(CamelModel):
         return value
 
 
-class Observability(CamelModel):
+class Observability(OpenCamelModel):
     """W3C trace-context identifiers so job execution joins the submitter's trace."""
 
     trace_id: str | None = Field(
@@ -382,7 +382,7 @@ class Observability(CamelModel):
         return value
 
 
-class Audit(CamelModel):
+class Audit(OpenCamelModel):
     """Who asked for the job and why; informational, also used as queue tie-breaker."""
 
     submitted_by: str | None = None
@@ -390,7 +390,7 @@ class Audit(CamelModel):
     submitted_at: AwareDatetime | None = None
 
 
-class Payload(CamelModel):
+class Payload(OpenCamelModel):
     """``{type: "<operation>.v<N>", data: {...}}``; ``data`` is checked against ``type``."""
 
     type: str = Field(description='Payload type, "<operation>.v<N>".')
@@ -399,7 +399,7 @@ class Payload(CamelModel):
     )
 
 
-class JobDocument(CamelModel):
+class JobDocument(OpenCamelModel):
     """The VmJob envelope (``VmJob.spec``), protocol version 1.x."""
 
     version: Annotated[str, BeforeValidator(_reject_non_string)] = Field(
