@@ -67,7 +67,6 @@ __all__ = [
     "SUPPORTED_MAJOR",
     "TRACE_ID_PATTERN",
     "ULID_PATTERN",
-    "Affinity",
     "Audit",
     "Backoff",
     "Constraints",
@@ -75,6 +74,7 @@ __all__ = [
     "JobBuilder",
     "JobDocument",
     "JobValidationError",
+    "NodeAffinity",
     "Observability",
     "Payload",
     "PayloadRegistry",
@@ -315,7 +315,8 @@ class TargetVm(OpenCamelModel):
         return value
 
 
-class Affinity(OpenCamelModel):
+# Which nodes may run a job; not models.vm.VmAffinity, which says which VMs share a node.
+class NodeAffinity(OpenCamelModel):
     """Node placement: ``nodeNames`` is a hard filter, ``preferNodeNames`` an ordered wish."""
 
     node_names: list[NodeName] = Field(default_factory=list)
@@ -331,7 +332,7 @@ class Routing(OpenCamelModel):
         json_schema_extra=_schema_pattern(DNS_LABEL_PATTERN),
     )
     target_vm: TargetVm | None = None
-    affinity: Affinity | None = None
+    affinity: NodeAffinity | None = None
 
     @field_validator("worker_pool")
     @classmethod
@@ -723,7 +724,7 @@ def _field_aliases(registry: PayloadRegistry) -> dict[str, str]:
         Constraints,
         Routing,
         TargetVm,
-        Affinity,
+        NodeAffinity,
         Observability,
         Audit,
     ]

@@ -41,11 +41,11 @@ from hyperfleet.reconcilers.jobs.engine import (
 )
 from hyperfleet.reconcilers.jobs.protocol import (
     MAX_BACKOFF_SECONDS,
-    Affinity,
     Backoff,
     Execution,
     JobBuilder,
     JobDocument,
+    NodeAffinity,
 )
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -688,7 +688,7 @@ def test_route_cordoned_node_gets_no_new_job_but_keeps_its_vms() -> None:
     assert route(make_job("system.health-check", target=None), nodes).node == "b"
     assert route(make_job("vm.reboot"), nodes, {"default/web-1": "a"}).node == "a"
     pinned = make_job("system.health-check", target=None)
-    pinned.routing.affinity = Affinity(node_names=["a"])
+    pinned.routing.affinity = NodeAffinity(node_names=["a"])
     decision = route(pinned, nodes)
     assert decision.node is None and "cordoned" in decision.reason
 
