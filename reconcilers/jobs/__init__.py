@@ -1,5 +1,6 @@
 """VmJob protocol: envelope, typed versioned payloads, validation, builder, engine."""
 
+from .builder import JobBuilder, submit, to_manifest
 from .engine import (
     IdempotencyIndex,
     IllegalTransitionError,
@@ -9,25 +10,16 @@ from .engine import (
     RoutingDecision,
     WorkerView,
     decide_after_failure,
+    effective_capabilities,
     next_backoff,
     order_queue,
     route,
     transition,
 )
+from .envelope import PROTOCOL_VERSION, JobDocument
+from .parse import JobValidationError, from_manifest, parse_job
 from .payloads import PayloadData
-from .protocol import (
-    PROTOCOL_VERSION,
-    REGISTRY,
-    JobBuilder,
-    JobDocument,
-    JobValidationError,
-    effective_capabilities,
-    from_manifest,
-    parse_job,
-    register_payload,
-    submit,
-    to_manifest,
-)
+from .registry import REGISTRY, register_payload
 
 __all__ = [
     "PROTOCOL_VERSION",

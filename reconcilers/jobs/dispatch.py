@@ -37,8 +37,9 @@ from .engine import (
     route,
     set_condition,
 )
+from .envelope import JobDocument
+from .parse import JobValidationError, from_manifest
 from .payloads import VmMigrateV1
-from .protocol import JobDocument, JobValidationError, from_manifest
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ patches onto ``VmJob.status``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -23,16 +25,9 @@ from typing import Any, Protocol
 from pydantic import AwareDatetime, Field
 
 from ..models.common import Condition, OpenCamelModel, set_condition
-from .protocol import (
-    MAX_BACKOFF_SECONDS,
-    Backoff,
-    Execution,
-    JobDocument,
-    PayloadRegistry,
-    effective_capabilities,
-    payload_spec,
-    request_fingerprint,
-)
+from .envelope import MAX_BACKOFF_SECONDS, Backoff, Execution, JobDocument
+from .parse import payload_spec
+from .registry import PayloadRegistry
 
 __all__ = [
     "HISTORY_LIMIT",
@@ -60,12 +55,14 @@ __all__ = [
     "check_timeout",
     "deadline_passed",
     "decide_after_failure",
+    "effective_capabilities",
     "hand_back",
     "next_backoff",
     "next_check_at",
     "order_queue",
     "queue_key",
     "ready_to_start",
+    "request_fingerprint",
     "route",
     "set_condition",
     "timeout_at",
@@ -563,6 +560,12 @@ def order_queue(
 # --------------------------------------------------------------------------- routing
 
 
+def effective_capabilities(job: JobDocument, registry: PayloadRegistry | None = None) -> frozenset[str]:
+    """Capabilities a node needs: implied by the payload type plus ``requiredCapabilities``."""
+    spec = payload_spec(job, registry)
+    return spec.required_capabilities | frozenset(job.constraints.required_capabilities)
+
+
 @dataclass(frozen=True)
 class WorkerView:
     """What routing needs to know about a worker node (decoupled from k8s models).
@@ -726,6 +729,18 @@ def _route_to_host(
 
 
 # --------------------------------------------------------------------------- idempotency
+
+
+def request_fingerprint(job: JobDocument) -> str:
+    """Hash of what the job *does* (operation, payload, target), for idempotency checks."""
+    target = job.routing.target_vm
+    material = {
+        "operation": job.operation,
+        "payload": job.payload.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "targetVm": None if target is None else [target.namespace, target.name],
+    }
+    encoded = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(encoded.encode()).hexdigest()
 
 
 class Resolution(StrEnum):

@@ -29,6 +29,7 @@ from ..models.common import format_quantity, parse_quantity
 from ..nodes import allocatable
 from ..vm import ready_settled
 from .engine import JobError
+from .envelope import JobDocument
 from .payloads import (
     SystemHealthCheckV1,
     VmMigrateV1,
@@ -37,7 +38,6 @@ from .payloads import (
     VmRestoreV1,
     VmSnapshotV1,
 )
-from .protocol import JobDocument
 
 Handler = Callable[["JobContext"], dict[str, Any]]
 HANDLERS: dict[str, Handler] = {}

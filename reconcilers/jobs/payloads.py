@@ -6,7 +6,7 @@ validated here by the model registered for ``type``. Models are camelCase on the
 wire and snake_case in Python, and keep unknown fields so that a newer producer
 can add optional fields without older agents dropping them on a round trip.
 
-This module only *defines* models; :mod:`hyperfleet.reconcilers.jobs.protocol`
+This module only *defines* models; :mod:`hyperfleet.reconcilers.jobs.registry`
 owns the registry and registers :data:`BUILTIN_PAYLOADS` into it.
 """
 

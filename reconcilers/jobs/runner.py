@@ -35,8 +35,9 @@ from .engine import (
     finished_event,
     hand_back,
 )
+from .envelope import JobDocument
 from .handlers import HANDLERS, Cancelled, JobContext, JobFailure
-from .protocol import JobDocument, JobValidationError
+from .parse import JobValidationError
 
 log = logging.getLogger("hyperfleet.jobs")
 #: Seconds a receiving VMM waits for the whole incoming migration.

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hyperfleet.reconcilers.jobs.builder import JobBuilder
 from hyperfleet.reconcilers.jobs.engine import (
     HISTORY_LIMIT,
     TERMINAL_PHASES,
@@ -39,11 +40,10 @@ from hyperfleet.reconcilers.jobs.engine import (
     timeout_at,
     transition,
 )
-from hyperfleet.reconcilers.jobs.protocol import (
+from hyperfleet.reconcilers.jobs.envelope import (
     MAX_BACKOFF_SECONDS,
     Backoff,
     Execution,
-    JobBuilder,
     JobDocument,
     NodeAffinity,
 )
