@@ -1,25 +1,17 @@
-"""VmJob protocol: envelope, typed versioned payloads, validation, builder, engine."""
+"""VmJobs. The protocol: ``envelope``, ``registry`` and ``payloads`` (typed, versioned),
+``parse`` (validation), ``builder``. The pure engine: ``status`` (the state machine),
+``lifecycle`` (retries, timeouts), ``routing`` (queue order, node choice), ``idempotency``.
+Then ``dispatch`` (the controller's side), ``handlers`` and ``runner`` (the agent's)."""
 
 from .builder import JobBuilder, submit, to_manifest
-from .engine import (
-    IdempotencyIndex,
-    IllegalTransitionError,
-    JobError,
-    JobPhase,
-    JobStatus,
-    RoutingDecision,
-    WorkerView,
-    decide_after_failure,
-    effective_capabilities,
-    next_backoff,
-    order_queue,
-    route,
-    transition,
-)
 from .envelope import PROTOCOL_VERSION, JobDocument
+from .idempotency import IdempotencyIndex
+from .lifecycle import JobError, decide_after_failure, next_backoff
 from .parse import JobValidationError, from_manifest, parse_job
 from .payloads import PayloadData
 from .registry import REGISTRY, register_payload
+from .routing import RoutingDecision, WorkerView, effective_capabilities, order_queue, route
+from .status import IllegalTransitionError, JobPhase, JobStatus, transition
 
 __all__ = [
     "PROTOCOL_VERSION",

@@ -28,8 +28,8 @@ from ..kube import NODES, VMS, KubeApi
 from ..models.common import format_quantity, parse_quantity
 from ..nodes import allocatable
 from ..vm import ready_settled
-from .engine import JobError
 from .envelope import JobDocument
+from .lifecycle import JobError
 from .payloads import (
     SystemHealthCheckV1,
     VmMigrateV1,

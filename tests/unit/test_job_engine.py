@@ -11,35 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hyperfleet.reconcilers.jobs.builder import JobBuilder
-from hyperfleet.reconcilers.jobs.engine import (
-    HISTORY_LIMIT,
-    TERMINAL_PHASES,
-    IdempotencyIndex,
-    IllegalTransitionError,
-    JobError,
-    JobPhase,
-    JobStatus,
-    Reason,
-    Resolution,
-    StoredJob,
-    WorkerView,
-    advance,
-    apply_resolution,
-    can_transition,
-    check_deadline,
-    check_timeout,
-    deadline_passed,
-    decide_after_failure,
-    hand_back,
-    next_backoff,
-    next_check_at,
-    order_queue,
-    ready_to_start,
-    route,
-    set_condition,
-    timeout_at,
-    transition,
-)
 from hyperfleet.reconcilers.jobs.envelope import (
     MAX_BACKOFF_SECONDS,
     Backoff,
@@ -47,6 +18,32 @@ from hyperfleet.reconcilers.jobs.envelope import (
     JobDocument,
     NodeAffinity,
 )
+from hyperfleet.reconcilers.jobs.idempotency import IdempotencyIndex, Resolution, StoredJob, apply_resolution
+from hyperfleet.reconcilers.jobs.lifecycle import (
+    JobError,
+    check_deadline,
+    check_timeout,
+    deadline_passed,
+    decide_after_failure,
+    hand_back,
+    next_backoff,
+    next_check_at,
+    ready_to_start,
+    timeout_at,
+)
+from hyperfleet.reconcilers.jobs.routing import WorkerView, order_queue, route
+from hyperfleet.reconcilers.jobs.status import (
+    HISTORY_LIMIT,
+    TERMINAL_PHASES,
+    IllegalTransitionError,
+    JobPhase,
+    JobStatus,
+    Reason,
+    advance,
+    can_transition,
+    transition,
+)
+from hyperfleet.reconcilers.models.common import set_condition
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 P = JobPhase

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from hyperfleet.reconcilers.jobs.builder import JobBuilder, submit, to_manifest
-from hyperfleet.reconcilers.jobs.engine import effective_capabilities, request_fingerprint
 from hyperfleet.reconcilers.jobs.envelope import (
     API_VERSION,
     KIND,
@@ -21,6 +20,7 @@ from hyperfleet.reconcilers.jobs.envelope import (
     JobDocument,
     parse_version,
 )
+from hyperfleet.reconcilers.jobs.idempotency import request_fingerprint
 from hyperfleet.reconcilers.jobs.parse import JobValidationError, from_manifest, parse_job, payload_spec
 from hyperfleet.reconcilers.jobs.payloads import (
     GuestExecV1,
@@ -29,6 +29,7 @@ from hyperfleet.reconcilers.jobs.payloads import (
     quantity_to_bytes,
 )
 from hyperfleet.reconcilers.jobs.registry import REGISTRY, register_payload
+from hyperfleet.reconcilers.jobs.routing import effective_capabilities
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 JOB_ID = "01HZY8R6J5Q4W3E2R1T0Y9V8J7"
