@@ -30,7 +30,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- queue
 
-#: Stands in for a missing timestamp in sort keys (which sort such jobs last).
+#: The time in a sort key of a job that has none (``None`` would not compare).
 NO_TIME = datetime.min.replace(tzinfo=UTC)
 
 
