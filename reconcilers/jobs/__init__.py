@@ -1,15 +1,15 @@
 """VmJobs. The protocol: ``envelope``, ``registry`` and ``payloads`` (typed, versioned),
 ``parse`` (validation), ``builder``. The pure engine: ``status`` (the state machine),
-``lifecycle`` (retries, timeouts), ``routing`` (queue order, node choice), ``idempotency``.
+``retries`` (backoff, timeouts, deadlines), ``routing`` (queue order, node choice), ``idempotency``.
 Then ``dispatch`` (the controller's side), ``handlers`` and ``runner`` (the agent's)."""
 
 from .builder import JobBuilder, submit, to_manifest
 from .envelope import PROTOCOL_VERSION, JobDocument
 from .idempotency import IdempotencyIndex
-from .lifecycle import JobError, decide_after_failure, next_backoff
 from .parse import JobValidationError, from_manifest, parse_job
 from .payloads import PayloadData
 from .registry import REGISTRY, register_payload
+from .retries import JobError, decide_after_failure, next_backoff
 from .routing import RoutingDecision, WorkerView, effective_capabilities, order_queue, route
 from .status import IllegalTransitionError, JobPhase, JobStatus, transition
 

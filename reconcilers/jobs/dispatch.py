@@ -20,9 +20,9 @@ from ..eviction import node_local
 from ..models.common import parse_time, set_condition
 from .envelope import JobDocument
 from .idempotency import IdempotencyIndex, StoredJob, apply_resolution
-from .lifecycle import check_deadline, check_timeout, hand_back, ready_to_start
 from .parse import JobValidationError, from_manifest
 from .payloads import VmMigrateV1
+from .retries import check_deadline, check_timeout, hand_back, ready_to_start
 from .routing import WorkerView, queue_key, route
 from .status import TERMINAL_PHASES, JobPhase, JobStatus, Reason, advance, finished_event
 

@@ -29,7 +29,6 @@ from ..models.common import format_quantity, parse_quantity
 from ..nodes import allocatable
 from ..vm import ready_settled
 from .envelope import JobDocument
-from .lifecycle import JobError
 from .payloads import (
     SystemHealthCheckV1,
     VmMigrateV1,
@@ -38,6 +37,7 @@ from .payloads import (
     VmRestoreV1,
     VmSnapshotV1,
 )
+from .retries import JobError
 
 Handler = Callable[["JobContext"], dict[str, Any]]
 HANDLERS: dict[str, Handler] = {}

@@ -27,8 +27,8 @@ from ..text import error_text
 from .dispatch import CANCEL_ANNOTATION, current_status, job_key, parse
 from .envelope import JobDocument
 from .handlers import HANDLERS, Cancelled, JobContext, JobFailure
-from .lifecycle import JobError, check_deadline, decide_after_failure, hand_back
 from .parse import JobValidationError
+from .retries import JobError, check_deadline, decide_after_failure, hand_back
 from .status import JobPhase, JobStatus, advance, finished_event
 
 log = logging.getLogger("hyperfleet.jobs")

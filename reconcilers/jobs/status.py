@@ -3,7 +3,7 @@
 :class:`JobStatus` is exactly ``VmJob.status``; :func:`advance` is the one way a
 phase changes, with the bookkeeping each phase implies (attempts, timestamps,
 conditions, history). Status objects are treated as immutable values: every
-function of the engine (:mod:`.lifecycle`, :mod:`.idempotency`) returns a new
+function of the engine (:mod:`.retries`, :mod:`.idempotency`) returns a new
 :class:`JobStatus`, or the same instance when nothing changed, which the caller
 patches onto ``VmJob.status``. Nothing here reads a clock: ``now`` is passed in.
 """

@@ -19,7 +19,7 @@ from hyperfleet.reconcilers.jobs.envelope import (
     NodeAffinity,
 )
 from hyperfleet.reconcilers.jobs.idempotency import IdempotencyIndex, Resolution, StoredJob, apply_resolution
-from hyperfleet.reconcilers.jobs.lifecycle import (
+from hyperfleet.reconcilers.jobs.retries import (
     JobError,
     check_deadline,
     check_timeout,
