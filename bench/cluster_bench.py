@@ -33,7 +33,7 @@ from hyperfleet.operator.devstack import (
     launch,
     stop_process,
 )
-from hyperfleet.reconcilers.jobs.protocol import JobBuilder, to_manifest
+from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
 from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Kube, load_config
 from hyperfleet.reconcilers.models.node import Provider
 from hyperfleet.reconcilers.nodes import heartbeat_status

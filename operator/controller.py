@@ -25,9 +25,9 @@ from hyperfleet.reconcilers.eviction import (
     plan_drain,
     unbound_status,
 )
+from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
 from hyperfleet.reconcilers.jobs.dispatch import Decision, dispatch
-from hyperfleet.reconcilers.jobs.engine import WorkerView
-from hyperfleet.reconcilers.jobs.protocol import JobBuilder, to_manifest
+from hyperfleet.reconcilers.jobs.routing import WorkerView
 from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, KubeApi, Resource, version_of
 from hyperfleet.reconcilers.models.common import (
     GROUP,

@@ -18,13 +18,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from hyperfleet.reconcilers.jobs.protocol import (
-    REGISTRY,
-    JobBuilder,
-    JobValidationError,
-    from_manifest,
-    to_manifest,
-)
+from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
+from hyperfleet.reconcilers.jobs.parse import JobValidationError, from_manifest
+from hyperfleet.reconcilers.jobs.registry import REGISTRY
 
 from .clicommon import (
     KUBECONFIG,

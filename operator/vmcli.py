@@ -516,7 +516,8 @@ def vm_job(operation: str, vm: str, ns: str, data: dict[str, Any], verb: str, *,
            now: datetime | None = None) -> dict[str, Any]:
     """A validated VmJob manifest for ``operation`` on ``vm``, named ``<verb>-<vm>-<id>``
     so `get jobs` says what it is; CliError (exit 2) naming a bad field."""
-    from hyperfleet.reconcilers.jobs.protocol import JobBuilder, JobValidationError, to_manifest
+    from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
+    from hyperfleet.reconcilers.jobs.parse import JobValidationError
 
     b = JobBuilder(operation).payload_data(data).target(vm, namespace=ns)
     b.submitted_by(submitter(), reason=reason or f"hyperfleet {verb} {vm}")

@@ -58,7 +58,7 @@ POOL_LABEL = f"{GROUP}/pool"
 REVISION_LABEL = f"{GROUP}/pool-revision"
 #: GitOps ownership: only objects carrying it (with our value) are ever pruned.
 OWNER_LABEL = f"{GROUP}/gitsource"
-#: On a VmJob's pods/objects: its operation and id (see reconcilers/jobs/protocol.py).
+#: On a VmJob's pods/objects: its operation and id (see to_manifest in reconcilers/jobs/builder.py).
 JOB_OPERATION_LABEL = f"{GROUP}/operation"
 JOB_ID_LABEL = f"{GROUP}/job-id"
 

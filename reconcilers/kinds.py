@@ -5,8 +5,8 @@ from __future__ import annotations
 from . import conventions as conv
 from .crdgen import CrdKind
 from .gitops.crd import GIT_SOURCE
-from .jobs.engine import JobStatus
-from .jobs.protocol import JobDocument
+from .jobs.envelope import JobDocument
+from .jobs.status import JobStatus
 from .models.node import WorkerNodeSpec, WorkerNodeStatus
 from .models.pool import VirtualMachinePoolSpec, VirtualMachinePoolStatus
 from .models.vm import VirtualMachineSpec, VirtualMachineStatus

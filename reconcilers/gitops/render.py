@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from hyperfleet.reconcilers.jobs.protocol import JobValidationError, parse_job
+from hyperfleet.reconcilers.jobs.parse import JobValidationError, parse_job
 from hyperfleet.reconcilers.models.common import API_VERSION
 from hyperfleet.reconcilers.models.node import WorkerNodeSpec
 from hyperfleet.reconcilers.models.pool import VirtualMachinePoolSpec

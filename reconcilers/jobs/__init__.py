@@ -1,33 +1,17 @@
-"""VmJob protocol: envelope, typed versioned payloads, validation, builder, engine."""
+"""VmJobs. The protocol: ``envelope``, ``registry`` and ``payloads`` (typed, versioned),
+``parse`` (validation), ``builder``. The pure engine: ``status`` (the state machine),
+``retries`` (backoff, timeouts, deadlines), ``routing`` (queue order, node choice), ``idempotency``.
+Then ``dispatch`` (the controller's side), ``handlers`` and ``runner`` (the agent's)."""
 
-from .engine import (
-    IdempotencyIndex,
-    IllegalTransitionError,
-    JobError,
-    JobPhase,
-    JobStatus,
-    RoutingDecision,
-    WorkerView,
-    decide_after_failure,
-    next_backoff,
-    order_queue,
-    route,
-    transition,
-)
+from .builder import JobBuilder, submit, to_manifest
+from .envelope import PROTOCOL_VERSION, JobDocument
+from .idempotency import IdempotencyIndex
+from .parse import JobValidationError, from_manifest, parse_job
 from .payloads import PayloadData
-from .protocol import (
-    PROTOCOL_VERSION,
-    REGISTRY,
-    JobBuilder,
-    JobDocument,
-    JobValidationError,
-    effective_capabilities,
-    from_manifest,
-    parse_job,
-    register_payload,
-    submit,
-    to_manifest,
-)
+from .registry import REGISTRY, register_payload
+from .retries import JobError, decide_after_failure, next_backoff
+from .routing import RoutingDecision, WorkerView, effective_capabilities, order_queue, route
+from .status import IllegalTransitionError, JobPhase, JobStatus, transition
 
 __all__ = [
     "PROTOCOL_VERSION",

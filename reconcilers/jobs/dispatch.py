@@ -17,28 +17,14 @@ from ulid import ULID
 
 from ..conventions import CANCEL_ANNOTATION as CANCEL_ANNOTATION
 from ..eviction import node_local
-from ..models.common import parse_time
-from .engine import (
-    TERMINAL_PHASES,
-    IdempotencyIndex,
-    JobPhase,
-    JobStatus,
-    Reason,
-    StoredJob,
-    WorkerView,
-    advance,
-    apply_resolution,
-    check_deadline,
-    check_timeout,
-    finished_event,
-    hand_back,
-    queue_key,
-    ready_to_start,
-    route,
-    set_condition,
-)
+from ..models.common import parse_time, set_condition
+from .envelope import JobDocument
+from .idempotency import IdempotencyIndex, StoredJob, apply_resolution
+from .parse import JobValidationError, from_manifest
 from .payloads import VmMigrateV1
-from .protocol import JobDocument, JobValidationError, from_manifest
+from .retries import check_deadline, check_timeout, hand_back, ready_to_start
+from .routing import WorkerView, queue_key, route
+from .status import TERMINAL_PHASES, JobPhase, JobStatus, Reason, advance, finished_event
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from ..kube import NODES, VMS, KubeApi
 from ..models.common import format_quantity, parse_quantity
 from ..nodes import allocatable
 from ..vm import ready_settled
-from .engine import JobError
+from .envelope import JobDocument
 from .payloads import (
     SystemHealthCheckV1,
     VmMigrateV1,
@@ -37,7 +37,7 @@ from .payloads import (
     VmRestoreV1,
     VmSnapshotV1,
 )
-from .protocol import JobDocument
+from .retries import JobError
 
 Handler = Callable[["JobContext"], dict[str, Any]]
 HANDLERS: dict[str, Handler] = {}

@@ -6,7 +6,7 @@ validated here by the model registered for ``type``. Models are camelCase on the
 wire and snake_case in Python, and keep unknown fields so that a newer producer
 can add optional fields without older agents dropping them on a round trip.
 
-This module only *defines* models; :mod:`hyperfleet.reconcilers.jobs.protocol`
+This module only *defines* models; :mod:`hyperfleet.reconcilers.jobs.registry`
 owns the registry and registers :data:`BUILTIN_PAYLOADS` into it.
 """
 
@@ -17,11 +17,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from ..models.common import QUANTITY_PATTERN, parse_quantity
+from ..models.common import QUANTITY_PATTERN, OpenCamelModel, parse_quantity
 
 __all__ = [
     "BUILTIN_PAYLOADS",
@@ -30,7 +29,6 @@ __all__ = [
     "LOCATION_PATTERN",
     "QUANTITY_PATTERN",
     "BuiltinPayload",
-    "CamelModel",
     "GuestExecV1",
     "PayloadData",
     "SystemHealthCheckV1",
@@ -65,21 +63,7 @@ def quantity_to_bytes(quantity: str, field: str = "quantity") -> int:
     return parse_quantity(quantity, field)
 
 
-class CamelModel(BaseModel):
-    """Base for every protocol model: camelCase wire names, unknown fields kept.
-
-    ``extra="allow"`` is the forward-compatibility contract: a 1.x document written
-    by a newer producer round-trips through an older library without losing data.
-    """
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="allow",
-    )
-
-
-class PayloadData(CamelModel):
+class PayloadData(OpenCamelModel):
     """Base class for typed ``payload.data`` models; subclass and register to extend."""
 
 

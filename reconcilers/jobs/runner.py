@@ -25,18 +25,11 @@ from ..kube import JOBS, VMS, Conflict, Gone, KubeApi
 from ..models.common import now_utc
 from ..text import error_text
 from .dispatch import CANCEL_ANNOTATION, current_status, job_key, parse
-from .engine import (
-    JobError,
-    JobPhase,
-    JobStatus,
-    advance,
-    check_deadline,
-    decide_after_failure,
-    finished_event,
-    hand_back,
-)
+from .envelope import JobDocument
 from .handlers import HANDLERS, Cancelled, JobContext, JobFailure
-from .protocol import JobDocument, JobValidationError
+from .parse import JobValidationError
+from .retries import JobError, check_deadline, decide_after_failure, hand_back
+from .status import JobPhase, JobStatus, advance, finished_event
 
 log = logging.getLogger("hyperfleet.jobs")
 #: Seconds a receiving VMM waits for the whole incoming migration.

@@ -91,7 +91,13 @@ def format_quantity(n_bytes: int) -> str:
 
 
 class CamelModel(BaseModel):
-    """Models whose wire form is Kubernetes camelCase while Python stays snake_case."""
+    """Models whose wire form is Kubernetes camelCase while Python stays snake_case.
+
+    Unknown fields are rejected (``extra="forbid"``): a CRD spec is written by people, and
+    a misspelt field must fail validation rather than be dropped. A model that must keep
+    what it does not know says so: :class:`OpenCamelModel`, or a status that others write
+    into overriding ``extra`` in its own ``model_config``.
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -102,6 +108,16 @@ class CamelModel(BaseModel):
     def wire(self) -> dict[str, Any]:
         """JSON-ready dict in Kubernetes form (aliases, no unset optionals)."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class OpenCamelModel(CamelModel):
+    """A :class:`CamelModel` that keeps unknown fields (``extra="allow"``): the VmJob protocol's.
+
+    This is its forward-compatibility contract: a 1.x job document (or status) written by
+    a newer producer round-trips through an older library without losing data.
+    """
+
+    model_config = CamelModel.model_config | {"extra": "allow"}
 
 
 class Condition(CamelModel):

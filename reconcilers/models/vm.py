@@ -214,7 +214,8 @@ class GuestAgentSpec(CamelModel):
     )
 
 
-class Affinity(CamelModel):
+# Which VMs share a node; a VmJob's routing.affinity (jobs NodeAffinity) picks nodes instead.
+class VmAffinity(CamelModel):
     """VM-to-VM co-location rules, evaluated per WorkerNode."""
 
     vm_affinity: list[dict[str, str]] = Field(
@@ -293,7 +294,7 @@ class VirtualMachineSpec(CamelModel):
     required_capabilities: list[str] = Field(
         default_factory=list, description="Capabilities the node must advertise"
     )
-    affinity: Affinity | None = None
+    affinity: VmAffinity | None = None
     eviction_policy: EvictionPolicy = Field(
         default=EvictionPolicy.RESCHEDULE,
         description="Reschedule: when its node drains or is lost, start the VM elsewhere; "

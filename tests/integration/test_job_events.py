@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from hyperfleet.reconcilers.jobs.protocol import JobBuilder, to_manifest
+from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
 from hyperfleet.reconcilers.text import repr_fragments
 
 from .conftest import Cluster, wait_for

@@ -20,7 +20,7 @@ import yaml
 
 from hyperfleet.operator.devstack import ApiServer, RealVmm, ch_double_cmd, hyperfleet_cmd
 from hyperfleet.reconcilers.hypervisor.client import ChClient
-from hyperfleet.reconcilers.jobs.protocol import JobBuilder, to_manifest
+from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
 
 from .conftest import Cluster, new_cluster, wait_for
 

@@ -229,13 +229,13 @@ def _pool(name: str, namespace: str | None = None, cpus: int = 1, replicas: int 
 
 
 def _job(builder: Any, name: str, namespace: str) -> dict[str, Any]:
-    from hyperfleet.reconcilers.jobs.protocol import to_manifest
+    from hyperfleet.reconcilers.jobs.builder import to_manifest
 
     return to_manifest(builder.build(now=datetime.now(UTC)), name=name, namespace=namespace)
 
 
 def _run_workload(s: Stack, ns: str) -> None:
-    from hyperfleet.reconcilers.jobs.protocol import JobBuilder
+    from hyperfleet.reconcilers.jobs.builder import JobBuilder
 
     ctl, agent = s.controller_user, s.agent_user
     ctl_flags = _cli_flags("controller")

@@ -20,7 +20,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel
 
 from hyperfleet.operator import metrics
-from hyperfleet.reconcilers.jobs.protocol import parse_job
+from hyperfleet.reconcilers.jobs.parse import parse_job
 from hyperfleet.reconcilers.models.gitsource import GitSourceSpec
 from hyperfleet.reconcilers.models.node import WorkerNodeSpec
 from hyperfleet.reconcilers.models.pool import VirtualMachinePoolSpec

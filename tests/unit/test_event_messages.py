@@ -24,8 +24,8 @@ from hyperfleet.reconcilers import driver as driver_mod
 from hyperfleet.reconcilers.driver import Outcome
 from hyperfleet.reconcilers.hypervisor.client import ChError
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
+from hyperfleet.reconcilers.jobs.builder import JobBuilder
 from hyperfleet.reconcilers.jobs.handlers import JobContext
-from hyperfleet.reconcilers.jobs.protocol import JobBuilder
 from hyperfleet.reconcilers.kube import NODES, VMS
 from hyperfleet.reconcilers.lifecycle import event_for
 from hyperfleet.reconcilers.text import describe, error_text, repr_fragments

@@ -9,9 +9,9 @@ from typing import Any, cast
 
 import pytest
 
+from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
 from hyperfleet.reconcilers.jobs.dispatch import dispatch, parse
-from hyperfleet.reconcilers.jobs.engine import WorkerView
-from hyperfleet.reconcilers.jobs.protocol import JobBuilder, to_manifest
+from hyperfleet.reconcilers.jobs.routing import WorkerView
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 NODES = [WorkerView("a", "default", frozenset({"snapshot", "migration"}), True),

@@ -10,21 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hyperfleet.reconcilers.jobs.engine import (
-    HISTORY_LIMIT,
-    TERMINAL_PHASES,
-    IdempotencyIndex,
-    IllegalTransitionError,
+from hyperfleet.reconcilers.jobs.builder import JobBuilder
+from hyperfleet.reconcilers.jobs.envelope import (
+    MAX_BACKOFF_SECONDS,
+    Backoff,
+    Execution,
+    JobDocument,
+    NodeAffinity,
+)
+from hyperfleet.reconcilers.jobs.idempotency import IdempotencyIndex, Resolution, StoredJob, apply_resolution
+from hyperfleet.reconcilers.jobs.retries import (
     JobError,
-    JobPhase,
-    JobStatus,
-    Reason,
-    Resolution,
-    StoredJob,
-    WorkerView,
-    advance,
-    apply_resolution,
-    can_transition,
     check_deadline,
     check_timeout,
     deadline_passed,
@@ -32,21 +28,22 @@ from hyperfleet.reconcilers.jobs.engine import (
     hand_back,
     next_backoff,
     next_check_at,
-    order_queue,
     ready_to_start,
-    route,
-    set_condition,
     timeout_at,
+)
+from hyperfleet.reconcilers.jobs.routing import WorkerView, order_queue, route
+from hyperfleet.reconcilers.jobs.status import (
+    HISTORY_LIMIT,
+    TERMINAL_PHASES,
+    IllegalTransitionError,
+    JobPhase,
+    JobStatus,
+    Reason,
+    advance,
+    can_transition,
     transition,
 )
-from hyperfleet.reconcilers.jobs.protocol import (
-    MAX_BACKOFF_SECONDS,
-    Affinity,
-    Backoff,
-    Execution,
-    JobBuilder,
-    JobDocument,
-)
+from hyperfleet.reconcilers.models.common import set_condition
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 P = JobPhase
@@ -688,7 +685,7 @@ def test_route_cordoned_node_gets_no_new_job_but_keeps_its_vms() -> None:
     assert route(make_job("system.health-check", target=None), nodes).node == "b"
     assert route(make_job("vm.reboot"), nodes, {"default/web-1": "a"}).node == "a"
     pinned = make_job("system.health-check", target=None)
-    pinned.routing.affinity = Affinity(node_names=["a"])
+    pinned.routing.affinity = NodeAffinity(node_names=["a"])
     decision = route(pinned, nodes)
     assert decision.node is None and "cordoned" in decision.reason
 

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import pytest
 
+from hyperfleet.reconcilers.jobs.builder import JobBuilder
 from hyperfleet.reconcilers.jobs.handlers import (
     Cancelled,
     JobContext,
@@ -17,7 +18,6 @@ from hyperfleet.reconcilers.jobs.handlers import (
     vm_restore,
     vm_snapshot,
 )
-from hyperfleet.reconcilers.jobs.protocol import JobBuilder
 from hyperfleet.reconcilers.models.common import now_utc
 
 

@@ -12,30 +12,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from hyperfleet.reconcilers.jobs.builder import JobBuilder, submit, to_manifest
+from hyperfleet.reconcilers.jobs.envelope import (
+    API_VERSION,
+    KIND,
+    PROTOCOL_VERSION,
+    JobDocument,
+    parse_version,
+)
+from hyperfleet.reconcilers.jobs.idempotency import request_fingerprint
+from hyperfleet.reconcilers.jobs.parse import JobValidationError, from_manifest, parse_job, payload_spec
 from hyperfleet.reconcilers.jobs.payloads import (
     GuestExecV1,
     PayloadData,
     VmResizeV1,
     quantity_to_bytes,
 )
-from hyperfleet.reconcilers.jobs.protocol import (
-    API_VERSION,
-    KIND,
-    PROTOCOL_VERSION,
-    REGISTRY,
-    JobBuilder,
-    JobDocument,
-    JobValidationError,
-    effective_capabilities,
-    from_manifest,
-    parse_job,
-    parse_version,
-    payload_spec,
-    register_payload,
-    request_fingerprint,
-    submit,
-    to_manifest,
-)
+from hyperfleet.reconcilers.jobs.registry import REGISTRY, register_payload
+from hyperfleet.reconcilers.jobs.routing import effective_capabilities
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 JOB_ID = "01HZY8R6J5Q4W3E2R1T0Y9V8J7"

@@ -15,10 +15,10 @@ from typing import Any, ClassVar, cast
 import pytest
 
 from hyperfleet.reconcilers.jobs import runner as runner_mod
+from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
 from hyperfleet.reconcilers.jobs.dispatch import dispatch
-from hyperfleet.reconcilers.jobs.engine import WorkerView
 from hyperfleet.reconcilers.jobs.handlers import HANDLERS, JobContext
-from hyperfleet.reconcilers.jobs.protocol import JobBuilder, to_manifest
+from hyperfleet.reconcilers.jobs.routing import WorkerView
 from hyperfleet.reconcilers.jobs.runner import JobRunner, MigrationPeers
 from hyperfleet.reconcilers.kube import Conflict, Gone, Kube, Resource
 from hyperfleet.reconcilers.models.common import now_utc

@@ -8,7 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from hyperfleet.operator.cli import app
-from hyperfleet.reconcilers.jobs.protocol import from_manifest
+from hyperfleet.reconcilers.jobs.parse import from_manifest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "jobs"
 runner = CliRunner()

@@ -14,7 +14,7 @@ import pytest
 
 from hyperfleet.reconcilers.gitops.render import render_nix, render_objects
 from hyperfleet.reconcilers.gitops.types import SourceLocation
-from hyperfleet.reconcilers.jobs.protocol import parse_job
+from hyperfleet.reconcilers.jobs.parse import parse_job
 from hyperfleet.reconcilers.models.node import WorkerNodeSpec
 from hyperfleet.reconcilers.models.vm import VirtualMachineSpec
 

@@ -20,7 +20,7 @@ from hyperfleet.operator.cli import app
 from hyperfleet.operator.clicommon import CliError, ExitCode
 from hyperfleet.reconcilers import kinds
 from hyperfleet.reconcilers.gitops.types import FIELD_MANAGER, OWNER_LABEL, SOURCE_ANNOTATION
-from hyperfleet.reconcilers.jobs.protocol import from_manifest
+from hyperfleet.reconcilers.jobs.parse import from_manifest
 
 runner = CliRunner()
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
