@@ -2032,7 +2032,7 @@ GUEST_AGENT_PORT: Final = 1024
 
 def _emulate_guest_vsock(vmm: Vmm, hooks_dir: str) -> None:
     """The VM's vsock device, with the Hyperfleet guest agent listening inside the guest."""
-    from ..guest import GuestAgent
+    from ..guestagent.program import GuestAgent
 
     agent = GuestAgent(hooks_dir, os.path.join(hooks_dir, "state"))
     listener: socket.socket | None = None

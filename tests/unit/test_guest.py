@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import logging
@@ -10,6 +11,7 @@ import shutil
 import signal
 import socket
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -21,14 +23,10 @@ from typing import Any
 import pytest
 
 from hyperfleet.reconcilers import driver as driver_mod
+from hyperfleet.reconcilers import guestagent
 from hyperfleet.reconcilers.driver import VmDriver
-from hyperfleet.reconcilers.guest import (
-    GuestAgent,
-    GuestClient,
-    GuestError,
-    GuestTimeout,
-    GuestUnreachable,
-)
+from hyperfleet.reconcilers.guest import GuestClient, GuestError, GuestTimeout, GuestUnreachable
+from hyperfleet.reconcilers.guestagent.program import GuestAgent
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
 from hyperfleet.reconcilers.hypervisor.process import pid_alive as alive
 from hyperfleet.reconcilers.lifecycle import begin
@@ -316,3 +314,18 @@ def test_host_that_hung_up_is_logged_not_raised(
     with caplog.at_level(logging.WARNING):
         GuestAgent(tmp_path, tmp_path).serve_connection(io.BytesIO(b'{"op": "ping"}\n'), Gone())
     assert "hung up" in caplog.text
+
+
+def test_the_guest_agent_package_needs_only_the_standard_library() -> None:
+    """It runs inside the VM, where the operator's dependencies are not installed (the
+    import-linter contract guest-agent keeps the host client and kopf out of it too)."""
+    found = []
+    for path in sorted(Path(guestagent.__file__).parent.glob("*.py")):
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.ImportFrom) and n.level == 1:
+                continue  # within the package
+            names = [n.module or ""] if isinstance(n, ast.ImportFrom) else \
+                [a.name for a in n.names] if isinstance(n, ast.Import) else []
+            found += [f"{path.name}: {m}" for m in names
+                      if m.split(".")[0] not in sys.stdlib_module_names]
+    assert not found
