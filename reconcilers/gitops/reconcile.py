@@ -37,8 +37,9 @@ from hyperfleet.reconcilers.text import error_text
 from .apply import Applier, api_message
 from .fetch import Credentials, ExportError, FetchError, GitFetcher, PathNotFound, scrub
 from .health import FAILED, PROGRESSING, Health, assess_health
+from .nix import NixUnavailable, render_nix
 from .plan import Plan, Reason, make_plan
-from .render import NixUnavailable, RenderResult, pydantic_messages, render_nix, render_yaml
+from .render import RenderResult, pydantic_messages, render_yaml
 from .types import (
     CONFIRM_DELETION_ANNOTATION,
     RECONCILE_NOW_ANNOTATION,

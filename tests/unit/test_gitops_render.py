@@ -15,13 +15,8 @@ from typing import Any
 
 import pytest
 
-from hyperfleet.reconcilers.gitops.render import (
-    MAX_DOCUMENT_VALUES,
-    NixUnavailable,
-    is_manifest_file,
-    render_nix,
-    render_yaml,
-)
+from hyperfleet.reconcilers.gitops.nix import NixUnavailable, render_nix
+from hyperfleet.reconcilers.gitops.render import MAX_DOCUMENT_VALUES, is_manifest_file, render_yaml
 from hyperfleet.reconcilers.gitops.types import ObjectRef
 
 VM = """apiVersion: hyperfleet.dev/v1alpha1

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from hyperfleet.reconcilers.gitops.render import render_nix, render_objects
+from hyperfleet.reconcilers.gitops.nix import render_nix
+from hyperfleet.reconcilers.gitops.render import render_objects
 from hyperfleet.reconcilers.gitops.types import SourceLocation
 from hyperfleet.reconcilers.jobs.parse import parse_job
 from hyperfleet.reconcilers.models.node import WorkerNodeSpec
