@@ -39,6 +39,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from hyperfleet.reconcilers.conventions import CONDITION_READY
 from hyperfleet.reconcilers.models.common import parse_quantity, parse_time
 from hyperfleet.reconcilers.models.vm import Phase
 
@@ -180,7 +181,7 @@ class FleetCollector(Collector):
         queue.add_metric([], pending)
         for name, body in sorted(nodes):
             ready.add_metric([name, str((body.get("spec") or {}).get("pool") or "default")],
-                             _condition(body, "Ready"))
+                             _condition(body, CONDITION_READY))
             beats = [t for t in (_timestamp(_status(body).get("heartbeatTime")),
                                  leases[name].timestamp() if name in leases else None)
                      if t is not None]
@@ -269,7 +270,7 @@ class GitSourceCollector(Collector):
         last = dict(self.view.last_applied)
         for key, body in sorted(tuple(self.view.sources.items())):
             labels = list(_ns_name(key, body))
-            ready.add_metric(labels, _condition(body, "Ready"))
+            ready.add_metric(labels, _condition(body, CONDITION_READY))
             suspended.add_metric(labels, float(bool((body.get("spec") or {}).get("suspend"))))
             if key in last:
                 applied.add_metric(labels, last[key])

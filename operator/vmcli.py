@@ -23,6 +23,13 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from hyperfleet.reconcilers.conventions import (
+    CONDITION_FAILURE,
+    CONDITION_READY,
+    CONDITION_RECONCILING,
+    REASON_PROGRESSING,
+)
+
 from .clicommon import (
     KUBECONFIG,
     NAMESPACE,
@@ -411,7 +418,7 @@ def vm_settled(vm: Mapping[str, Any], target: str, generation: int) -> tuple[boo
     if st.get("phase") == PHASE_FOR[target]:
         return True, None
     conds = {c.get("type"): c for c in st.get("conditions") or []}
-    failure = conds.get("Failure") or {}
+    failure = conds.get(CONDITION_FAILURE) or {}
     if st.get("phase") == "Failed" or failure.get("status") == "True":
         why = failure.get("message") or st.get("message") or "the agent reported phase Failed"
         return False, f"{failure.get('reason') or 'Failed'}: {' '.join(str(why).split())}"
@@ -421,7 +428,7 @@ def vm_settled(vm: Mapping[str, Any], target: str, generation: int) -> tuple[boo
 def describe_vm_status(vm: Mapping[str, Any]) -> str:
     """Phase and the Ready condition's reason/message, for a timeout message."""
     st = vm.get("status") or {}
-    ready = {c.get("type"): c for c in st.get("conditions") or []}.get("Ready") or {}
+    ready = {c.get("type"): c for c in st.get("conditions") or []}.get(CONDITION_READY) or {}
     why = ready.get("message") or st.get("message") or ""
     text = f"phase {st.get('phase') or 'Pending'}"
     if ready:
@@ -625,10 +632,10 @@ def reconcile_outcome(gs: Mapping[str, Any], requested: str) -> tuple[bool, str 
     if st.get("lastHandledReconcileAt") != requested:
         return False, None
     conds = {c.get("type"): c for c in st.get("conditions") or []}
-    if (conds.get("Reconciling") or {}).get("status") == "True" and \
-            (conds.get("Reconciling") or {}).get("reason") == "Progressing":
+    if (conds.get(CONDITION_RECONCILING) or {}).get("status") == "True" and \
+            (conds.get(CONDITION_RECONCILING) or {}).get("reason") == REASON_PROGRESSING:
         return False, None
-    ready = conds.get("Ready") or {}
+    ready = conds.get(CONDITION_READY) or {}
     if ready.get("status") == "True":
         return True, None
     if ready.get("status") == "Unknown":

@@ -99,6 +99,28 @@ def role_annotation_prefix(role: str) -> str:
 # ------------------------------------------------------------------ conditions
 
 #: Condition types read by more than one module (the controller, the agent, gitops health,
-#: printer columns and the CLI).
+#: printer columns and the CLI). Ready and Scheduled: VMs' and WorkerNodes' (Ready), VmJobs'
+#: (Scheduled) and GitSources' (Ready) alike.
 CONDITION_READY = "Ready"
 CONDITION_SCHEDULED = "Scheduled"
+#: A VM's, written by its agent; gitops health, eviction, pools and the CLI read them.
+CONDITION_FAILURE = "Failure"
+CONDITION_LIVE_MIGRATABLE = "LiveMigratable"
+CONDITION_IMAGE_READY = "ImageReady"
+CONDITION_GUEST_HEALTHY = "GuestHealthy"
+#: A GitSource's, written by its reconciler; the CLI reads it.
+CONDITION_RECONCILING = "Reconciling"
+#: A VirtualMachinePool's, written by its planner; gitops health reads them.
+CONDITION_AVAILABLE = "Available"
+CONDITION_PROGRESSING = "Progressing"
+CONDITION_REPLICA_FAILURE = "ReplicaFailure"
+
+#: Condition reasons read by more than one module: a WorkerNode's Ready (its agent and the
+#: controller), and a GitSource's Reconciling (its reconciler; the CLI waits on it).
+REASON_AGENT_HEARTBEAT = "AgentHeartbeat"
+REASON_PROGRESSING = "Progressing"
+
+
+def condition_path(type_: str, field: str = "status") -> str:
+    """A printer column's JSONPath to one condition's field."""
+    return f'.status.conditions[?(@.type=="{type_}")].{field}'

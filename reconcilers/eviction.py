@@ -21,9 +21,10 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from .conventions import CONDITION_LIVE_MIGRATABLE, CONDITION_READY, CONDITION_SCHEDULED
 from .conventions import DRAIN_LABEL as DRAIN_LABEL
 from .models.common import rfc3339
-from .models.vm import node_local_reasons
+from .models.vm import Phase, node_local_reasons
 from .nodes import heartbeat_age
 from .scheduler import NodeView, Policy, VmView, schedule, vm_view
 
@@ -128,7 +129,7 @@ def node_local(vm: Mapping[str, Any]) -> list[str]:
 def live_migratable(vm: Mapping[str, Any]) -> bool:
     """Running or paused, declared with shared memory, and its agent does not say no."""
     status = vm.get("status") or {}
-    cond = next((c for c in status.get("conditions") or [] if c.get("type") == "LiveMigratable"),
+    cond = next((c for c in status.get("conditions") or [] if c.get("type") == CONDITION_LIVE_MIGRATABLE),
                 None)
     return bool((vm.get("spec") or {}).get("liveMigration")) \
         and (status.get("hypervisor") or {}).get("state") in ("Running", "Paused") \
@@ -263,15 +264,15 @@ def unbound_status(reason: str, message: str, now: datetime) -> dict[str, Any]:
     return {
         "nodeName": None,
         "evictFrom": None,
-        "phase": "Pending",
+        "phase": Phase.PENDING.value,
         "message": message,
         "hypervisor": None,
         "apiSocket": None,
         "snapshot": None,  # it stays on the node it was taken on
         "conditions": [
-            {"type": "Scheduled", "status": "False", "reason": reason, "message": message,
+            {"type": CONDITION_SCHEDULED, "status": "False", "reason": reason, "message": message,
              "lastTransitionTime": ts},
-            {"type": "Ready", "status": "False", "reason": reason, "message": message,
+            {"type": CONDITION_READY, "status": "False", "reason": reason, "message": message,
              "lastTransitionTime": ts},
         ],
     }

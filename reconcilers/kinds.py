@@ -21,7 +21,7 @@ VIRTUAL_MACHINE = CrdKind(
         {"name": "Node", "type": "string", "jsonPath": ".status.nodeName"},
         # Running and healthy, as KubeVirt's VMI Ready (a VM stopped on purpose is False).
         {"name": "Ready", "type": "string",
-         "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"},
+         "jsonPath": conv.condition_path(conv.CONDITION_READY)},
         {"name": "CPUs", "type": "integer", "jsonPath": ".spec.cpus"},
         {"name": "Memory", "type": "string", "jsonPath": ".spec.memory"},
         {"name": "State", "type": "string", "jsonPath": ".status.hypervisor.state",

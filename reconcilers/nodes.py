@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from .conventions import CONDITION_READY, REASON_AGENT_HEARTBEAT
 from .conventions import LEASE_LABEL as LEASE_LABEL
 from .models.common import format_quantity, now_utc, parse_quantity, parse_time, rfc3339
 from .models.node import Provider
@@ -125,9 +126,9 @@ def heartbeat_status(
         "phase": "Ready" if healthy else "NotReady",
         "conditions": [
             {
-                "type": "Ready",
+                "type": CONDITION_READY,
                 "status": "True" if healthy else "False",
-                "reason": "AgentHeartbeat" if healthy else "HypervisorUnavailable",
+                "reason": REASON_AGENT_HEARTBEAT if healthy else "HypervisorUnavailable",
                 "message": "agent is heartbeating"
                 if healthy
                 else (ch.message if ch else "no cloud-hypervisor provider") or "",

@@ -35,7 +35,13 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from .conventions import POOL_FINALIZER
+from .conventions import (
+    CONDITION_AVAILABLE,
+    CONDITION_PROGRESSING,
+    CONDITION_READY,
+    CONDITION_REPLICA_FAILURE,
+    POOL_FINALIZER,
+)
 from .models.common import API_VERSION, Condition, set_condition
 from .models.pool import (
     POOL_LABEL,
@@ -95,7 +101,7 @@ def member_of(pool: str, body: Mapping[str, Any]) -> Member | None:
     if ordinal is None:
         return None
     status = body.get("status") or {}
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+    ready = any(c.get("type") == CONDITION_READY and c.get("status") == "True"
                 for c in status.get("conditions") or [] if isinstance(c, Mapping))
     return Member(name=str(meta["name"]), ordinal=ordinal,
                   revision=(meta.get("labels") or {}).get(REVISION_LABEL),
@@ -223,8 +229,8 @@ def plan_pool(pool: Mapping[str, Any], members: Iterable[Mapping[str, Any]], now
     except ValidationError as exc:
         problem = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
                             for e in exc.errors()[:3])
-        cond("ReplicaFailure", True, "InvalidSpec", problem)
-        cond("Progressing", False, "InvalidSpec", "fix the spec: " + problem)
+        cond(CONDITION_REPLICA_FAILURE, True, "InvalidSpec", problem)
+        cond(CONDITION_PROGRESSING, False, "InvalidSpec", "fix the spec: " + problem)
         plan.status = {**(pool.get("status") or {}), "observedGeneration": generation,
                        "conditions": [c.wire() for c in conditions]}
         return plan
@@ -293,43 +299,43 @@ def plan_pool(pool: Mapping[str, Any], members: Iterable[Mapping[str, Any]], now
     failed = [m for m in live if m.phase == "Failed"]
 
     if problems:
-        cond("ReplicaFailure", True, "InvalidTemplate", "; ".join(problems))
+        cond(CONDITION_REPLICA_FAILURE, True, "InvalidTemplate", "; ".join(problems))
     elif failed:
-        cond("ReplicaFailure", True, "MemberFailed", "; ".join(
+        cond(CONDITION_REPLICA_FAILURE, True, "MemberFailed", "; ".join(
             f"{m.name}: {m.message or 'phase Failed'}" for m in failed[:MAX_NAMED])
             + (f" and {len(failed) - MAX_NAMED} more" if len(failed) > MAX_NAMED else ""))
     else:
-        cond("ReplicaFailure", False, "NoFailure", "")
+        cond(CONDITION_REPLICA_FAILURE, False, "NoFailure", "")
 
-    cond("Available", available >= min_available,
+    cond(CONDITION_AVAILABLE, available >= min_available,
          "MinimumMembersAvailable" if available >= min_available
          else "MinimumMembersUnavailable",
          f"{available} of {replicas} members available (at least {min_available} required)")
 
     if problems:
-        cond("Progressing", False, "InvalidTemplate",
+        cond(CONDITION_PROGRESSING, False, "InvalidTemplate",
              "nothing is created or deleted until spec.template is fixed (see ReplicaFailure)")
     elif old and rolling:
-        cond("Progressing", True, "RollingUpdate",
+        cond(CONDITION_PROGRESSING, True, "RollingUpdate",
              f"{len(new)} of {replicas} members on revision {revision}; old: {_names(old)}")
     elif old:
-        cond("Progressing", False, "WaitingForDeletion",
+        cond(CONDITION_PROGRESSING, False, "WaitingForDeletion",
              f"strategy OnDelete: {_names(old)} run an old template; delete them "
              "(kubectl delete hvm NAME) to recreate them from the current one")
     elif len(live) < replicas:
-        cond("Progressing", True, "ScalingUp", f"{len(live)} of {replicas} members exist"
+        cond(CONDITION_PROGRESSING, True, "ScalingUp", f"{len(live)} of {replicas} members exist"
              + (f"; waiting for {_names(terminating)} to be deleted" if terminating and not creating
                 else ""))
     elif len(live) > replicas:
-        cond("Progressing", True, "ScalingDown", f"{len(live)} members, {replicas} wanted")
+        cond(CONDITION_PROGRESSING, True, "ScalingDown", f"{len(live)} members, {replicas} wanted")
     elif terminating:
-        cond("Progressing", True, "WaitingForDeletion",
+        cond(CONDITION_PROGRESSING, True, "WaitingForDeletion",
              f"waiting for {_names(terminating)} to be deleted")
     elif available < replicas:
-        cond("Progressing", True, "WaitingForAvailable",
+        cond(CONDITION_PROGRESSING, True, "WaitingForAvailable",
              f"{available} of {replicas} members available")
     else:
-        cond("Progressing", True, "Complete", f"{replicas} members on revision {revision}, "
+        cond(CONDITION_PROGRESSING, True, "Complete", f"{replicas} members on revision {revision}, "
              "all available")
 
     plan.status = {
@@ -351,6 +357,6 @@ def with_failure(status: Mapping[str, Any], reason: str, message: str,
     """``status`` with ReplicaFailure True: an API call the plan needed failed (the plan
     itself cannot know; the worker tells it here)."""
     conditions = [Condition.model_validate(c) for c in status.get("conditions") or []]
-    conditions = set_condition(conditions, "ReplicaFailure", True, reason, message, generation,
+    conditions = set_condition(conditions, CONDITION_REPLICA_FAILURE, True, reason, message, generation,
                                now)
     return {**status, "conditions": [c.wire() for c in conditions]}

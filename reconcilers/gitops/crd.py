@@ -13,9 +13,9 @@ GIT_SOURCE = CrdKind(
     columns=[
         {"name": "URL", "type": "string", "jsonPath": ".spec.url"},
         {"name": "Commit", "type": "string", "jsonPath": ".status.lastAppliedCommit"},
-        {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"},
+        {"name": "Ready", "type": "string", "jsonPath": conv.condition_path(conv.CONDITION_READY)},
         {"name": "Status", "type": "string",
-         "jsonPath": ".status.conditions[?(@.type==\"Ready\")].message", "priority": 1},
+         "jsonPath": conv.condition_path(conv.CONDITION_READY, "message"), "priority": 1},
         {"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspend"},
     ],
 )

@@ -19,6 +19,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from hyperfleet.reconcilers.conventions import (
+    CONDITION_AVAILABLE,
+    CONDITION_FAILURE,
+    CONDITION_GUEST_HEALTHY,
+    CONDITION_IMAGE_READY,
+    CONDITION_PROGRESSING,
+    CONDITION_READY,
+    CONDITION_REPLICA_FAILURE,
+    CONDITION_SCHEDULED,
+    REASON_PROGRESSING,
+)
 from hyperfleet.reconcilers.models.common import parse_time
 
 from .types import ObjectRef
@@ -26,7 +37,7 @@ from .types import ObjectRef
 MAX_SHOWN = 5
 
 HEALTHY = "Healthy"
-PROGRESSING = "Progressing"
+PROGRESSING = REASON_PROGRESSING
 FAILED = "HealthCheckFailed"
 
 
@@ -75,9 +86,11 @@ def _conditions(status: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
 def _why(phase: str, status: Mapping[str, Any]) -> str:
     """A short reason from the VM's status: its message, else its first failing condition's."""
     conds = _conditions(status)
-    for t in ("Failure", "Scheduled", "Ready", "ImageReady", "GuestHealthy"):
+    for t in (CONDITION_FAILURE, CONDITION_SCHEDULED, CONDITION_READY, CONDITION_IMAGE_READY,
+              CONDITION_GUEST_HEALTHY):
         c = conds.get(t)
-        bad = c is not None and (c.get("status") == "True" if t == "Failure" else c.get("status") == "False")
+        bad = c is not None and (c.get("status") == "True" if t == CONDITION_FAILURE
+                                 else c.get("status") == "False")
         if c is not None and bad and c.get("message"):
             reason = str(c.get("reason") or t)
             return f"{phase}: {c.get('message')}" if reason == phase else \
@@ -90,7 +103,8 @@ def _why(phase: str, status: Mapping[str, Any]) -> str:
 def _not_ready_since(status: Mapping[str, Any]) -> datetime | None:
     latest: datetime | None = None
     for t, c in _conditions(status).items():
-        if t in ("Ready", "Scheduled") and c.get("status") != "True" and c.get("lastTransitionTime"):
+        if t in (CONDITION_READY, CONDITION_SCHEDULED) and c.get("status") != "True" \
+                and c.get("lastTransitionTime"):
             try:
                 when = parse_time(str(c["lastTransitionTime"]))
             except ValueError:
@@ -124,7 +138,7 @@ def vm_health(ref: ObjectRef, body: Mapping[str, Any] | None) -> VmHealth:
         return VmHealth(ref, "progressing", f"{phase}: status not yet for generation {generation}", since)
     if status.get("nextRestartTime"):
         return VmHealth(ref, "progressing", f"{phase}: restart pending after a crash", since)
-    guest = _conditions(status).get("GuestHealthy")
+    guest = _conditions(status).get(CONDITION_GUEST_HEALTHY)
     if guest is not None and guest.get("status") == "False":
         why = guest.get("message") or guest.get("reason") or "guest unhealthy"
         return VmHealth(ref, "progressing", f"{phase}: guest reports unhealthy: {why}", since)
@@ -143,7 +157,7 @@ def pool_health(ref: ObjectRef, body: Mapping[str, Any] | None) -> VmHealth:
     status = body.get("status") or {}
     want = int((body.get("spec") or {}).get("replicas", 1))
     conds = _conditions(status)
-    failure = conds.get("ReplicaFailure")
+    failure = conds.get(CONDITION_REPLICA_FAILURE)
     since = _pool_not_available_since(conds)
     if failure is not None and failure.get("status") == "True":
         state: Literal["failed", "progressing"] = \
@@ -163,10 +177,10 @@ def pool_health(ref: ObjectRef, body: Mapping[str, Any] | None) -> VmHealth:
 
 
 def _pool_not_available_since(conds: Mapping[str, Mapping[str, Any]]) -> datetime | None:
-    for t in ("Available", "Progressing"):
+    for t in (CONDITION_AVAILABLE, CONDITION_PROGRESSING):
         c = conds.get(t)
         if c is not None and c.get("lastTransitionTime") and \
-                (t == "Progressing" or c.get("status") != "True"):
+                (t == CONDITION_PROGRESSING or c.get("status") != "True"):
             try:
                 return parse_time(str(c["lastTransitionTime"]))
             except ValueError:

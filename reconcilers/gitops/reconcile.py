@@ -21,7 +21,13 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from hyperfleet.reconcilers.conventions import VIRTUAL_MACHINE, VIRTUAL_MACHINE_POOL
+from hyperfleet.reconcilers.conventions import (
+    CONDITION_READY,
+    CONDITION_RECONCILING,
+    REASON_PROGRESSING,
+    VIRTUAL_MACHINE,
+    VIRTUAL_MACHINE_POOL,
+)
 from hyperfleet.reconcilers.kube import GITSOURCES, Kube
 from hyperfleet.reconcilers.models.common import now_utc, set_condition
 from hyperfleet.reconcilers.models.gitsource import (
@@ -227,7 +233,7 @@ class _Run:
             log.warning("unreadable status; starting afresh", extra={"gitsource": self.key})
             self.status = GitSourceStatus()
         self.before = self.status.wire()
-        self.prev_ready = next((c for c in self.status.conditions if c.type == "Ready"), None)
+        self.prev_ready = next((c for c in self.status.conditions if c.type == CONDITION_READY), None)
         self.spec: GitSourceSpec | None = None
         self.commit: str | None = None
         self.secrets: list[str] = []
@@ -376,7 +382,7 @@ class _Run:
         applier = self.r.applier
         applied: list[ObjectRef] = []
         if plan.applies:
-            self._set("Reconciling", True, "Progressing",
+            self._set(CONDITION_RECONCILING, True, REASON_PROGRESSING,
                       f"applying commit {commit[:12]}: {len(plan.applies)} object(s) to create or update")
             self._write()
             bodies = [a.body for a in plan.applies]
@@ -434,8 +440,8 @@ class _Run:
             self.assess([b for r, b in live.items() if r.kind in HEALTH_KINDS], governs_ready=True)
         else:
             self._drop("Healthy")
-            self._set("Ready", True, "ReconciliationSucceeded", self._applied_message())
-            self._set("Reconciling", False, "ReconciliationSucceeded")
+            self._set(CONDITION_READY, True, "ReconciliationSucceeded", self._applied_message())
+            self._set(CONDITION_RECONCILING, False, "ReconciliationSucceeded")
         state: State = "applied" if plan.changes else "unchanged"
         return Result(state, spec.interval_seconds, commit)
 
@@ -449,7 +455,7 @@ class _Run:
     def ready_follows_health(self) -> bool:
         """Whether Ready is the health check's to set: the last reconcile applied the commit
         it tried, for the current generation (otherwise Ready reports that failure)."""
-        ready = next((c for c in self.status.conditions if c.type == "Ready"), None)
+        ready = next((c for c in self.status.conditions if c.type == CONDITION_READY), None)
         st = self.status
         return (ready is not None and ready.reason in _HEALTH_GOVERNED
                 and st.last_applied_commit is not None
@@ -469,14 +475,14 @@ class _Run:
         if governs_ready:
             applied = self._applied_message()
             if health.status == "True":
-                self._set("Ready", True, "ReconciliationSucceeded", f"{applied}; {health.message}")
-                self._set("Reconciling", False, "ReconciliationSucceeded")
+                self._set(CONDITION_READY, True, "ReconciliationSucceeded", f"{applied}; {health.message}")
+                self._set(CONDITION_RECONCILING, False, "ReconciliationSucceeded")
             elif health.status == "Unknown":
-                self._set("Ready", "Unknown", PROGRESSING, f"{applied}; {health.message}")
-                self._set("Reconciling", True, PROGRESSING, health.message)
+                self._set(CONDITION_READY, "Unknown", PROGRESSING, f"{applied}; {health.message}")
+                self._set(CONDITION_RECONCILING, True, PROGRESSING, health.message)
             else:
-                self._set("Ready", False, FAILED, f"{applied}; {health.message}")
-                self._set("Reconciling", False, FAILED)
+                self._set(CONDITION_READY, False, FAILED, f"{applied}; {health.message}")
+                self._set(CONDITION_RECONCILING, False, FAILED)
         if health.status == "False" and (before is None or before.status != "False"):
             self._event(FAILED, health.message, "Warning")
             log.warning("health check failed", extra={
@@ -500,7 +506,7 @@ class _Run:
     # ------------------------------------------------------------------ endings
 
     def _suspended(self, interval: float) -> Result:
-        self._set("Reconciling", False, "Suspended",
+        self._set(CONDITION_RECONCILING, False, "Suspended",
                   "spec.suspend is true: not fetching, applying or pruning; set it to false to resume")
         return Result("suspended", interval)
 
@@ -511,10 +517,11 @@ class _Run:
             self.status.last_attempted_commit = self.commit
         if stop.reason != "DeletionHeld":
             self.status.held_deletion = None
-        self._set("Ready", False, stop.reason, msg)
+        self._set(CONDITION_READY, False, stop.reason, msg)
         self._set("Stalled", stop.stalled, stop.reason if stop.stalled else "Retrying",
                   msg if stop.stalled else "")
-        self._set("Reconciling", not stop.stalled, "RetryingAfterError" if not stop.stalled else stop.reason,
+        self._set(CONDITION_RECONCILING, not stop.stalled,
+                  "RetryingAfterError" if not stop.stalled else stop.reason,
                   "" if stop.stalled else f"will retry: {msg}")
         if self.prev_ready is None or (self.prev_ready.reason, self.prev_ready.message) != (stop.reason, msg):
             self._event(stop.reason, msg, "Warning")

@@ -16,6 +16,7 @@ from typing import Any
 from ulid import ULID
 
 from ..conventions import CANCEL_ANNOTATION as CANCEL_ANNOTATION
+from ..conventions import CONDITION_SCHEDULED
 from ..eviction import node_local
 from ..models.common import parse_time, set_condition
 from .envelope import JobDocument
@@ -277,11 +278,11 @@ def _pending(
     views = [replace(n, active_jobs=active.get(n.name, 0)) for n in nodes]
     decision = route(job, views, vm_hosts, default_namespace=scope)
     if decision.node is None:
-        conds = set_condition(st.conditions, "Scheduled", False, now=now,
+        conds = set_condition(st.conditions, CONDITION_SCHEDULED, False, now=now,
                               reason="Unroutable", message=decision.reason)
         waiting = st.model_copy(update={"conditions": conds, "reason": "Unroutable"})
         event = None
-        old = next((c for c in st.conditions if c.type == "Scheduled"), None)
+        old = next((c for c in st.conditions if c.type == CONDITION_SCHEDULED), None)
         if old is None or old.message != decision.reason:
             event = ("Warning", "Unroutable", decision.reason)
         return waiting, event

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..conventions import OWNER_LABEL
+from ..conventions import CONDITION_FAILURE, CONDITION_READY, OWNER_LABEL
 from ..driver import VmDriver
 from ..hypervisor.client import ChClient, ChError
 from ..hypervisor.events import EventTail
@@ -232,12 +232,12 @@ def vm_resize(ctx: JobContext) -> dict[str, Any]:
         ctx.check_cancelled()
         vm = ctx.kube.get(VMS, name, ns) or {}
         st = vm.get("status") or {}
-        ready = {c.get("type"): c for c in st.get("conditions") or []}.get("Ready") or {}
+        ready = {c.get("type"): c for c in st.get("conditions") or []}.get(CONDITION_READY) or {}
         # Ready, or stopped/paused/asleep as asked: a resize of a stopped VM lands at boot.
         if st.get("observedGeneration", 0) >= generation and ready_settled(ready):
             return {"cpus": vm["spec"]["cpus"], "memory": vm["spec"]["memory"],
                     "generation": generation}
-        failure = {c.get("type"): c for c in st.get("conditions") or []}.get("Failure") or {}
+        failure = {c.get("type"): c for c in st.get("conditions") or []}.get(CONDITION_FAILURE) or {}
         if st.get("observedGeneration", 0) >= generation and failure.get("status") == "True":
             raise JobFailure(f"the VMM refused the resize: {failure.get('message')}",
                            retryable=False)
