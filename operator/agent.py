@@ -26,8 +26,8 @@ from hyperfleet.reconcilers.hypervisor import fence
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager
 from hyperfleet.reconcilers.images import DEFAULT_ROOTS
 from hyperfleet.reconcilers.jobs.runner import RECEIVE_TIMEOUT, JobRunner
-from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, KubeApi, version_of
-from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_quantity
+from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, KubeApi
+from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_quantity, version_of
 from hyperfleet.reconcilers.models.vm import VirtualMachine
 from hyperfleet.reconcilers.nodes import (
     LEASE_LABEL,

@@ -1,16 +1,18 @@
-"""Controller: watches VMs and WorkerNodes, places pending VMs, tracks node health."""
+"""Controller: watches VMs and WorkerNodes, places pending VMs, tracks node health.
+
+The kopf side of it: the view fed by watch events, the passes and the API writes. What
+each pass decides comes from ``reconcilers/fleet.py`` (and the scheduler, eviction and
+VmJob dispatch it calls)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import sys
 import time
-from collections import Counter
 from collections.abc import Coroutine, Mapping
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -19,33 +21,34 @@ from hyperfleet.reconcilers.eviction import (
     DRAIN_LABEL,
     Eviction,
     EvictionDecision,
-    drain_blocked,
     drain_job_name,
     evictions,
     plan_drain,
-    unbound_status,
+)
+from hyperfleet.reconcilers.fleet import (
+    Liveness,
+    allocation_updates,
+    bound_status,
+    drain_conditions,
+    eviction_status,
+    job_workers,
+    merge,
+    merge_one,
+    missing_since,
+    node_health,
+    object_key,
+    on_nodes,
+    pass_gap,
+    pending_and_placed,
+    troubled_nodes,
+    unschedulable_status,
+    vm_hosts,
 )
 from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
 from hyperfleet.reconcilers.jobs.dispatch import Decision, dispatch
-from hyperfleet.reconcilers.jobs.routing import WorkerView
-from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, KubeApi, Resource, version_of
-from hyperfleet.reconcilers.models.common import (
-    GROUP,
-    VERSION,
-    format_quantity,
-    now_utc,
-    parse_time,
-    rfc3339,
-)
-from hyperfleet.reconcilers.nodes import (
-    LEASE_LABEL,
-    allocatable,
-    heartbeat_age,
-    is_ready,
-    merge_conditions,
-    node_view,
-    scheduling_state,
-)
+from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, KubeApi, Resource
+from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_time, rfc3339
+from hyperfleet.reconcilers.nodes import LEASE_LABEL, node_view
 from hyperfleet.reconcilers.peering import is_active
 from hyperfleet.reconcilers.scheduler import NodeView, VmView, schedule, vm_view
 
@@ -69,7 +72,7 @@ class Controller:
         self.leases: dict[str, datetime] = {}  # node -> last renewTime of its agent's Lease
         self.missing_since: dict[str, datetime] = {}  # bound-to node -> first seen absent
         self.held: set[str] = set()  # VMs a drain cannot move (already reported)
-        self._alive_marks: dict[str, tuple[Any, datetime]] = {}  # see liveness()
+        self._liveness = Liveness()
         self.dirty = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -116,26 +119,8 @@ class Controller:
         self.dirty.set()
 
     def liveness(self, now: datetime) -> tuple[dict[str, dict[str, Any]], dict[str, datetime]]:
-        """Node bodies and when each agent was last seen alive, by the controller's clock.
-
-        Lease renewTime and status.heartbeatTime come from the agent's clock; like the
-        node lifecycle controller, only count when we saw them change, so a skewed node
-        clock neither keeps a dead node Ready nor evicts a live one."""
-        alive: dict[str, datetime] = {}
-        marks: dict[str, tuple[Any, datetime]] = {}
-        for name in set(self.nodes) | set(self.leases):
-            beat = ((self.nodes.get(name) or {}).get("status") or {}).get("heartbeatTime")
-            mark = (self.leases.get(name), beat)
-            if mark == (None, None):
-                continue  # the agent never reported
-            prev = self._alive_marks.get(name)
-            marks[name] = prev if prev is not None and prev[0] == mark else (mark, now)
-            alive[name] = marks[name][1]
-        self._alive_marks = marks
-        bodies = {n: {**b, "status": {k: v for k, v in (b.get("status") or {}).items()
-                                      if k != "heartbeatTime"}}
-                  for n, b in self.nodes.items()}
-        return bodies, alive
+        """Node bodies and when each agent was last seen alive, by the controller's clock."""
+        return self._liveness.update(self.nodes, self.leases, now)
 
     async def prime(self) -> None:
         """Read everything the passes use before the first one (and again on taking over
@@ -152,9 +137,9 @@ class Controller:
             except Exception:
                 log.exception("cannot list the cluster yet; retrying")
                 await asyncio.sleep(2)
-        merge(self.vms, {_key(b): b for b in vms[0]}, vms[1])
+        merge(self.vms, {object_key(b): b for b in vms[0]}, vms[1])
         merge(self.nodes, {b["metadata"]["name"]: b for b in nodes[0]}, nodes[1])
-        merge(self.jobs, {_key(b): b for b in jobs[0]}, jobs[1])
+        merge(self.jobs, {object_key(b): b for b in jobs[0]}, jobs[1])
         self.leases = {n: max(t, self.leases.get(n, t)) for n, t in leases.items()}
         self.dirty.set()
 
@@ -214,20 +199,14 @@ class Controller:
         views = [self._view(k, b) for k, b in self.vms.items()]
         if len(self._views) > len(self.vms):  # some left while no watch event told us
             self._views = {k: v for k, v in self._views.items() if k in self.vms}
-        deleting = {_key(b) for b in self.vms.values() if b["metadata"].get("deletionTimestamp")}
-        pending_bodies = {v.key: self.vms[v.key] for v in views
-                          if not v.node and v.key not in deleting}
-        pending = [v for v in views if v.key in pending_bodies]
-        # A VM being deleted still runs until its agent's finalizer stopped it: it keeps
-        # its place in the capacity count (as a terminating pod does).
-        placed = [v for v in views if v.node]
+        pending, placed = pending_and_placed(views, self.vms)
+        pending_bodies = {v.key: self.vms[v.key] for v in pending}
         nodes = [node_view(b, now, grace, alive.get(n)) for n, b in bodies.items()]
         await self._publish_allocations(placed)
-        # Only VMs on nodes that are lost, silent or draining can have anything to do here:
-        # the eviction planning then costs what those nodes hold, not the fleet.
-        troubled = self._troubled({v.node for v in placed if v.node}, bodies, alive, now)
-        vms = [b for v in placed if v.node in troubled
-               and not (b := self.vms[v.key])["metadata"].get("deletionTimestamp")]
+        # Only VMs on nodes that are lost, silent or draining can have anything to do here.
+        troubled = troubled_nodes({v.node for v in placed if v.node}, bodies, alive, now,
+                                  timedelta(seconds=self.cfg.eviction_seconds))
+        vms = on_nodes(placed, troubled, self.vms)
         await self._evict(vms, now, bodies, alive, nodes, placed)
         await self._dispatch_jobs(now, nodes)
         if not pending_bodies:
@@ -241,29 +220,11 @@ class Controller:
             *(self._unschedulable(pending_bodies[k], r) for k, r in result.unschedulable.items()),
         ])
 
-    def _troubled(self, bound_to: set[str], bodies: dict[str, dict[str, Any]],
-                  alive: dict[str, datetime], now: datetime) -> set[str]:
-        """Nodes (of those VMs are bound to) that are absent, draining, or silent past
-        the eviction timeout: where ``evictions`` may decide something."""
-        timeout = timedelta(seconds=self.cfg.eviction_seconds)
-        out = set()
-        for name in bound_to:
-            body = bodies.get(name)
-            if body is None or (body.get("spec") or {}).get("drain"):
-                out.add(name)
-                continue
-            age = heartbeat_age(body, now, alive.get(name))
-            if age is None or age > timeout:
-                out.add(name)
-        return out
-
-    async def _evict(self, vms: list[dict[str, Any]], now: datetime,
+    async def _evict(self, vms: list[Mapping[str, Any]], now: datetime,
                      bodies: dict[str, dict[str, Any]], alive: dict[str, datetime],
                      nodes: list[NodeView], placed: list[VmView]) -> None:
         timeout = timedelta(seconds=self.cfg.eviction_seconds)
-        absent = {n for vm in vms if (n := (vm.get("status") or {}).get("nodeName"))
-                  and n not in bodies}
-        self.missing_since = {n: self.missing_since.get(n, now) for n in absent}
+        self.missing_since = missing_since(self.missing_since, vms, bodies, now)
         decisions = plan_drain(
             evictions(vms, bodies, now, timeout, alive, self.missing_since),
             nodes, placed, self.jobs, self.cfg.scheduling_policy)
@@ -273,28 +234,23 @@ class Controller:
             if d.action == Eviction.WAIT:
                 continue
             if d.action == Eviction.HOLD:
-                key = f"{_key(dict(d.vm))}:{d.reason}"
+                key = f"{object_key(d.vm)}:{d.reason}"
                 held.add(key)
                 if key not in self.held:  # say it once per drain and reason, not every pass
                     log.warning("VM held on its node", extra={
-                        "vm": _key(dict(d.vm)), "node": d.node, "reason": d.reason})
+                        "vm": object_key(d.vm), "node": d.node, "reason": d.reason})
                     self.record(dict(d.vm), d.event, d.reason, "Warning")
                 continue
             if d.action == Eviction.MIGRATE:
                 await self._drain_migrate(d)
                 continue
-            if d.action == Eviction.ASK_AGENT:
-                status: dict[str, Any] = {"phase": "Evicting", "evictFrom": d.node,
-                                          "message": d.reason}
-            else:
-                status = unbound_status("NodeLost", f"{d.reason}; placing it again", now)
+            status, event = eviction_status(d, now)
             out = await self._write_status(self.vms, VMS, meta, status)
             if out is None:
                 continue
             log.warning("evicting VM", extra={"vm": meta["name"], "node": d.node,
                                               "action": d.action.value, "reason": d.reason})
-            self.record(out, "Evicting" if d.action == Eviction.ASK_AGENT else "NodeLost",
-                        d.reason, "Warning")
+            self.record(out, event, d.reason, "Warning")
         self.held = held
         await self._drain_conditions(bodies, vms, decisions)
 
@@ -323,31 +279,13 @@ class Controller:
         self.record(dict(d.vm), "Migrating", f"{d.reason} (VmJob {job_name})", "Normal")
 
     async def _drain_conditions(self, bodies: dict[str, dict[str, Any]],
-                                vms: list[dict[str, Any]],
+                                vms: list[Mapping[str, Any]],
                                 decisions: list[EvictionDecision]) -> None:
         """DrainBlocked on each draining WorkerNode: which VMs cannot leave, and why."""
-        held = [d for d in decisions if d.action == Eviction.HOLD]
-        left = Counter((vm.get("status") or {}).get("nodeName") for vm in vms)
-        ts = rfc3339(now_utc())
-        for name, body in list(bodies.items()):
-            conditions = (body.get("status") or {}).get("conditions") or []
-            old = next((c for c in conditions if c.get("type") == "DrainBlocked"), None)
-            if not (body.get("spec") or {}).get("drain"):
-                if old is None:
-                    continue
-                new_list = [c for c in conditions if c.get("type") != "DrainBlocked"]
-            else:
-                blocked, reason, message = drain_blocked(name, held, left[name])
-                cond = {"type": "DrainBlocked", "status": str(blocked), "reason": reason,
-                        "message": message, "lastTransitionTime": ts}
-                if old is not None and all(old.get(k) == cond[k]
-                                           for k in ("status", "reason", "message")):
-                    continue
-                if old is not None and old.get("status") == cond["status"]:
-                    cond["lastTransitionTime"] = old.get("lastTransitionTime", ts)
-                new_list = merge_conditions(conditions, cond)
-            patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
-                     "status": {"conditions": new_list}}
+        updates = drain_conditions(bodies, vms, decisions, rfc3339(now_utc()))
+        for name, conditions in updates.items():
+            patch = {"metadata": {"resourceVersion": bodies[name]["metadata"]["resourceVersion"]},
+                     "status": {"conditions": conditions}}
             try:
                 self.nodes[name] = await asyncio.to_thread(
                     self.kube.patch, NODES, name, patch, None, True)
@@ -359,16 +297,7 @@ class Controller:
         active = [b for b in self.jobs.values() if not b["metadata"].get("deletionTimestamp")]
         if not active:
             return
-        # Cordoned/draining is not lost: such a node keeps its running jobs and its VMs'
-        # jobs (a migration off a draining node); it only gets no new placements.
-        workers = [WorkerView(n.name, n.pool, n.capabilities, n.ready,
-                              schedulable=not n.unschedulable) for n in nodes]
-        hosts = {
-            k: b["status"]["nodeName"] for k, b in self.vms.items()
-            if (b.get("status") or {}).get("nodeName")
-            and ((b["status"].get("hypervisor") or {}).get("state") in ("Running", "Paused"))
-        }
-        decisions = dispatch(active, workers, hosts, now, self.vms)
+        decisions = dispatch(active, job_workers(nodes), vm_hosts(self.vms), now, self.vms)
         await self.parallel([self._write_job(d) for d in decisions])
 
     async def _write_job(self, d: Decision) -> None:
@@ -385,43 +314,21 @@ class Controller:
         if node not in self.nodes:
             self.dirty.set()  # deleted while this pass ran: decide again without it
             return
-        ts = rfc3339(now_utc())
-        status = {
-                "nodeName": node,
-                "phase": "Scheduled",
-                "message": None,
-                "conditions": [
-                    c for c in (body.get("status") or {}).get("conditions") or []
-                    if c.get("type") != "Scheduled"
-                ] + [{
-                    "type": "Scheduled", "status": "True", "reason": "Bound",
-                    "message": f"placed on {node}", "lastTransitionTime": ts,
-                }],
-        }
+        status = bound_status(body, node, rfc3339(now_utc()))
         # Stored at once: the allocation counts before the watch event arrives.
         if await self._write_status(self.vms, VMS, meta, status) is None:
             metrics.BINDINGS.labels("conflict").inc()
             log.info("binding conflict; will retry", extra={"vm": meta["name"]})
             return
         metrics.BINDINGS.labels("bound").inc()
-        log.info("bound VM", extra={"vm": _key(body), "node": node})
+        log.info("bound VM", extra={"vm": object_key(body), "node": node})
         self.record(body, "Scheduled", f"placed on WorkerNode {node}", "Normal")
 
     async def _unschedulable(self, body: dict[str, Any], reason: str) -> None:
-        meta = body["metadata"]
-        status = body.get("status") or {}
-        if status.get("phase") == "Unschedulable" and status.get("message") == reason:
+        status = unschedulable_status(body, reason, rfc3339(now_utc()))
+        if status is None:
             return
-        ts = rfc3339(now_utc())
-        status = {
-            "phase": "Unschedulable",
-            "message": reason,
-            "conditions": [{
-                "type": "Scheduled", "status": "False", "reason": "Unschedulable",
-                "message": reason, "lastTransitionTime": ts,
-            }],
-        }
-        if await self._write_status(self.vms, VMS, meta, status) is not None:
+        if await self._write_status(self.vms, VMS, body["metadata"], status) is not None:
             self.record(body, "FailedScheduling", reason, "Warning")
 
     async def _write_status(self, store: dict[str, dict[str, Any]], res: Resource,
@@ -431,7 +338,7 @@ class Controller:
         On a conflict (or a vanished object) our copy is stale: read it again, or forget
         it, and let the next pass decide anew. None when nothing was written."""
         name, ns = meta["name"], meta.get("namespace")
-        key = _key({"metadata": meta})
+        key = object_key({"metadata": meta})
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
         try:
             out = await asyncio.to_thread(self.kube.patch, res, name, patch, ns, True)
@@ -453,111 +360,30 @@ class Controller:
     async def _mark_node_health(self, now: datetime, grace: timedelta,
                                 bodies: dict[str, dict[str, Any]],
                                 alive: dict[str, datetime]) -> None:
-        """Like the node lifecycle controller: Ready follows the agent's Lease."""
-        ts = rfc3339(now)
+        """Ready follows the agent's Lease (``fleet.node_health``)."""
         for name, body in list(bodies.items()):
-            status = body.get("status") or {}
-            ready = is_ready(body, now, grace, alive.get(name))
-            if (status.get("phase") == "Ready") == ready:
+            change = node_health(body, now, grace, alive.get(name))
+            if change is None:
                 continue
-            age = heartbeat_age(body, now, alive.get(name))
-            cond = {"type": "Ready", "status": "True", "reason": "AgentHeartbeat",
-                    "message": "agent is heartbeating", "lastTransitionTime": ts} if ready else {
-                "type": "Ready", "status": "False", "reason": "HeartbeatLapsed",
-                "message": f"no heartbeat for {age.total_seconds():.0f}s" if age
-                else "the agent never reported", "lastTransitionTime": ts}
-            patch = {"status": {"phase": "Ready" if ready else "NotReady",
-                                "conditions": merge_conditions(status.get("conditions"), cond)}}
+            ready, patch = change
             self.nodes[name] = await asyncio.to_thread(
                 self.kube.patch, NODES, name, patch, None, True
             )
             (log.info if ready else log.warning)(
                 "node Ready" if ready else "node NotReady", extra={"node": name})
 
-    async def _publish_allocations(self, placed: list[Any]) -> None:
+    async def _publish_allocations(self, placed: list[VmView]) -> None:
         """WorkerNode scheduling (a cordon shows at once) and allocated/allocatable/vmCount
         (informational, so at most every 2 s)."""
         due = time.monotonic() - self._allocations_at >= 2
         if due:
             self._allocations_at = time.monotonic()
-        per_node: dict[str, list[int]] = {n: [0, 0, 0] for n in self.nodes}
-        for vm in placed if due else ():
-            if vm.node in per_node:
-                acc = per_node[vm.node]
-                acc[0] += vm.cpus
-                acc[1] += vm.memory
-                acc[2] += 1
-        writes = []
-        for name, (cpus, mem, count) in per_node.items():
-            body = self.nodes[name]
-            status = body.get("status") or {}
-            want: dict[str, Any] = {"scheduling": scheduling_state(body.get("spec") or {})}
-            if due and status.get("capacity"):  # else the agent has not reported yet
-                a_cpus, a_mem = allocatable(body)
-                want |= {
-                    "allocated": {"cpus": cpus, "memory": format_quantity(mem)},
-                    "allocatable": {"cpus": a_cpus, "memory": format_quantity(a_mem)},
-                    "vmCount": count,
-                }
-            if all(status.get(k) == v for k, v in want.items()):
-                continue
-            writes.append(self._write_node(name, want))
-        await self.parallel(writes)
+        await self.parallel([self._write_node(name, want) for name, want
+                             in allocation_updates(self.nodes, placed, due).items()])
 
     async def _write_node(self, name: str, status: dict[str, Any]) -> None:
         self.nodes[name] = await asyncio.to_thread(
             self.kube.patch, NODES, name, {"status": status}, None, True)
-
-
-def _key(body: dict[str, Any]) -> str:
-    meta = body["metadata"]
-    return f"{meta.get('namespace') or 'default'}/{meta['name']}"
-
-
-def pass_gap(took: float) -> float:
-    """Seconds to wait after a pass that took ``took`` before the next: twice its cost,
-    at least 20 ms (a small fleet reacts at once), at most 1 s (placement latency)."""
-    return min(1.0, max(0.02, 2 * took))
-
-
-def merge(store: dict[str, dict[str, Any]], listed: dict[str, dict[str, Any]],
-          list_version: str) -> None:
-    """Make ``store`` what a list taken at ``list_version`` says, except where a watch event
-    already brought something newer (etcd resourceVersions are increasing integers, which
-    the API server does not promise but every etcd-backed one gives)."""
-    at = version_of({"metadata": {"resourceVersion": list_version}})
-    for key in [k for k, body in store.items() if k not in listed and version_of(body) <= at]:
-        del store[key]  # deleted while no watch event could tell us
-    for key, body in listed.items():
-        merge_one(store, key, body)
-
-
-def merge_one(store: dict[str, dict[str, Any]], key: str, body: Mapping[str, Any]) -> None:
-    """Store a compact copy of ``body`` unless a newer version of it is already there."""
-    have = store.get(key)
-    if have is None or version_of(have) <= version_of(body):
-        store[key] = compact(body)
-
-
-def compact(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of an object for the controller's view, which holds the whole fleet: without
-    managedFields (a third of a VM, read by nobody here), and with keys and short strings
-    interned, so the field names, phases, reasons and node names repeated in every object
-    are stored once (about half the memory of a plain deep copy, and faster to make)."""
-    meta = body.get("metadata")
-    if isinstance(meta, Mapping) and "managedFields" in meta:  # dropped before, not after
-        body = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
-    return cast(dict[str, Any], _compact(body))
-
-
-def _compact(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {sys.intern(k) if isinstance(k, str) else k: _compact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_compact(v) for v in value]
-    if isinstance(value, str) and len(value) <= 64:
-        return sys.intern(value)
-    return value
 
 
 def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: KubeApi) -> Controller:

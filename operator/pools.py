@@ -26,8 +26,8 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from hyperfleet.reconcilers.kube import POOLS, VMS, Conflict, Gone, Kube, version_of
-from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc
+from hyperfleet.reconcilers.kube import POOLS, VMS, Conflict, Gone, Kube
+from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, version_of
 from hyperfleet.reconcilers.models.pool import POOL_LABEL
 from hyperfleet.reconcilers.pools import (
     FINALIZER,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -39,17 +38,6 @@ POOLS = Resource.of(conv.VIRTUAL_MACHINE_POOL)
 
 #: The items of a list response.
 Items = list[dict[str, Any]]
-
-
-def version_of(body: Mapping[str, Any] | None) -> int:
-    """An object's resourceVersion as a number, to tell which of two copies is newer
-    (etcd's are increasing integers; the API server does not promise it, so anything
-    else counts as 0, the oldest)."""
-    value = ((body or {}).get("metadata") or {}).get("resourceVersion")
-    try:
-        return int(value or 0)
-    except ValueError:
-        return 0
 
 
 class Conflict(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
 from typing import Annotated, Any, Literal, Self
@@ -174,6 +175,17 @@ def rfc3339(t: datetime) -> str:
 def parse_time(value: str) -> datetime:
     """A Kubernetes timestamp (``...Z`` or an explicit offset) as an aware datetime."""
     return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def version_of(body: Mapping[str, Any] | None) -> int:
+    """An object's resourceVersion as a number, to tell which of two copies is newer
+    (etcd's are increasing integers; the API server does not promise it, so anything
+    else counts as 0, the oldest)."""
+    value = ((body or {}).get("metadata") or {}).get("resourceVersion")
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
 
 
 def set_condition(

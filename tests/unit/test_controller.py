@@ -107,7 +107,7 @@ def test_node_liveness_is_measured_by_the_controllers_clock() -> None:
 
 
 def test_passes_are_spaced_by_twice_their_cost_within_bounds() -> None:
-    from hyperfleet.operator.controller import pass_gap
+    from hyperfleet.reconcilers.fleet import pass_gap
 
     assert pass_gap(0.001) == 0.02  # a small fleet reacts at once
     assert pass_gap(0.1) == 0.2  # a 10k-VM pass: passes take at most a third of the time

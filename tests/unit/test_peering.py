@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hyperfleet.operator.controller import merge
+from hyperfleet.reconcilers.fleet import merge
 from hyperfleet.reconcilers.peering import is_active
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
