@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from hyperfleet.reconcilers.conventions import CONDITION_FAILED
 from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
 from hyperfleet.reconcilers.jobs.parse import JobValidationError, from_manifest
 from hyperfleet.reconcilers.jobs.registry import REGISTRY
@@ -235,7 +236,8 @@ def job_outcome(body: Mapping[str, Any]) -> tuple[str, str]:
     """(phase, one-line reason) of a VmJob: its lastError, reason or Failed condition."""
     st = body.get("status") or {}
     phase = str(st.get("phase") or "Pending")
-    failed: Mapping[str, Any] = next((c for c in st.get("conditions") or [] if c.get("type") == "Failed"), {})
+    failed: Mapping[str, Any] = next(
+        (c for c in st.get("conditions") or [] if c.get("type") == CONDITION_FAILED), {})
     why = st.get("lastError") or failed.get("message") or st.get("reason") or ""
     return phase, " ".join(str(why).split())
 

@@ -114,6 +114,9 @@ CONDITION_RECONCILING = "Reconciling"
 CONDITION_AVAILABLE = "Available"
 CONDITION_PROGRESSING = "Progressing"
 CONDITION_REPLICA_FAILURE = "ReplicaFailure"
+#: A VmJob's (mirroring its phase, for ``kubectl wait``); the CLI reads Failed.
+CONDITION_COMPLETE = "Complete"
+CONDITION_FAILED = "Failed"
 
 #: Condition reasons read by more than one module: a WorkerNode's Ready (its agent and the
 #: controller), and a GitSource's Reconciling (its reconciler; the CLI waits on it).

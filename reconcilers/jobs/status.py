@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, Field
 
+from ..conventions import CONDITION_COMPLETE, CONDITION_FAILED
 from ..models.common import Condition, OpenCamelModel, set_condition
 
 __all__ = [
@@ -198,7 +199,7 @@ def finished_event(status: JobStatus, operation: str) -> tuple[str, str, str]:
     Succeeded or Cancelled, Warning Failed or TimedOut, so ``kubectl describe`` and event
     alerts see the outcome without reading status. The message is a sentence: what ran,
     where, and why it ended."""
-    cond = next((c for c in status.conditions if c.type in ("Complete", "Failed")
+    cond = next((c for c in status.conditions if c.type in (CONDITION_COMPLETE, CONDITION_FAILED)
                  and c.status == "True"), None)
     said = cond.message if cond is not None else ""
     # A failure's own error says most; a timeout's or cancel's message says why it ended.
@@ -232,8 +233,8 @@ def sync_conditions(
     """Running / Complete / Failed mirror the phase, for ``kubectl wait --for=condition=``."""
     result = list(conditions)
     for type_, on in (("Running", phase is JobPhase.RUNNING),
-                      ("Complete", phase is JobPhase.SUCCEEDED),
-                      ("Failed", phase in _FAILED_PHASES)):
+                      (CONDITION_COMPLETE, phase is JobPhase.SUCCEEDED),
+                      (CONDITION_FAILED, phase in _FAILED_PHASES)):
         result = set_condition(result, type_, on, reason, message if on else "", now=now)
     return result
 
