@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .conventions import CONDITION_GUEST_HEALTHY
 from .disks import NodeStorage, PathRefused, RootDisk, RootDiskError
 from .guest import GuestClient, GuestError, GuestTimeout, GuestUnreachable
 from .hypervisor.client import ChClient, ChError
@@ -256,7 +257,7 @@ class VmDriver:
         spec = vm.spec.guest_agent
         assert spec is not None
         last = self._health_at.get(vm.key, 0.0)
-        known = any(c.type == "GuestHealthy" for c in d.conditions)
+        known = any(c.type == CONDITION_GUEST_HEALTHY for c in d.conditions)
         if known and time.monotonic() - last < spec.health_interval_seconds:
             return
         self._health_at[vm.key] = time.monotonic()

@@ -14,6 +14,13 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from .conventions import (
+    CONDITION_FAILURE,
+    CONDITION_GUEST_HEALTHY,
+    CONDITION_IMAGE_READY,
+    CONDITION_LIVE_MIGRATABLE,
+    CONDITION_READY,
+)
 from .models.common import Condition, rfc3339, set_condition
 from .models.vm import Phase, RunStrategy, VirtualMachine
 from .text import describe
@@ -222,10 +229,10 @@ class Decision:
 
     def health(self, healthy: bool, reason: str, message: str) -> None:
         """Account for a guest health check's answer (an Event only when it flips)."""
-        old = next((c for c in self.conditions if c.type == "GuestHealthy"), None)
+        old = next((c for c in self.conditions if c.type == CONDITION_GUEST_HEALTHY), None)
         if old is None or (old.status == "True") != healthy:
             self.ledger.events.append(("Normal" if healthy else "Warning", reason, message))
-        self._condition("GuestHealthy", healthy, reason, message)
+        self._condition(CONDITION_GUEST_HEALTHY, healthy, reason, message)
 
     def settle(self, health_retry: float | None = None) -> None:
         """The pass's closing conditions: Ready (unless it waits on purpose),
@@ -234,13 +241,13 @@ class Decision:
         assert self.desired is not None
         self._settled = True
         if self.retry_after is None:
-            self._condition("Ready", *ready_condition(self.desired, self.observed,
+            self._condition(CONDITION_READY, *ready_condition(self.desired, self.observed,
                                                       self.converged, self.conditions))
             if self.converged and self.checks_health and health_retry is not None:
                 self.retry_after = health_retry  # the next health check, not a resync
-        self._condition("LiveMigratable", *live_migratable(self.vm.spec, self.observed))
-        if any(c.type == "Failure" and c.status == "True" for c in self.conditions):
-            self._condition("Failure", False, "Recovered", "")
+        self._condition(CONDITION_LIVE_MIGRATABLE, *live_migratable(self.vm.spec, self.observed))
+        if any(c.type == CONDITION_FAILURE and c.status == "True" for c in self.conditions):
+            self._condition(CONDITION_FAILURE, False, "Recovered", "")
 
     def failed(self, reason: str, why: str, retry_after: float,
                image_failed: bool = False) -> None:
@@ -252,10 +259,10 @@ class Decision:
         if image_failed:
             self.ledger.image = {"key": self.vm.spec.image.key if self.vm.spec.image else "",
                                  "phase": "Failed", "message": why}
-            self._condition("ImageReady", False, reason, why)
-        was = next((c for c in self.conditions if c.type == "Failure"), None)
-        self._condition("Ready", False, reason, why)
-        self._condition("Failure", True, reason, why)
+            self._condition(CONDITION_IMAGE_READY, False, reason, why)
+        was = next((c for c in self.conditions if c.type == CONDITION_FAILURE), None)
+        self._condition(CONDITION_READY, False, reason, why)
+        self._condition(CONDITION_FAILURE, True, reason, why)
         if was is None or was.status != "True" or was.message != why:
             self.ledger.events.append(("Warning", reason, why))
 
@@ -323,7 +330,7 @@ def decide(vm: VirtualMachine, observed: Observed, now: datetime, *, node: str, 
     gen = vm.metadata.generation
     if root is not None:
         led.image = root.status
-        d._condition("ImageReady", root.ready, "Ready" if root.ready else "Pulling",
+        d._condition(CONDITION_IMAGE_READY, root.ready, "Ready" if root.ready else "Pulling",
                      root.status.get("progress") or f"root disk {root.path}")
     d._undecided = led.copy()
     desired = desired_of(vm, place, led.halted_gen is not None, root)
@@ -340,7 +347,7 @@ def decide(vm: VirtualMachine, observed: Observed, now: datetime, *, node: str, 
         plan, d.retry_after = [], 1.0
         led.message = (f"pulling image {describe(root.status.get('key'))}: "
                        f"{describe(root.status.get('progress') or 'starting')}")
-        d._condition("Ready", False, "ImagePulling", led.message)
+        d._condition(CONDITION_READY, False, "ImagePulling", led.message)
     plan = _restart_policy(d, plan, exited)
     recreate = next((s.why for s in plan if s.action == Action.DELETE and s.why), None)
     if recreate:
@@ -376,7 +383,7 @@ def _restart_policy(d: Decision, plan: list[Step], exited: bool) -> list[Step]:
     if led.restart_at is not None and led.restart_at > now:
         # The message names a fixed time, so waiting passes write no new status (each
         # status write would wake this VM's loop again at once).
-        d._condition("Ready", False, "RestartBackoff",
+        d._condition(CONDITION_READY, False, "RestartBackoff",
                      f"VM exited; restart {led.restarts + 1} at {rfc3339(led.restart_at)}")
         d.retry_after = (led.restart_at - now).total_seconds()
         return []

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from .conventions import CONDITION_GUEST_HEALTHY
 from .models.common import Condition
 from .models.vm import (
     ConsoleMode,
@@ -320,7 +321,7 @@ def ready_condition(desired: Desired, observed: Observed, converged: bool,
                 "is in a snapshot on the node")
     if desired.state == "Paused":
         return False, "Paused", "paused as requested (powerState: Paused)"
-    guest = next((c for c in conditions if c.type == "GuestHealthy"), None)
+    guest = next((c for c in conditions if c.type == CONDITION_GUEST_HEALTHY), None)
     if spec.guest_agent is not None and guest is not None and guest.status == "False":
         return (False, "GuestUnhealthy",
                 f"running, but the guest reports unhealthy: {guest.message or guest.reason}")
