@@ -29,6 +29,7 @@ from hyperfleet.reconcilers.fleet import (
     Liveness,
     allocation_updates,
     bound_status,
+    compact,
     drain_conditions,
     eviction_status,
     job_workers,
@@ -129,9 +130,9 @@ class Controller:
         while True:
             try:
                 vms, nodes, jobs, leases = await asyncio.gather(
-                    asyncio.to_thread(self.kube.snapshot, VMS),
-                    asyncio.to_thread(self.kube.snapshot, NODES),
-                    asyncio.to_thread(self.kube.snapshot, JOBS),
+                    asyncio.to_thread(self.kube.snapshot, VMS, each=compact),
+                    asyncio.to_thread(self.kube.snapshot, NODES, each=compact),
+                    asyncio.to_thread(self.kube.snapshot, JOBS, each=compact),
                     asyncio.to_thread(self.kube.lease_renewals, LEASE_LABEL))
                 break
             except Exception:

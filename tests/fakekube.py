@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -65,13 +66,14 @@ class FakeKube:
         return self.snapshot(res, namespace, field_selector, cached)[0]
 
     def snapshot(self, res: Resource, namespace: str | None = None,
-                 field_selector: str | None = None,
-                 cached: bool = False) -> tuple[Items, str]:
+                 field_selector: str | None = None, cached: bool = False,
+                 each: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+                 ) -> tuple[Items, str]:
         items = [copy.deepcopy(b) for (p, _), b in self.objs.items() if p == res.plural
                  and (not namespace or not res.namespaced
                       or b["metadata"].get("namespace", "default") == namespace)
                  and _selected(b, field_selector)]
-        return items, str(next(self.rv))
+        return [each(b) for b in items] if each else items, str(next(self.rv))
 
     def create(self, res: Resource, body: dict[str, Any]) -> dict[str, Any]:
         meta = body.get("metadata", {})
