@@ -336,7 +336,7 @@ def demo(
 
     The agents drive the real cloud-hypervisor where this machine can run it (and says
     so), the CH double otherwise."""
-    from .demo import run_demo
+    from hyperfleet.reconcilers.testing.demo import run_demo
 
     if kubeconfig is not None and not kubeconfig.is_file():
         typer.echo(f"error: --kubeconfig {kubeconfig}: no such file", err=True)

@@ -14,7 +14,7 @@ from hyperfleet.operator.controller import Controller
 from hyperfleet.operator.settings import ControllerConfig
 from hyperfleet.reconcilers.kube import NODES, VMS
 from hyperfleet.reconcilers.models.common import rfc3339
-from tests.fakekube import FakeKube
+from hyperfleet.reconcilers.testing.fakekube import FakeKube
 
 
 def event(kind: str) -> Any:

@@ -1,4 +1,4 @@
-"""`hyperfleet demo`: the whole stack on this machine, converging two sample VMs."""
+"""What `hyperfleet demo` runs: the whole stack on this machine, converging two sample VMs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from hyperfleet.operator.settings import AgentConfig
 from hyperfleet.reconcilers import conventions as conv
 
 from .devstack import (
@@ -30,7 +31,6 @@ from .devstack import (
     launch,
     stop_processes,
 )
-from .settings import AgentConfig
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 LEASE_NAMESPACE = AgentConfig("").lease_namespace
