@@ -1,6 +1,6 @@
 """The controller's view of the cluster: late watch events, terminating VMs, node clocks.
 
-Runs the real Controller against tests/fakekube.py's in-memory API (resourceVersions and
+Runs the real Controller against FakeKube, the in-memory API (resourceVersions and
 conditional patches as the API server does them)."""
 
 from __future__ import annotations
