@@ -18,7 +18,7 @@ test: system-deps $(VENV)/.installed apiserver lint
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
-	@# layers and who may import the test doubles: [tool.importlinter] in pyproject.toml
+	@# layers and who may import the test tooling: [tool.importlinter] in pyproject.toml
 	$(BIN)/lint-imports
 	@# mypy resolves hyperfleet.* through a symlinked view of the package-dir mapping
 	@mkdir -p build/typecheck/hyperfleet && touch build/typecheck/hyperfleet/__init__.py

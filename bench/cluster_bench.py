@@ -22,7 +22,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import cpu_seconds
-from hyperfleet.operator.devstack import (
+from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
+from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Kube, load_config
+from hyperfleet.reconcilers.models.node import Provider
+from hyperfleet.reconcilers.nodes import heartbeat_status
+from hyperfleet.reconcilers.testing.devstack import (
     ApiServer,
     agent_cmd,
     ch_double_cmd,
@@ -33,10 +37,6 @@ from hyperfleet.operator.devstack import (
     launch,
     stop_process,
 )
-from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
-from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Kube, load_config
-from hyperfleet.reconcilers.models.node import Provider
-from hyperfleet.reconcilers.nodes import heartbeat_status
 
 
 def start(work: Path, api: ApiServer, name: str, *args: str) -> subprocess.Popen[bytes]:

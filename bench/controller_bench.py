@@ -34,7 +34,7 @@ from hyperfleet.operator.controller import Controller
 from hyperfleet.operator.settings import ControllerConfig
 from hyperfleet.reconcilers.kube import NODES, VMS
 from hyperfleet.reconcilers.models.common import rfc3339
-from tests.fakekube import FakeKube
+from hyperfleet.reconcilers.testing.fakekube import FakeKube
 from tests.unit.test_controller import node
 
 NOW = datetime.now(UTC)
@@ -143,7 +143,8 @@ def real_process(n: int, settle: float) -> tuple[float, float, float]:
     import tempfile
 
     from bench import cpu_seconds, discard
-    from hyperfleet.operator.devstack import (
+    from hyperfleet.reconcilers.kube import Kube, load_config
+    from hyperfleet.reconcilers.testing.devstack import (
         ApiServer,
         hyperfleet_cmd,
         install_crds,
@@ -151,7 +152,6 @@ def real_process(n: int, settle: float) -> tuple[float, float, float]:
         launch,
         stop_process,
     )
-    from hyperfleet.reconcilers.kube import Kube, load_config
 
     work = Path(tempfile.mkdtemp(prefix="hf-bench-ctl-", dir="/tmp"))
     api = ApiServer(work / "api").start()

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hyperfleet.operator.devstack import (
+from hyperfleet.reconcilers.testing.devstack import (
     ApiServer,
     agent_cmd,
     ch_double_cmd,

@@ -29,7 +29,12 @@ from typing import Any
 
 from kubernetes import watch
 
-from hyperfleet.operator.devstack import (
+from hyperfleet.reconcilers import crdgen
+from hyperfleet.reconcilers.gitops.crd import GIT_SOURCE
+from hyperfleet.reconcilers.gitops.webhook import push_payload, sign_github
+from hyperfleet.reconcilers.kube import Kube, load_config
+from hyperfleet.reconcilers.models.common import GROUP, VERSION
+from hyperfleet.reconcilers.testing.devstack import (
     ApiServer,
     agent_cmd,
     ch_double_cmd,
@@ -41,11 +46,6 @@ from hyperfleet.operator.devstack import (
     launch,
     stop_process,
 )
-from hyperfleet.reconcilers import crdgen
-from hyperfleet.reconcilers.gitops.crd import GIT_SOURCE
-from hyperfleet.reconcilers.gitops.webhook import push_payload, sign_github
-from hyperfleet.reconcilers.kube import Kube, load_config
-from hyperfleet.reconcilers.models.common import GROUP, VERSION
 
 SECRET = "bench-secret"
 NS = "bench"

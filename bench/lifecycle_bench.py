@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hyperfleet.operator.devstack import (
+from hyperfleet.reconcilers.hypervisor.process import ProcessManager
+from hyperfleet.reconcilers.kube import VMS, Kube, load_config
+from hyperfleet.reconcilers.testing.devstack import (
     ApiServer,
     RealVmm,
     agent_cmd,
@@ -35,8 +37,6 @@ from hyperfleet.operator.devstack import (
     launch,
     stop_process,
 )
-from hyperfleet.reconcilers.hypervisor.process import ProcessManager
-from hyperfleet.reconcilers.kube import VMS, Kube, load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.* and tests.*
 from bench import discard

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import cpu_seconds, discard, print_figures
 from bench.fastvmm import fastvmm_binary
 from bench.gitops_bench import KERNEL, NS, Bench, wait
-from hyperfleet.operator.devstack import agent_cmd, hyperfleet_cmd, kubectl
 from hyperfleet.reconcilers.models.pool import POOL_LABEL, resolve_int_or_percent
+from hyperfleet.reconcilers.testing.devstack import agent_cmd, hyperfleet_cmd, kubectl
 
 POOL = "web"
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import cpu_seconds, discard, print_figures, rss_mib
 from bench.fastvmm import fastvmm_binary
 from bench.gitops_bench import NS, Bench, vm, wait
-from hyperfleet.operator.devstack import agent_cmd, hyperfleet_cmd, kubectl
+from hyperfleet.reconcilers.testing.devstack import agent_cmd, hyperfleet_cmd, kubectl
 
 
 def main() -> None:

@@ -8,13 +8,13 @@ import os
 import random
 import secrets
 import socket
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import kopf
 import typer
 
+from . import demo
 from .clicommon import EXIT_CODES_HELP, KUBECONFIG, load_kubeconfig, package_version
 from .settings import DEFAULT_EVICTION_SECONDS, DEFAULT_FENCE_AFTER
 
@@ -323,26 +323,8 @@ def crds(
         typer.echo(str(p))
 
 
-@app.command()
-def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the demo keeps its state")] = Path(".demo"),
-    nodes: Annotated[int, typer.Option(help="Simulated worker nodes")] = 2,
-    keep: Annotated[bool | None, typer.Option(help="Keep running after convergence "
-                                              "(default: only on a terminal)")] = None,
-    kubeconfig: Annotated[Path | None, typer.Option(
-        help="Run against this existing cluster instead of a local API server")] = None,
-) -> None:
-    """Local stack: API server, CRDs, controller, agents, sample VMs from a Git push.
-
-    The agents drive the real cloud-hypervisor where this machine can run it (and says
-    so), the CH double otherwise."""
-    from .demo import run_demo
-
-    if kubeconfig is not None and not kubeconfig.is_file():
-        typer.echo(f"error: --kubeconfig {kubeconfig}: no such file", err=True)
-        raise typer.Exit(2)
-    sys.exit(run_demo(workdir.resolve(), nodes, sys.stdin.isatty() if keep is None else keep,
-                      kubeconfig))
+# Registered last, so `hyperfleet --help` lists it after the process commands.
+demo.register(app)
 
 
 def main() -> None:

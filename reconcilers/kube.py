@@ -75,7 +75,7 @@ def load_config(kubeconfig: str | None = None) -> None:
 
 class KubeApi(Protocol):
     """What the controller, the agent and the job runner call on the API: ``Kube`` in
-    production, tests/fakekube.py's in-memory API server in unit tests. Code that needs more
+    production, FakeKube (reconcilers/testing/fakekube.py) in unit tests. Code that needs more
     (the raw client: server-side apply, Secrets) takes ``Kube`` itself."""
 
     def get(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any] | None:

@@ -36,9 +36,9 @@ from typing import Any
 
 from kubernetes import config as k8s_config
 
-from hyperfleet.operator.devstack import kubectl
 from hyperfleet.reconcilers.hypervisor.process import pid_alive
 from hyperfleet.reconcilers.kube import NODES, VMS, Kube
+from hyperfleet.reconcilers.testing.devstack import kubectl
 from tests import PLACEHOLDER_KERNEL
 from tests.ch_transcripts.record import UnixHTTPConnection
 

@@ -1,6 +1,6 @@
 """fastvmm: a small C stand-in for cloud-hypervisor, so benchmarks measure the operator.
 
-The faithful test double is ``hyperfleet.reconcilers.hypervisor.double`` (Python, checks
+The faithful test double is ``hyperfleet.reconcilers.testing.chdouble`` (Python, checks
 every call against the OpenAPI contract); this one answers the calls of a normal lifecycle
 in microseconds and needs no /dev/kvm. Nothing compiled is committed: the source is built
 with ``cc -O2`` on first use into a cache directory named by the source's hash.

@@ -4,7 +4,7 @@
  * It speaks the REST API the node agent uses (HTTP/1.1 with keep-alive on a unix socket)
  * and writes the --event-monitor file the way cloud-hypervisor v54 does, so benchmarks
  * measure the operator rather than a VMM. It runs no guest and needs no /dev/kvm. The
- * faithful test double is reconcilers/hypervisor/double.py; this one keeps only what a
+ * faithful test double is reconcilers/testing/chdouble.py; this one keeps only what a
  * normal lifecycle needs:
  *
  *   GET  vmm.ping, vm.info (404 "VM is not created" before vm.create), vm.counters

@@ -1,1 +1,2 @@
-"""cloud-hypervisor: REST client, process manager, and the contract-checking test double."""
+"""cloud-hypervisor: REST client, process manager, event monitor and fencing (its test double
+is ``hyperfleet.reconcilers.testing.chdouble``)."""

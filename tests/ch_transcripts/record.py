@@ -1,6 +1,6 @@
 """Record what a REAL cloud-hypervisor answers, as transcripts the test double is replayed against.
 
-The double (``hyperfleet.reconcilers.hypervisor.double``) was written from documents; this
+The double (``hyperfleet.reconcilers.testing.chdouble``) was written from documents; this
 script asks the genuine VMM instead, so ``tests/unit/test_ch_transcripts.py`` can hold the
 double to what the real one does. It drives the binary through a fixed list of named
 scenarios over its API socket and writes ``transcripts.json``: per scenario, the ordered

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from hyperfleet.operator.devstack import (
+from hyperfleet.reconcilers.testing.devstack import (
     REQUIRE_REAL_CH_ENV,
     ApiServer,
     RealVmm,

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hyperfleet.operator.devstack import hyperfleet_cmd
 from hyperfleet.reconcilers.hypervisor.client import ChClient
 from hyperfleet.reconcilers.hypervisor.process import console_lock
+from hyperfleet.reconcilers.testing.devstack import hyperfleet_cmd
 
 from .conftest import Backend, Cluster, wait_for
 

@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from hyperfleet.operator.devstack import REPO, ApiServer, hyperfleet_cmd, kubectl
+from hyperfleet.reconcilers.testing.devstack import REPO, ApiServer, hyperfleet_cmd, kubectl
 
 
 def test_demo_converges_on_an_existing_cluster_without_the_shared_folder(

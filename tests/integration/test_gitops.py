@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from hyperfleet.operator.devstack import ApiServer, free_port, kubectl, launch
 from hyperfleet.reconcilers import crdgen
 from hyperfleet.reconcilers.gitops.crd import GIT_SOURCE
 from hyperfleet.reconcilers.gitops.types import COMMIT_ANNOTATION, OWNER_LABEL, PATH_ANNOTATION
 from hyperfleet.reconcilers.gitops.webhook import push_payload, sign_gitea, sign_github, sign_gitlab
+from hyperfleet.reconcilers.testing.devstack import ApiServer, free_port, kubectl, launch
 from tests import PLACEHOLDER_KERNEL
 
 from ..unit.test_gitops_fetch import GitHttpServer

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from hyperfleet.operator.devstack import ApiServer, RealVmm, ch_double_cmd, hyperfleet_cmd
 from hyperfleet.reconcilers.hypervisor.client import ChClient
 from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
+from hyperfleet.reconcilers.testing.devstack import ApiServer, RealVmm, ch_double_cmd, hyperfleet_cmd
 
 from .conftest import Cluster, new_cluster, wait_for
 

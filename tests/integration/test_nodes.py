@@ -14,10 +14,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hyperfleet.operator.devstack import agent_cmd, ch_double_cmd, kill_pidfiles, launch
 from hyperfleet.operator.settings import DEFAULT_EVICTION_SECONDS, DEFAULT_FENCE_AFTER, AgentConfig
 from hyperfleet.reconcilers.hypervisor.process import pid_alive as alive
 from hyperfleet.reconcilers.nodes import lease_name
+from hyperfleet.reconcilers.testing.devstack import agent_cmd, ch_double_cmd, kill_pidfiles, launch
 from tests import PLACEHOLDER_KERNEL
 from tests.faults import find_vmms, vm_state
 

@@ -31,7 +31,7 @@ import helm_python  # noqa: F401 - dev dependency: a missing install must fail, 
 import pytest
 import yaml
 
-from hyperfleet.operator.devstack import (
+from hyperfleet.reconcilers.testing.devstack import (
     ApiServer,
     agent_cmd,
     ch_double_cmd,

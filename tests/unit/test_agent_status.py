@@ -11,7 +11,7 @@ import pytest
 from hyperfleet.operator.agent import Agent
 from hyperfleet.operator.settings import AgentConfig
 from hyperfleet.reconcilers.kube import NODES, VMS, Resource
-from tests.fakekube import FakeKube
+from hyperfleet.reconcilers.testing.fakekube import FakeKube
 
 
 def stored(body: dict[str, Any], res: Resource = VMS) -> FakeKube:

@@ -1,6 +1,6 @@
 """Tests of the cloud-hypervisor test double, run as the real executable.
 
-Each test starts ``python -m hyperfleet.reconcilers.hypervisor.double`` in a
+Each test starts ``python -m hyperfleet.reconcilers.testing.chdouble`` in a
 short temporary directory (unix socket paths are limited to 108 bytes) and
 talks to it over its API socket, the way the node agent will. The behaviour
 asserted is the real VMM's (v54, see ``test_ch_transcripts.py`` for the
@@ -30,10 +30,10 @@ import requests
 import requests_unixsocket
 
 from hyperfleet.reconcilers.guest import GuestClient
-from hyperfleet.reconcilers.hypervisor import double
 from hyperfleet.reconcilers.hypervisor.events import parse_events as events_in
+from hyperfleet.reconcilers.testing import chdouble
 
-DOUBLE = [sys.executable, "-m", "hyperfleet.reconcilers.hypervisor.double"]
+DOUBLE = [sys.executable, "-m", "hyperfleet.reconcilers.testing.chdouble"]
 GiB = 1024**3
 U64_MAX = 2**64 - 1
 # vm.boot fails with "Cannot open kernel file" unless the kernel exists (like the real VMM).
@@ -186,8 +186,8 @@ def base_config(**extra: Any) -> dict[str, Any]:
 def test_version_flag_prints_vmm_version() -> None:
     out = subprocess.run([*DOUBLE, "--version"], capture_output=True, text=True, timeout=10)
     assert out.returncode == 0
-    assert out.stdout == f"cloud-hypervisor {double.BUILD_VERSION}\nMigration Protocol Versions: 0\n"
-    assert re.fullmatch(r"v54\.\d+\.\d+-\w+-hyperfleet", double.BUILD_VERSION)
+    assert out.stdout == f"cloud-hypervisor {chdouble.BUILD_VERSION}\nMigration Protocol Versions: 0\n"
+    assert re.fullmatch(r"v54\.\d+\.\d+-\w+-hyperfleet", chdouble.BUILD_VERSION)
 
 
 def test_unknown_flag_exits_1_like_clap() -> None:
@@ -218,8 +218,8 @@ def test_ping(spawn: Callable[..., Double]) -> None:
     resp = d.get("vmm.ping")
     assert resp.status_code == 200
     body = resp.json()
-    assert body["version"] == double.VERSION == "54.0.0"
-    assert body["build_version"] == double.BUILD_VERSION
+    assert body["version"] == chdouble.VERSION == "54.0.0"
+    assert body["build_version"] == chdouble.BUILD_VERSION
     assert body["pid"] == d.proc.pid
     assert body["features"] == ["kvm"]
 
@@ -291,10 +291,10 @@ NOTES_TABLE = {  # shared/cloud-hypervisor/NOTES.md, "VM state machine"
 def test_transition_table_matches_notes(current: str) -> None:
     for new in NOTES_TABLE:
         if new in NOTES_TABLE[current]:
-            double.check_transition(double.VmState(current), double.VmState(new))
+            chdouble.check_transition(chdouble.VmState(current), chdouble.VmState(new))
         else:
             with pytest.raises(ValueError, match=rf"InvalidStateTransition\({current}, {new}\)"):
-                double.check_transition(double.VmState(current), double.VmState(new))
+                chdouble.check_transition(chdouble.VmState(current), chdouble.VmState(new))
 
 
 def test_allowed_transitions_through_the_api(spawn: Callable[..., Double]) -> None:
@@ -467,10 +467,10 @@ def test_malformed_missing_and_oversized_bodies(spawn: Callable[..., Double]) ->
 def test_serde_positions_of_missing_fields() -> None:
     """serde_json reports a missing field just past the object that lacks it."""
     text = '{"cpus":\n  {"boot_vcpus": 1},\n "memory": {"size": 1}}'
-    assert double._missing_field("max_vcpus", text, ["cpus"]) == (
+    assert chdouble._missing_field("max_vcpus", text, ["cpus"]) == (
         "missing field `max_vcpus` at line 2 column 19")
-    assert double._missing_field("id", "[]", ["x"]) == "missing field `id`"
-    assert double._value_end('{"a": [1, {"b": 2}]}', ["a", 1]) == 18
+    assert chdouble._missing_field("id", "[]", ["x"]) == "missing field `id`"
+    assert chdouble._value_end('{"a": [1, {"b": 2}]}', ["a", 1]) == 18
 
 
 def test_unknown_endpoint_404_and_wrong_method_400(spawn: Callable[..., Double]) -> None:
@@ -486,7 +486,7 @@ def test_unknown_endpoint_404_and_wrong_method_400(spawn: Callable[..., Double])
     assert d.put("vm.info").status_code == 400
     resp = d.session.post(d.url("vmm.ping"), timeout=10)  # micro_http knows no POST
     assert resp.status_code == 400
-    assert resp.content == double._UNSUPPORTED_METHOD_BODY
+    assert resp.content == chdouble._UNSUPPORTED_METHOD_BODY
     assert d.get("vmm.ping").status_code == 200
 
 
@@ -850,7 +850,7 @@ def test_no_shutdown_flag_keeps_the_vm_after_a_guest_power_off(
 def test_exit_on_guest_shutdown_option(spawn: Callable[..., Double], value: str) -> None:
     """``1`` is upstream's behaviour (the default); ``0`` the double's pre-v54 one, which
     reports a Shutdown state the real VMM never does."""
-    d = spawn(env={double.EXIT_ON_GUEST_SHUTDOWN_ENV: value})
+    d = spawn(env={chdouble.EXIT_ON_GUEST_SHUTDOWN_ENV: value})
     d.ok("vm.create", base_config())
     d.ok("vm.boot")
     d.proc.send_signal(signal.SIGUSR1)
@@ -872,7 +872,7 @@ def test_guest_vsock_host_hanging_up_is_not_a_traceback(
     slow = hooks / "checkpoint.d" / "10-slow"
     slow.write_text("#!/bin/sh\nsleep 0.3\n")
     slow.chmod(0o755)
-    d = spawn(env={double.GUEST_HOOKS_ENV: str(hooks)})
+    d = spawn(env={chdouble.GUEST_HOOKS_ENV: str(hooks)})
     vsock = str(workdir / "vm.vsock")
     d.ok("vm.create", base_config(vsock={"cid": 3, "socket": vsock}))
     d.ok("vm.boot")
@@ -907,7 +907,7 @@ def test_sigterm_exits_cleanly(spawn: Callable[..., Double]) -> None:
 
 def test_socket_delay_env(spawn: Callable[..., Double]) -> None:
     started = time.monotonic()
-    d = spawn(env={double.SOCKET_DELAY_ENV: "0.6"}, wait=False)
+    d = spawn(env={chdouble.SOCKET_DELAY_ENV: "0.6"}, wait=False)
     time.sleep(0.3)
     assert not os.path.exists(d.socket)
     assert d.proc.poll() is None
@@ -920,16 +920,16 @@ def test_socket_delay_env(spawn: Callable[..., Double]) -> None:
 
 
 @pytest.fixture(scope="module")
-def contract() -> double.Contract:
-    return double.Contract.load()
+def contract() -> chdouble.Contract:
+    return chdouble.Contract.load()
 
 
-def test_every_spec_operation_has_an_emulation(contract: double.Contract) -> None:
-    vmm = double.Vmm(contract, double.EventMonitor(None))
+def test_every_spec_operation_has_an_emulation(contract: chdouble.Contract) -> None:
+    vmm = chdouble.Vmm(contract, chdouble.EventMonitor(None))
     assert set(contract.operations) == set(vmm.actions)
 
 
-def test_response_checker_catches_drift(contract: double.Contract) -> None:
+def test_response_checker_catches_drift(contract: chdouble.Contract) -> None:
     info = contract.operations["vm.info"]["GET"]
     good = {"config": {"payload": {}}, "state": "Running"}
     assert contract.check_response(info, 200, good) is None
@@ -942,18 +942,18 @@ def test_response_checker_catches_drift(contract: double.Contract) -> None:
     assert contract.check_response(boot, 204, {"unexpected": 1}) is not None
 
 
-def test_real_vmm_overrides_of_the_spec(contract: double.Contract) -> None:
+def test_real_vmm_overrides_of_the_spec(contract: chdouble.Contract) -> None:
     assert contract.operations["vmm.shutdown"]["PUT"].responses == {200: None}
     assert contract.validate(contract.schema("VmConfig"), {}) is None  # payload optional
     counters = contract.operations["vm.counters"]["GET"]
     assert contract.check_response(counters, 200, {"d": {"read_latency_min": U64_MAX}}) is None
-    assert len(double.REAL_VMM_OVERRIDES) == 3
+    assert len(chdouble.REAL_VMM_OVERRIDES) == 3
 
 
-def test_drifting_reply_becomes_500(contract: double.Contract) -> None:
-    vmm = double.Vmm(contract, double.EventMonitor(None))
-    api = double.Api(contract, vmm)
-    vmm.actions["vmm.ping"] = lambda _: double.Reply(200, {"build_version": "x"})  # no version
+def test_drifting_reply_becomes_500(contract: chdouble.Contract) -> None:
+    vmm = chdouble.Vmm(contract, chdouble.EventMonitor(None))
+    api = chdouble.Api(contract, vmm)
+    vmm.actions["vmm.ping"] = lambda _: chdouble.Reply(200, {"build_version": "x"})  # no version
     reply = api.handle("GET", "/api/v1/vmm.ping", b"")
     assert reply.status == 500
     assert reply.body[0] == "Error from API"

@@ -37,7 +37,7 @@ from tests.ch_transcripts.record import (
     settle_events,
 )
 
-DOUBLE = [sys.executable, "-m", "hyperfleet.reconcilers.hypervisor.double"]
+DOUBLE = [sys.executable, "-m", "hyperfleet.reconcilers.testing.chdouble"]
 TRANSCRIPTS = Path(__file__).resolve().parents[1] / "ch_transcripts" / "transcripts.json"
 DOC: dict[str, Any] = json.loads(TRANSCRIPTS.read_text())
 SCENARIOS: dict[str, dict[str, Any]] = {s["name"]: s for s in DOC["scenarios"]}

@@ -24,7 +24,9 @@ from hyperfleet.operator import console as con
 from hyperfleet.operator.cli import app
 from hyperfleet.operator.clicommon import CliError
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager, console_lock
+from hyperfleet.reconcilers.kube import VMS
 from hyperfleet.reconcilers.models.vm import VirtualMachineSpec
+from hyperfleet.reconcilers.testing.fakekube import PODS, FakeCoreV1, FakeKube
 from hyperfleet.reconcilers.vm import console_socket_of, recreate_reasons, vm_config
 
 runner = CliRunner()
@@ -236,48 +238,38 @@ def test_console_socket_refuses_what_has_no_console(vm: dict[str, Any], match: s
         con.console_socket(vm, "t/web")
 
 
-class FakeCore:
-    def __init__(self, pods: list[tuple[str, str]]) -> None:
-        self.pods = pods
-        self.asked: dict[str, str] = {}
-
-    def list_pod_for_all_namespaces(self, **kw: str) -> Any:
-        self.asked = kw
-        return SimpleNamespace(items=[SimpleNamespace(metadata=SimpleNamespace(
-            namespace=ns, name=name)) for ns, name in self.pods])
-
-
-class FakeKube:
-    def __init__(self, vm: dict[str, Any], pods: list[tuple[str, str]]) -> None:
-        self.vm = vm
-        self.core = FakeCore(pods)
-        self.api = SimpleNamespace(api_client=object())
-
-    def get(self, res: Any, name: str, ns: str) -> dict[str, Any] | None:
-        return self.vm if name == "web" else None
+def _cluster(vm: dict[str, Any], pods: list[tuple[str, str]]) -> FakeKube:
+    """The VM, and the running agent pods (namespace, name) on its node."""
+    kube = FakeKube()
+    kube.put(VMS, vm)
+    for ns, name in pods:
+        kube.put(PODS, {"metadata": {"name": name, "namespace": ns, "labels": {
+            "app.kubernetes.io/name": "hyperfleet", "app.kubernetes.io/component": "agent"}},
+            "spec": {"nodeName": "node-a"}, "status": {"phase": "Running"}})
+    return kube
 
 
 def _patch_kube(monkeypatch: pytest.MonkeyPatch, kube: FakeKube) -> None:
     monkeypatch.setattr(con, "connect", lambda kubeconfig, namespace: (kube, namespace or "t"))
-    monkeypatch.setattr("kubernetes.client.CoreV1Api", lambda api_client: kube.core)
+    monkeypatch.setattr("kubernetes.client.CoreV1Api", FakeCoreV1)
 
 
 def test_console_elsewhere_prints_the_kubectl_exec_and_exits_2(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    kube = FakeKube(_vm(), [("hyperfleet-system", "hyperfleet-agent-x7k2p")])
+    kube = _cluster(_vm(), [("hyperfleet-system", "hyperfleet-agent-x7k2p")])
     _patch_kube(monkeypatch, kube)
     r = runner.invoke(app, ["console", "web", "-n", "t"])
     assert r.exit_code == 2, r.output
     assert ("the console of t/web is on node node-a, not here: run `kubectl exec -n "
             "hyperfleet-system -it hyperfleet-agent-x7k2p -c agent -- hyperfleet console web "
             "-n t`") in r.output
-    assert kube.core.asked == {
+    assert kube.pod_lists == [{
         "label_selector": "app.kubernetes.io/name=hyperfleet,app.kubernetes.io/component=agent",
-        "field_selector": "spec.nodeName=node-a,status.phase=Running"}
+        "field_selector": "spec.nodeName=node-a,status.phase=Running"}]
 
 
 def test_console_via_kubectl_exec_runs_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    _patch_kube(monkeypatch, FakeKube(_vm(), [("hf", "agent-1")]))
+    _patch_kube(monkeypatch, _cluster(_vm(), [("hf", "agent-1")]))
     ran: list[list[str]] = []
 
     def fake_run(cmd: list[str], check: bool) -> Any:
@@ -293,21 +285,21 @@ def test_console_via_kubectl_exec_runs_it(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_console_via_kubectl_exec_without_an_agent_pod_fails(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    _patch_kube(monkeypatch, FakeKube(_vm(), []))
+    _patch_kube(monkeypatch, _cluster(_vm(), []))
     r = runner.invoke(app, ["console", "web", "-n", "t", "--via-kubectl-exec"])
     assert r.exit_code == 1
     assert "no running agent pod on node node-a" in r.output
 
 
 def test_console_of_a_stopped_vm_is_one_line_exit_1(monkeypatch: pytest.MonkeyPatch) -> None:
-    _patch_kube(monkeypatch, FakeKube(_vm(phase="Stopped"), []))
+    _patch_kube(monkeypatch, _cluster(_vm(phase="Stopped"), []))
     r = runner.invoke(app, ["console", "web", "-n", "t"])
     assert r.exit_code == 1
     assert r.output.strip().count("\n") == 0 and "is Stopped, not Running" in r.output
 
 
 def test_console_of_a_missing_vm_exits_4(monkeypatch: pytest.MonkeyPatch) -> None:
-    _patch_kube(monkeypatch, FakeKube(_vm(), []))
+    _patch_kube(monkeypatch, _cluster(_vm(), []))
     assert runner.invoke(app, ["console", "nosuch", "-n", "t"]).exit_code == 4
 
 

@@ -1,6 +1,6 @@
 """The controller's view of the cluster: late watch events, terminating VMs, node clocks.
 
-Runs the real Controller against tests/fakekube.py's in-memory API (resourceVersions and
+Runs the real Controller against FakeKube, the in-memory API (resourceVersions and
 conditional patches as the API server does them)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hyperfleet.operator.controller import Controller
 from hyperfleet.operator.settings import ControllerConfig
 from hyperfleet.reconcilers.kube import NODES, VMS
 from hyperfleet.reconcilers.models.common import rfc3339
-from tests.fakekube import FakeKube
+from hyperfleet.reconcilers.testing.fakekube import FakeKube
 
 
 def event(kind: str) -> Any:

@@ -16,9 +16,9 @@ from pathlib import Path
 import certifi
 import pytest
 
-from hyperfleet.operator.demo import run_demo
-from hyperfleet.operator.devstack import stop_processes
 from hyperfleet.reconcilers.hypervisor.process import pid_alive
+from hyperfleet.reconcilers.testing.demo import run_demo
+from hyperfleet.reconcilers.testing.devstack import stop_processes
 
 FakeK8s = Callable[[str], Path]
 
@@ -79,7 +79,7 @@ def test_a_signal_stops_every_child_and_vmm(sig: signal.Signals, workdir: Path,
     (workdir / "node-1" / "web.pid").write_text(str(vmm.pid))
     demo = subprocess.Popen(
         [sys.executable, "-c", "import sys; from pathlib import Path; "
-         "from hyperfleet.operator.demo import run_demo; "
+         "from hyperfleet.reconcilers.testing.demo import run_demo; "
          "sys.exit(run_demo(Path(sys.argv[1]), 1, False))", str(workdir)],
         env={**os.environ, "HYPERFLEET_K8S_DIR": str(root)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -28,9 +28,9 @@ from hyperfleet.reconcilers.jobs.builder import JobBuilder
 from hyperfleet.reconcilers.jobs.handlers import JobContext
 from hyperfleet.reconcilers.kube import NODES, VMS
 from hyperfleet.reconcilers.lifecycle import event_for
+from hyperfleet.reconcilers.testing.fakekube import FakeKube
 from hyperfleet.reconcilers.text import describe, error_text, repr_fragments
 from hyperfleet.reconcilers.vm import Action, Step
-from tests.fakekube import FakeKube
 from tests.unit import test_controller as tc
 from tests.unit import test_driver as td
 from tests.unit import test_job_runner as tj

@@ -220,9 +220,9 @@ def test_ready_waits_for_health_and_fails_naming_the_vm(env: Env) -> None:
     assert env.applier.calls == ["list-owned VirtualMachine ns.fleet"]
     assert (env.cond("Ready")["status"], env.cond("Ready")["reason"]) == ("True", "ReconciliationSucceeded")
     assert env.cond("Healthy")["reason"] == "Healthy" and env.cond("Reconciling")["status"] == "False"
-    patches = len(env.kube.patches)
+    patches = len(env.kube.writes)
     env.reconciler.check_health("ns/fleet")
-    assert len(env.kube.patches) == patches  # nothing new: no status write
+    assert len(env.kube.writes) == patches  # nothing new: no status write
 
     set_phase(env, "b", "Failed", message="vm.boot: kernel not found")
     env.reconciler.check_health("ns/fleet")
@@ -230,17 +230,17 @@ def test_ready_waits_for_health_and_fails_naming_the_vm(env: Env) -> None:
     assert (ready["status"], ready["reason"]) == ("False", "HealthCheckFailed")
     assert "ns/b (Failed: vm.boot: kernel not found)" in ready["message"]
     assert env.cond("Healthy")["status"] == "False"
-    warnings = [m for t, rs, m in env.kube.events if t == "Warning" and rs == "HealthCheckFailed"]
+    warnings = [m for t, rs, m in env.events if t == "Warning" and rs == "HealthCheckFailed"]
     assert len(warnings) == 1 and "ns/b" in warnings[0]
     env.reconciler.check_health("ns/fleet")
-    assert len([e for e in env.kube.events if e[1] == "HealthCheckFailed"]) == 1  # no repeats
+    assert len([e for e in env.events if e[1] == "HealthCheckFailed"]) == 1  # no repeats
     # An interval reconcile keeps the verdict (it sees the same VMs).
     assert env.run().state == "unchanged" and env.cond("Ready")["reason"] == "HealthCheckFailed"
 
     set_phase(env, "b", "Running")
     env.reconciler.check_health("ns/fleet")
     assert env.cond("Ready")["status"] == "True"
-    assert any(rs == "HealthCheckSucceeded" for _, rs, _ in env.kube.events)
+    assert any(rs == "HealthCheckSucceeded" for _, rs, _ in env.events)
 
 
 def test_health_never_overrides_a_failed_reconcile(env: Env) -> None:
@@ -258,7 +258,7 @@ def test_disabled_or_suspended_means_no_health_condition(env: Env) -> None:
     env.remote.commit({"fleet/a.yaml": vm("a")})
     env.run()
     assert env.cond("Healthy")["status"] == "Unknown"
-    env.kube.source["spec"]["healthCheck"] = {"enabled": False}
+    env.edit({"spec": {"healthCheck": {"enabled": False, "timeout": None}}})
     r = env.run()
     assert r.health_after is None and env.cond("Ready")["status"] == "True"
     assert "Healthy" not in {c["type"] for c in env.status["conditions"]}

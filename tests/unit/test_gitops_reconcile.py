@@ -16,7 +16,8 @@ from hyperfleet.reconcilers.gitops.apply import Applier, Outcome
 from hyperfleet.reconcilers.gitops.fetch import ExportError, GitFetcher
 from hyperfleet.reconcilers.gitops.reconcile import GitSourceReconciler, Result
 from hyperfleet.reconcilers.gitops.types import OWNER_LABEL, ObjectRef
-from hyperfleet.reconcilers.kube import Kube, Resource
+from hyperfleet.reconcilers.kube import GITSOURCES, Kube
+from hyperfleet.reconcilers.testing.fakekube import FakeKube, merge_patch
 
 from .test_gitops_fetch import Remote
 
@@ -26,40 +27,11 @@ def vm(name: str, cpus: int = 1) -> str:
             f"spec: {{cpus: {cpus}, memory: 1Gi, boot: {{kernel: /k}}}}\n")
 
 
-class FakeKube:
-    """Holds the one GitSource; records status patches and events (duck-types Kube)."""
-
-    def __init__(self, source: dict[str, Any]) -> None:
-        self.api = Kube().api
-        self.source = source
-        self.patches: list[dict[str, Any]] = []
-        self.events: list[tuple[str, str, str]] = []
-
-    def get(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any] | None:
-        return copy.deepcopy(self.source)
-
-    def patch(self, res: Resource, name: str, patch: dict[str, Any], namespace: str | None = None,
-              status: bool = False) -> dict[str, Any]:
-        assert status
-        self.patches.append(copy.deepcopy(patch))
-        st = self.source.setdefault("status", {})
-        for k, v in patch["status"].items():
-            if v is None:
-                st.pop(k, None)
-            else:
-                st[k] = v
-        return copy.deepcopy(self.source)
-
-    def event(self, involved: dict[str, Any], reason: str, message: str, type_: str = "Normal",
-              component: str = "hyperfleet") -> None:
-        self.events.append((type_, reason, message))
-
-
 class FakeApplier(Applier):
     """An in-memory cluster; ``reject`` decides which objects the 'API server' refuses."""
 
-    def __init__(self, kube: Kube) -> None:
-        super().__init__(kube, workers=2)
+    def __init__(self) -> None:
+        super().__init__(Kube(), workers=2)  # (a client of its own it never uses)
         self.objects: dict[ObjectRef, dict[str, Any]] = {}
         self.reject: Callable[[dict[str, Any], bool], str | None] = lambda body, dry: None
         self.calls: list[str] = []
@@ -103,19 +75,41 @@ def gitsource(url: str, **spec: Any) -> dict[str, Any]:
 
 
 class Env:
+    """The GitSource ns/fleet on the shared FakeKube; its objects in a FakeApplier."""
+
     def __init__(self, tmp_path: Path, **spec: Any) -> None:
         self.remote = Remote(tmp_path / "repo")
-        self.kube = FakeKube(gitsource(str(self.remote.bare), **spec))
-        kube = cast(Kube, self.kube)
-        self.applier = FakeApplier(kube)
-        self.reconciler = GitSourceReconciler(kube, GitFetcher(tmp_path / "cache"), self.applier)
+        self.kube = FakeKube()
+        self.kube.put(GITSOURCES, gitsource(str(self.remote.bare), **spec))
+        self.applier = FakeApplier()
+        # The reconciler takes Kube for the raw client (Secrets), which these tests never reach.
+        self.reconciler = GitSourceReconciler(cast(Kube, self.kube), GitFetcher(tmp_path / "cache"),
+                                              self.applier)
 
     def run(self) -> Result:
-        return self.reconciler.reconcile("ns/fleet")
+        result = self.reconciler.reconcile("ns/fleet")
+        assert all(set(w) == {"status"} for w in self.kube.writes)  # it writes only its status
+        return result
+
+    def edit(self, patch: dict[str, Any]) -> None:
+        """Change the GitSource as its user would (a merge patch; not one of ``writes``,
+        which are the reconciler's)."""
+        self.kube.put(GITSOURCES, merge_patch(self.source, patch))
+
+    @property
+    def source(self) -> dict[str, Any]:
+        body = self.kube.get(GITSOURCES, "fleet", "ns")
+        assert body is not None
+        return body
 
     @property
     def status(self) -> dict[str, Any]:
-        return dict(self.kube.source.get("status") or {})
+        return dict(self.source.get("status") or {})
+
+    @property
+    def events(self) -> list[tuple[str, str, str]]:
+        """(type, reason, message) of every Event posted."""
+        return [(type_, reason, message) for _, reason, message, type_ in self.kube.events]
 
     def cond(self, type_: str) -> dict[str, Any]:
         return next(c for c in self.status["conditions"] if c["type"] == type_)
@@ -137,11 +131,11 @@ def test_apply_then_idle_pass_writes_nothing(env: Env) -> None:
     assert env.status["lastAppliedCommit"] == c1 and env.cond("Ready")["status"] == "True"
     assert [e["name"] for e in env.status["inventory"]] == ["a", "b"]
     assert env.status["observedGeneration"] == 1
-    assert any(reason == "Applied" and "created 2" in msg for _, reason, msg in env.kube.events)
+    assert any(reason == "Applied" and "created 2" in msg for _, reason, msg in env.events)
     assert env.applier.calls.index("dry-run a") < env.applier.calls.index("apply a")
-    patches = len(env.kube.patches)
+    patches = len(env.kube.writes)
     assert env.run().state == "unchanged"
-    assert len(env.kube.patches) == patches  # an idle interval writes no status
+    assert len(env.kube.writes) == patches  # an idle interval writes no status
 
 
 def test_server_rejection_applies_nothing(env: Env) -> None:
@@ -183,9 +177,9 @@ def test_unreachable_remote_keeps_everything(env: Env, tmp_path: Path) -> None:
     assert env.applier.calls == [] and env.names() == {"a"}
     assert env.cond("Ready")["reason"] == "FetchFailed" and env.status["lastAppliedCommit"] == c1
     assert "nothing is pruned" in env.status["lastError"]
-    warnings = [e for e in env.kube.events if e[0] == "Warning"]
+    warnings = [e for e in env.events if e[0] == "Warning"]
     env.run()
-    assert [e for e in env.kube.events if e[0] == "Warning"] == warnings  # no event spam
+    assert [e for e in env.events if e[0] == "Warning"] == warnings  # no event spam
 
 
 def test_missing_path_and_invalid_spec(tmp_path: Path) -> None:
@@ -194,7 +188,7 @@ def test_missing_path_and_invalid_spec(tmp_path: Path) -> None:
     assert env.run().state == "stalled"
     assert env.cond("Stalled")["reason"] == "PathNotFound"
     assert "spec.path 'clusters/prod' does not exist" in env.cond("Stalled")["message"]
-    env.kube.source["spec"]["url"] = "https://bob:token@h/r"
+    env.edit({"spec": {"url": "https://bob:token@h/r"}})
     assert env.run().state == "stalled"
     assert env.cond("Stalled")["reason"] == "InvalidSpec" and "token" not in env.status["lastError"][-20:]
 
@@ -206,7 +200,7 @@ def test_nix_flake_selected_but_unavailable(tmp_path: Path) -> None:
     env.reconciler.nix = None  # as on a host without Nix
     assert env.run().state == "stalled"
     assert env.cond("Stalled")["reason"] == "NixUnavailable"
-    env.kube.source["spec"]["renderer"] = "Yaml"  # the documented way out
+    env.edit({"spec": {"renderer": "Yaml"}})  # the documented way out
     assert env.run().state == "applied" and env.names() == {"a"}
 
 
@@ -231,8 +225,8 @@ def test_held_deletion_then_confirmed(env: Env) -> None:
     wipe = env.remote.commit({"fleet/a.yaml": None, "fleet/b.yaml": None, "fleet/keep.txt": "x\n"})
     assert env.run().state == "held"
     assert env.names() == {"a", "b"} and env.status["heldDeletion"]["commit"] == wipe
-    assert any(reason == "DeletionHeld" for _, reason, _ in env.kube.events)
-    env.kube.source["metadata"]["annotations"] = {"hyperfleet.dev/confirm-deletion": wipe[:8]}
+    assert any(reason == "DeletionHeld" for _, reason, _ in env.events)
+    env.edit({"metadata": {"annotations": {"hyperfleet.dev/confirm-deletion": wipe[:8]}}})
     assert env.run().state == "applied"
     assert env.names() == set() and "heldDeletion" not in env.status
     assert env.status["inventory"] == []
@@ -257,9 +251,9 @@ def test_render_error_applies_nothing_and_is_not_retried_as_new_work(env: Env) -
                                                      f"was not applied (the last applied commit "
                                                      f"{good[:12]} stays in place): 1 problem: "
                                                      "fleet/b.yaml:2")
-    events = len(env.kube.events)
+    events = len(env.events)
     env.run()
-    assert len(env.kube.events) == events  # the same failure is reported once
+    assert len(env.events) == events  # the same failure is reported once
 
 
 def test_hand_made_objects_are_left_alone_until_annotated_for_adoption(env: Env) -> None:
@@ -281,7 +275,7 @@ def test_hand_made_objects_are_left_alone_until_annotated_for_adoption(env: Env)
     live = env.applier.objects[ObjectRef("VirtualMachine", "ns", "a")]
     assert live["metadata"]["labels"][OWNER_LABEL] == "ns.fleet" and live["spec"]["cpus"] == 1
     assert any(reason == "Applied" and "adopted 1 (VirtualMachine/ns/a)" in m
-               for _, reason, m in env.kube.events)
+               for _, reason, m in env.events)
     assert [e["name"] for e in env.status["inventory"]] == ["a", "b"]
 
 
@@ -315,10 +309,10 @@ def test_cross_namespace_applies_can_be_disabled(tmp_path: Path) -> None:
     assert "fleet/n.yaml:1 (document 0): WorkerNode w: WorkerNode is cluster-scoped" in msg
     env.remote.commit({"fleet/b.yaml": None, "fleet/n.yaml": None})
     assert env.run().state == "applied" and env.names() == {"a"}
-    env.kube.source["spec"]["targetNamespace"] = "prod"
+    env.edit({"spec": {"targetNamespace": "prod"}})
     assert env.run().state == "stalled" and env.cond("Stalled")["reason"] == "InvalidSpec"
     env.reconciler.cross_namespace = True  # the default, as Flux: metadata.namespace is honoured
-    env.kube.source["spec"].pop("targetNamespace")
+    env.edit({"spec": {"targetNamespace": None}})
     env.remote.commit({"fleet/b.yaml": other})
     assert env.run().state == "applied"
     assert ObjectRef("VirtualMachine", "prod", "b") in env.applier.objects
@@ -354,13 +348,13 @@ def test_a_token_in_the_url_never_reaches_status_events_or_logs(
         port = s.getsockname()[1]
     token = userinfo.split(":")[-1]
     env = Env(tmp_path)
-    env.kube.source["spec"]["url"] = f"https://{userinfo}@127.0.0.1:{port}/org/fleet.git"
+    env.edit({"spec": {"url": f"https://{userinfo}@127.0.0.1:{port}/org/fleet.git"}})
     caplog.handler.addFilter(RedactFilter())
     with caplog.at_level(logging.DEBUG):
         r = env.run()
     assert r.state != "applied"
-    texts = [json.dumps(env.status), json.dumps(env.kube.events), caplog.text,
-             *(str(p) for p in env.kube.patches)]
+    texts = [json.dumps(env.status), json.dumps(env.events), caplog.text,
+             *(str(p) for p in env.kube.writes)]
     for text in texts:
         assert token not in text
     ready = env.cond("Ready")

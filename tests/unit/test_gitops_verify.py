@@ -188,7 +188,7 @@ def test_verify_spec_validation(keys: dict[str, SigningKey]) -> None:
 def verified_env(tmp_path: Path, public: str, provider: str) -> tuple[Env, Repo]:
     env = Env(tmp_path, verify={"provider": provider, "publicKeys": [public]})
     repo = Repo(tmp_path / "signed")
-    env.kube.source["spec"]["url"] = str(repo.bare)
+    env.edit({"spec": {"url": str(repo.bare)}})
     return env, repo
 
 
@@ -215,13 +215,13 @@ def test_reconciler_refuses_what_does_not_verify(tmp_path: Path, keys: dict[str,
         assert f"the last applied commit {good[:12]} stays in place" in ready["message"]
         assert env.status["lastAppliedCommit"] == good
         assert env.cond("Stalled")["status"] == "True"
-        assert ("Warning", reason) in {(t, rs) for t, rs, _ in env.kube.events}
+        assert ("Warning", reason) in {(t, rs) for t, rs, _ in env.events}
 
     fixed = repo.commit({"fleet/a.yaml": vm("a", cpus=2)}, alice)
     assert env.run().state == "applied"
     assert env.status["lastAppliedCommit"] == fixed and env.cond("SourceVerified")["status"] == "True"
     # Dropping spec.verify drops its condition.
-    del env.kube.source["spec"]["verify"]
+    env.edit({"spec": {"verify": None}})
     env.run()
     assert "SourceVerified" not in {c["type"] for c in env.status["conditions"]}
 
@@ -233,7 +233,7 @@ def test_reconciler_reports_a_bad_key_without_losing_state(tmp_path: Path,
     good = repo.commit({"fleet/a.yaml": vm("a")}, bob)
     assert env.run().state == "applied"
     # An edit that breaks the key: refused with the field named, nothing lost.
-    env.kube.source["spec"]["verify"]["publicKeys"] = [bob.public[:80]]
+    env.edit({"spec": {"verify": {"publicKeys": [bob.public[:80]]}}})
     repo.commit({"fleet/b.yaml": vm("b")}, bob)
     assert env.run().state == "stalled"
     msg = env.cond("Ready")["message"]
@@ -241,7 +241,7 @@ def test_reconciler_reports_a_bad_key_without_losing_state(tmp_path: Path,
     assert "export it again" in msg and env.cond("SourceVerified")["reason"] == "InvalidPublicKey"
     assert env.names() == {"a"} and env.status["lastAppliedCommit"] == good
     # A key of the wrong kind is caught by the spec's own validation.
-    env.kube.source["spec"]["verify"]["publicKeys"] = [keys["alice"].public]
+    env.edit({"spec": {"verify": {"publicKeys": [keys["alice"].public]}}})
     assert env.run().state == "stalled"
     msg = env.cond("Ready")["message"]
     assert env.cond("Ready")["reason"] == "InvalidSpec" and "spec.verify.publicKeys[0]" in msg, msg

@@ -5,13 +5,15 @@ from __future__ import annotations
 import copy
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
 from hyperfleet.reconcilers.jobs.dispatch import dispatch, parse
 from hyperfleet.reconcilers.jobs.routing import WorkerView
+from hyperfleet.reconcilers.kube import JOBS
+from hyperfleet.reconcilers.testing.fakekube import FakeKube
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 NODES = [WorkerView("a", "default", frozenset({"snapshot", "migration"}), True),
@@ -150,28 +152,14 @@ def test_controller_passes_cordoned_nodes_as_ready_but_unschedulable() -> None:
     from hyperfleet.reconcilers.models.common import rfc3339
     from hyperfleet.reconcilers.nodes import node_view
 
-    class Kube:
-        def __init__(self) -> None:
-            self.patches: dict[str, dict[str, Any]] = {}
-
-        def patch(self, res: Any, name: str, patch: dict[str, Any], ns: str | None = None,
-                  status: bool = False) -> dict[str, Any]:
-            self.patches[name] = patch["status"]
-            body = dict(ctl.jobs[f"{ns}/{name}"])
-            return {**body, "metadata": {**body["metadata"], "resourceVersion": "2"},
-                    "status": patch["status"]}
-
-        def event(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
     def node(name: str, cordoned: bool) -> dict[str, Any]:
         return {"metadata": {"name": name}, "spec": {"unschedulable": cordoned},
                 "status": {"heartbeatTime": rfc3339(NOW), "capabilities": ["migration"],
                            "providers": [{"name": "cloud-hypervisor", "available": True,
                                           "healthy": True}]}}
 
-    kube = Kube()
-    ctl = Controller(ControllerConfig(), cast(Any, kube))
+    kube = FakeKube()
+    ctl = Controller(ControllerConfig(), kube)
     ctl.vms = {"ns/web": {"metadata": {"name": "web", "namespace": "ns"},
                           "spec": {"liveMigration": True},
                           "status": {"nodeName": "a", "hypervisor": {"state": "Running"}}}}
@@ -180,6 +168,8 @@ def test_controller_passes_cordoned_nodes_as_ready_but_unschedulable() -> None:
         "ns/migrate": obj(JobBuilder("vm.migrate").payload(destination_node="b")
                           .target("web", "ns"), "migrate"),
     }
+    running = kube.put(JOBS, ctl.jobs["ns/running"], keep_version=True)
+    kube.put(JOBS, ctl.jobs["ns/migrate"], keep_version=True)
     nodes = [node_view(node("a", True), NOW), node_view(node("b", False), NOW)]
     assert [n.ready for n in nodes] == [True, True]
 
@@ -188,9 +178,10 @@ def test_controller_passes_cordoned_nodes_as_ready_but_unschedulable() -> None:
         await asyncio.gather(*ctl._background)
 
     asyncio.run(main())
-    assert "running" not in kube.patches
-    assert kube.patches["migrate"]["phase"] == "Scheduled"
-    assert kube.patches["migrate"]["assignedNode"] == "a"
+    assert kube.get(JOBS, "running", "ns") == running  # not written
+    migrate = (kube.get(JOBS, "migrate", "ns") or {})["status"]
+    assert migrate["phase"] == "Scheduled"
+    assert migrate["assignedNode"] == "a"
 
 
 # --------------------------------------------------------------------------- hand-back limits

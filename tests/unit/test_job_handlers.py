@@ -18,7 +18,9 @@ from hyperfleet.reconcilers.jobs.handlers import (
     vm_restore,
     vm_snapshot,
 )
+from hyperfleet.reconcilers.kube import NODES, VMS, Resource
 from hyperfleet.reconcilers.models.common import now_utc
+from hyperfleet.reconcilers.testing.fakekube import FakeKube
 
 
 class Client:
@@ -78,7 +80,7 @@ def context(builder: JobBuilder, tmp_path: Path, cancel_on: str | None = None
     pm = Pm(tmp_path, on_put)
     job = builder.target("web", "ns").build(now=now_utc())
     ctx = JobContext(job=job, payload=job.typed_payload(), name="j", namespace="ns", node="a",
-                     driver=cast(Any, Driver(pm)), kube=cast(Any, None),
+                     driver=cast(Any, Driver(pm)), kube=FakeKube(),
                      log=logging.LoggerAdapter(logging.getLogger("test")),
                      report=lambda percent, message: None, cancelled=cancelled)
     return ctx, pm
@@ -107,65 +109,49 @@ def test_snapshot_cancelled_while_pausing_resumes_without_snapshotting(tmp_path:
     assert pm.calls == ["vm.pause", "vm.resume"]
 
 
-class Kube:
-    def __init__(self, vm: dict[str, Any]) -> None:
-        self.vm = vm
-        self.patches: list[dict[str, Any]] = []
-
-    def get(self, res: Any, name: str, namespace: str | None = None) -> dict[str, Any]:
-        return self.vm
-
-    def patch(self, res: Any, name: str, patch: dict[str, Any], namespace: str | None = None,
-              status: bool = False) -> dict[str, Any]:
-        self.patches.append(patch)
-        return self.vm
-
-
 def test_resize_of_a_git_managed_vm_is_refused_naming_the_gitsource(tmp_path: Path) -> None:
     """GitOps owns its spec: the resize would be reverted at the next reconcile."""
     from hyperfleet.reconcilers.gitops.types import OWNER_LABEL
     from hyperfleet.reconcilers.jobs.handlers import JobFailure, vm_resize
 
     ctx, _ = context(JobBuilder("vm.resize").payload(desired_cpus=4), tmp_path, cancel_on="-")
-    kube = Kube({"metadata": {"name": "web", "namespace": "ns", "generation": 1,
-                              "labels": {OWNER_LABEL: "flux-like.fleet"}},
-                 "spec": {"cpus": 2, "memory": "1Gi"}})
-    ctx.kube = cast(Any, kube)
+    kube = FakeKube()
+    kube.put(VMS, {"metadata": {"name": "web", "namespace": "ns", "generation": 1,
+                                "labels": {OWNER_LABEL: "flux-like.fleet"}},
+                   "spec": {"cpus": 2, "memory": "1Gi"}})
+    ctx.kube = kube
     with pytest.raises(JobFailure) as err:
         vm_resize(ctx)
     assert "GitSource flux-like.fleet" in str(err.value) and "in Git" in str(err.value)
-    assert not err.value.error.retryable and kube.patches == []
+    assert not err.value.error.retryable and kube.writes == []
 
 
-class NodeKube(Kube):
-    """The VM on node n1 (4 CPUs, 8Gi), with a neighbour using 2 CPUs and 4Gi."""
+class NodeKube(FakeKube):
+    """The VM on node n1 (4 CPUs, 8Gi), with a neighbour using 2 CPUs and 4Gi; its agent
+    converges at once to a new spec (the new generation observed, Ready)."""
 
     def __init__(self) -> None:
-        super().__init__({"metadata": {"name": "web", "namespace": "ns", "uid": "u1",
-                                       "generation": 1},
-                          "spec": {"cpus": 1, "memory": "1Gi"}, "status": {"nodeName": "n1"}})
+        super().__init__()
+        self.put(NODES, {"metadata": {"name": "n1"}, "spec": {},
+                         "status": {"capacity": {"cpus": 4, "memory": "8Gi"}}})
+        self.put(VMS, {"metadata": {"name": "web", "namespace": "ns", "uid": "u1",
+                                    "generation": 1},
+                       "spec": {"cpus": 1, "memory": "1Gi"}, "status": {"nodeName": "n1"}})
+        self.put(VMS, {"metadata": {"name": "db", "namespace": "ns", "uid": "u2"},
+                       "spec": {"cpus": 2, "memory": "4Gi"}, "status": {"nodeName": "n1"}})
 
-    def get(self, res: Any, name: str, namespace: str | None = None) -> dict[str, Any]:
-        if res.plural == "workernodes":
-            return {"metadata": {"name": "n1"}, "spec": {},
-                    "status": {"capacity": {"cpus": 4, "memory": "8Gi"}}}
-        return self.vm
+    def patch(self, res: Resource, name: str, patch: dict[str, Any],
+              namespace: str | None = None, status: bool = False) -> dict[str, Any]:
+        out = super().patch(res, name, patch, namespace, status)
+        if status:
+            return out
+        return super().patch(res, name, {"status": {
+            "observedGeneration": out["metadata"]["generation"],
+            "conditions": [{"type": "Ready", "status": "True"}]}}, namespace, status=True)
 
-    def patch(self, res: Any, name: str, patch: dict[str, Any], namespace: str | None = None,
-              status: bool = False) -> dict[str, Any]:
-        """The agent converges at once: the new generation is observed and Ready."""
-        self.patches.append(patch)
-        self.vm["spec"].update(patch["spec"])
-        self.vm["metadata"]["generation"] += 1
-        self.vm["status"].update(observedGeneration=self.vm["metadata"]["generation"],
-                                 conditions=[{"type": "Ready", "status": "True"}])
-        return self.vm
-
-    def list(self, res: Any, namespace: str | None = None,
-             field_selector: str | None = None) -> list[dict[str, Any]]:
-        assert field_selector == "status.nodeName=n1"
-        return [self.vm, {"metadata": {"name": "db", "uid": "u2"},
-                          "spec": {"cpus": 2, "memory": "4Gi"}}]
+    @property
+    def spec_patches(self) -> list[dict[str, Any]]:
+        return [w for w in self.writes if "spec" in w]
 
 
 @pytest.mark.parametrize(("payload", "fits"), [
@@ -180,12 +166,12 @@ def test_growing_a_vm_beyond_its_nodes_room_is_refused(
 
     ctx, _ = context(JobBuilder("vm.resize").payload(**payload), tmp_path, cancel_on="-")
     kube = NodeKube()
-    ctx.kube = cast(Any, kube)
+    ctx.kube = kube
     if fits:
         result = vm_resize(ctx)
-        assert result["generation"] == 2 and len(kube.patches) == 1
+        assert result["generation"] == 2 and len(kube.spec_patches) == 1
     else:
         with pytest.raises(JobFailure) as err:
             vm_resize(ctx)
         assert "WorkerNode n1 has room for 2 CPUs and 4Gi" in str(err.value)
-        assert kube.patches == []
+        assert kube.spec_patches == []

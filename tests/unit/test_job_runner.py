@@ -20,82 +20,59 @@ from hyperfleet.reconcilers.jobs.dispatch import dispatch
 from hyperfleet.reconcilers.jobs.handlers import HANDLERS, JobContext
 from hyperfleet.reconcilers.jobs.routing import WorkerView
 from hyperfleet.reconcilers.jobs.runner import JobRunner, MigrationPeers
-from hyperfleet.reconcilers.kube import Conflict, Gone, Kube, Resource
+from hyperfleet.reconcilers.kube import JOBS, VMS, Conflict, Resource
 from hyperfleet.reconcilers.models.common import now_utc
+from hyperfleet.reconcilers.testing.fakekube import FakeKube
 
 OP = "system.health-check"
 
 
-def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
-    for k, v in src.items():
-        if v is None:
-            dst.pop(k, None)
-        elif isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = copy.deepcopy(v)
-
-
-class FakeKube:
-    """One VmJob on an API server: JSON merge patch, resourceVersion preconditions."""
+class JobKube(FakeKube):
+    """The shared fake holding one VmJob, ns/j: notes when, from which thread and with what
+    status each write left it (the order in which agents and the controller wrote)."""
 
     def __init__(self, body: dict[str, Any]) -> None:
-        self.body: dict[str, Any] | None = copy.deepcopy(body)
-        self.writes: list[tuple[float, str, dict[str, Any]]] = []  # (time, thread, status)
-        self.events: list[tuple[str, str, str]] = []  # (type, reason, message)
-        self._lock = threading.Lock()
-
-    def event(self, involved: dict[str, Any], reason: str, message: str,
-              type_: str = "Normal", component: str = "") -> None:
-        with self._lock:
-            self.events.append((type_, reason, message))
-
-    def get(self, res: Resource, name: str, namespace: str | None = None
-            ) -> dict[str, Any] | None:
-        with self._lock:
-            return copy.deepcopy(self.body)
+        super().__init__()
+        self.put(JOBS, body)
+        self.history: list[tuple[float, str, dict[str, Any]]] = []  # (time, thread, status)
 
     def patch(self, res: Resource, name: str, patch: dict[str, Any],
               namespace: str | None = None, status: bool = False) -> dict[str, Any]:
-        with self._lock:
-            if self.body is None:
-                raise Gone("gone")
-            meta = self.body["metadata"]
-            rv = (patch.get("metadata") or {}).get("resourceVersion")
-            if rv is not None and rv != meta["resourceVersion"]:
-                raise Conflict("409")
-            _merge(self.body.setdefault("status", {}), patch.get("status") or {})
-            meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
-            self.writes.append((time.monotonic(), threading.current_thread().name,
-                                copy.deepcopy(self.body["status"])))
-            return copy.deepcopy(self.body)
+        with self.lock:
+            out = super().patch(res, name, patch, namespace, status)
+            self.history.append((time.monotonic(), threading.current_thread().name,
+                                 copy.deepcopy(out.get("status") or {})))
+            return out
+
+    @property
+    def job(self) -> dict[str, Any]:
+        body = self.get(JOBS, "j", "ns")
+        assert body is not None
+        return body
 
     @property
     def status(self) -> dict[str, Any]:
-        assert self.body is not None
-        return cast(dict[str, Any], self.body.get("status") or {})
+        return cast(dict[str, Any], self.job.get("status") or {})
 
 
-def scheduled(builder: JobBuilder, node: str = "a") -> FakeKube:
+def scheduled(builder: JobBuilder, node: str = "a") -> JobKube:
     """A job the controller routed to ``node``, as stored."""
     now = now_utc()
     m = to_manifest(builder.build(now=now), name="j", namespace="ns")
     m["metadata"].update(resourceVersion="1", uid=str(uuid.uuid4()), generation=1,
                          creationTimestamp=now.isoformat())
-    kube = FakeKube(m)
+    kube = JobKube(m)
     controller_pass(kube, [WorkerView(node)])
     assert kube.status["phase"] == "Scheduled" and kube.status["assignedNode"] == node
     return kube
 
 
-def controller_pass(kube: FakeKube, nodes: list[WorkerView], later: float = 0.0) -> None:
+def controller_pass(kube: JobKube, nodes: list[WorkerView], later: float = 0.0) -> None:
     """What the controller writes in one pass (conditional, like Controller._write_status)."""
-    body = kube.get(cast(Resource, None), "j")
-    assert body is not None
-    for d in dispatch([body], nodes, {}, now_utc() + timedelta(seconds=later)):
+    for d in dispatch([kube.job], nodes, {}, now_utc() + timedelta(seconds=later)):
         try:
-            kube.patch(cast(Resource, None), d.name,
-                       {"metadata": {"resourceVersion": d.resource_version}, "status": d.status})
+            kube.patch(JOBS, d.name, {"metadata": {"resourceVersion": d.resource_version},
+                                      "status": d.status}, d.namespace, status=True)
         except Conflict:
             continue  # as the controller: no Event for a write that did not happen
         if d.event:
@@ -103,14 +80,13 @@ def controller_pass(kube: FakeKube, nodes: list[WorkerView], later: float = 0.0)
 
 
 def agent(node: str, kube: FakeKube, stop_grace: float = 5.0) -> JobRunner:
-    r = JobRunner(node, cast(Kube, kube), driver=cast(Any, None))
+    r = JobRunner(node, kube, driver=cast(Any, None))
     r.stop_grace = stop_grace
     return r
 
 
-def start(r: JobRunner, kube: FakeKube) -> threading.Thread:
-    body = kube.get(cast(Resource, None), "j")
-    t = threading.Thread(target=r.run, args=(body,), name=f"agent-{r.node}", daemon=True)
+def start(r: JobRunner, kube: JobKube) -> threading.Thread:
+    t = threading.Thread(target=r.run, args=(kube.job,), name=f"agent-{r.node}", daemon=True)
     t.start()
     return t
 
@@ -126,8 +102,8 @@ def handler(monkeypatch: pytest.MonkeyPatch, fn: Callable[[JobContext], dict[str
     monkeypatch.setitem(HANDLERS, OP, fn)
 
 
-def writes_by(kube: FakeKube, thread: str) -> list[dict[str, Any]]:
-    return [st for _, who, st in kube.writes if who == thread]
+def writes_by(kube: JobKube, thread: str) -> list[dict[str, Any]]:
+    return [st for _, who, st in kube.history if who == thread]
 
 
 # --------------------------------------------------------------------------- superseded attempts
@@ -191,8 +167,7 @@ def test_observe_stops_an_attempt_handed_back_but_not_on_a_stale_event(
 
     handler(monkeypatch, run)
     kube = scheduled(JobBuilder(OP).timeout(60))
-    pre_claim = kube.get(cast(Resource, None), "j")
-    assert pre_claim is not None
+    pre_claim = kube.job
     r = agent("a", kube)
     t = start(r, kube)
     wait_until(lambda: kube.status.get("phase") == "Running")
@@ -200,8 +175,7 @@ def test_observe_stops_an_attempt_handed_back_but_not_on_a_stale_event(
     time.sleep(0.1)
     assert not stopped.is_set()
     controller_pass(kube, [WorkerView("a", ready=False)])
-    handed_back = kube.get(cast(Resource, None), "j")
-    assert handed_back is not None
+    handed_back = kube.job
     r.observe(handed_back)
     t.join(5)
     assert stopped.is_set() and not t.is_alive()
@@ -259,7 +233,7 @@ def test_cancel_is_recorded_after_the_handler_stopped(monkeypatch: pytest.Monkey
     wait_until(lambda: kube.status.get("phase") == "Running")
     r.cancel("ns/j")
     t.join(5)
-    when, _, st = kube.writes[-1]
+    when, _, st = kube.history[-1]
     assert st["phase"] == "Cancelled"
     assert stopped_at and when >= stopped_at[0]
 
@@ -286,7 +260,7 @@ def test_timeout_is_recorded_after_the_handler_stopped(monkeypatch: pytest.Monke
     handler(monkeypatch, _stoppable(0.3, stopped_at))
     kube = scheduled(JobBuilder(OP).timeout(1))
     start(agent("a", kube), kube).join(5)
-    when, _, st = kube.writes[-1]
+    when, _, st = kube.history[-1]
     assert st["phase"] == "TimedOut"
     assert stopped_at and when >= stopped_at[0]
 
@@ -300,7 +274,7 @@ def test_shutdown_waits_for_the_handler_then_hands_back(monkeypatch: pytest.Monk
     wait_until(lambda: kube.status.get("phase") == "Running")
     r.hand_back(grace=5)
     t.join(5)
-    when, _, st = kube.writes[-1]
+    when, _, st = kube.history[-1]
     assert st["phase"] == "Pending" and st["reason"] == "HandedBack"
     assert "assignedNode" not in st
     assert stopped_at and when >= stopped_at[0]
@@ -353,8 +327,7 @@ def test_deadline_passed_before_the_claim_fails_the_job_without_running_it(
     kube = scheduled(JobBuilder(OP).deadline(now_utc() + timedelta(seconds=30)))
     later = now_utc() + timedelta(minutes=10)  # the agent sees it late (it restarted)
     monkeypatch.setattr(runner_mod, "_now", lambda: later)
-    body = kube.get(cast(Resource, None), "j")
-    assert body is not None
+    body = kube.job
     controller = dispatch([body], [WorkerView("a")], {}, later)[0].status
     agent("a", kube).run(body)
     assert ran == []
@@ -370,8 +343,7 @@ def test_log_lines_keep_their_own_fields_and_the_job_ids(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     handler(monkeypatch, lambda ctx: {})
     kube = scheduled(JobBuilder(OP).trace(correlation_id="change-7"))
-    body = kube.get(cast(Resource, None), "j")
-    assert body is not None
+    body = kube.job
     trace = body["spec"]["observability"]["traceId"]
     with caplog.at_level(logging.INFO, logger="hyperfleet.jobs"):
         agent("a", kube).run(body)
@@ -401,8 +373,9 @@ def test_migration_receiver_logs_carry_the_job_trace_ids(
     m = to_manifest(job, name="mig", namespace="ns")
     m["metadata"].update(resourceVersion="1", uid="u1", generation=1)
     m["status"] = {"phase": "Running", "assignedNode": "a", "attempts": 1}
-    kube = FakeKube(m)
-    r = JobRunner("b", cast(Kube, kube), driver=cast(Any, Driver()))
+    kube = FakeKube()
+    kube.put(JOBS, m)
+    r = JobRunner("b", kube, driver=cast(Any, Driver()))
     with caplog.at_level(logging.INFO, logger="hyperfleet.jobs"):
         MigrationPeers(r).receive(m)
     rec = next(r.__dict__ for r in caplog.records if r.getMessage() == "cannot receive migration")
@@ -455,10 +428,10 @@ def test_a_receiver_whose_source_gave_up_stops_its_vmm(
                       .build(now=now_utc()), name="mig", namespace="ns")
     job["metadata"].update(resourceVersion="1")
     job["status"] = {"phase": phase}
-    kube = FakeKube(job)
-    if phase is None:
-        kube.body = None
-    peers = MigrationPeers(JobRunner("b", cast(Kube, kube), driver=cast(Any, Driver())))
+    kube = FakeKube()
+    if phase is not None:  # else deleted
+        kube.put(JOBS, job)
+    peers = MigrationPeers(JobRunner("b", kube, driver=cast(Any, Driver())))
     peers.poll_interval = 0.05
     peers.receiving.add("ns/mig")
     adapter = runner_mod.job_log(None, "b", "ns/mig")
@@ -474,30 +447,24 @@ def test_a_received_vm_is_bound_to_its_new_node_at_once(bound_to: str | None,
                                                         after: str | None) -> None:
     """Only while it is still bound to the migration's source: a VM the controller or the
     source agent rebound meanwhile is left as it is."""
-    class Kube:
-        def __init__(self) -> None:
-            self.vm: dict[str, Any] = {"metadata": {"name": "web", "resourceVersion": "5"},
-                                       "status": {"nodeName": bound_to}}
-            self.job = {"status": {"phase": "Running", "assignedNode": "a"}}
-
-        def get(self, res: Resource, name: str, ns: str | None = None) -> dict[str, Any]:
-            return copy.deepcopy(self.vm if res.plural == "virtualmachines" else self.job)
-
-        def patch(self, res: Resource, name: str, patch: dict[str, Any], ns: str | None = None,
-                  status: bool = False) -> dict[str, Any]:
-            assert res.plural == "virtualmachines" and name == "web"
-            assert patch["metadata"]["resourceVersion"] == "5"
-            self.vm["status"].update(patch["status"])
-            return self.vm
-
-    kube = Kube()
-    peers = MigrationPeers(JobRunner("b", cast(Any, kube), driver=cast(Any, None)))
+    kube = FakeKube()
+    vm = kube.put(VMS, {"metadata": {"name": "web", "namespace": "ns"},
+                        "status": {"nodeName": bound_to}})
+    job = kube.put(JOBS, {"metadata": {"name": "mig", "namespace": "ns"},
+                          "status": {"phase": "Running", "assignedNode": "a"}})
+    peers = MigrationPeers(JobRunner("b", kube, driver=cast(Any, None)))
     peers._take_binding("ns/mig", "ns", "web", runner_mod.job_log(None, "b", "ns/mig"))
-    assert kube.vm["status"]["nodeName"] == after
+    assert (kube.get(VMS, "web", "ns") or {})["status"]["nodeName"] == after
+    # Only the VM is written, and only over the version read.
+    assert kube.get(JOBS, "mig", "ns") == job
+    assert all(w["metadata"]["resourceVersion"] == vm["metadata"]["resourceVersion"]
+               for w in kube.writes)
 
 
 def outcome_events(kube: FakeKube) -> list[tuple[str, str, str]]:
-    return [e for e in kube.events if e[1] in ("Succeeded", "Failed", "TimedOut", "Cancelled")]
+    """(type, reason, message) of the outcome Events."""
+    return [(type_, reason, message) for _, reason, message, type_ in kube.events
+            if reason in ("Succeeded", "Failed", "TimedOut", "Cancelled")]
 
 
 @pytest.mark.parametrize(("outcome", "expected"), [
@@ -538,8 +505,7 @@ def test_a_finished_job_gets_one_outcome_event(monkeypatch: pytest.MonkeyPatch, 
 
 def test_a_job_the_controller_ends_gets_one_event_from_it() -> None:
     kube = scheduled(JobBuilder(OP).timeout(60))
-    assert kube.body is not None
-    kube.body["metadata"]["annotations"] = {"hyperfleet.dev/cancel": "true"}
+    kube.patch(JOBS, "j", {"metadata": {"annotations": {"hyperfleet.dev/cancel": "true"}}}, "ns")
     controller_pass(kube, [WorkerView("a")])
     controller_pass(kube, [WorkerView("a")])
     assert kube.status["phase"] == "Cancelled"

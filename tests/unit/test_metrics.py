@@ -21,6 +21,7 @@ from hyperfleet.reconcilers.gitops.apply import Applier
 from hyperfleet.reconcilers.gitops.fetch import GitFetcher
 from hyperfleet.reconcilers.gitops.reconcile import GitSourceReconciler, Result
 from hyperfleet.reconcilers.kube import Kube
+from hyperfleet.reconcilers.testing.fakekube import FakeKube
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -68,7 +69,7 @@ def see(ctl: Controller, store: dict[str, dict[str, Any]], key: str, type_: str,
 
 @pytest.fixture
 def controller() -> tuple[Controller, CollectorRegistry]:
-    ctl = Controller(ControllerConfig(), cast(Kube, None))
+    ctl = Controller(ControllerConfig(), FakeKube())
     reg = metrics.registry_for("controller")
     reg.register(metrics.FleetCollector(ctl))
     return ctl, reg
@@ -175,7 +176,7 @@ def test_each_role_exports_only_its_own_series() -> None:
     assert not {n for n in seen for c in CONTROLLER_ONLY if n.startswith(c)}, seen
     assert {"hyperfleet_vm_info", "hyperfleet_job_outcomes_total", "hyperfleet_reconciles_total",
             "process_cpu_seconds_total"} <= seen
-    ctl = Controller(ControllerConfig(), cast(Kube, None))
+    ctl = Controller(ControllerConfig(), FakeKube())
     controller = metrics.registry_for("controller")
     controller.register(metrics.FleetCollector(ctl))
     seen = names(scrape(controller))
@@ -253,7 +254,7 @@ def test_gitsource_series_follow_the_source_and_go_with_it(tmp_path: Path) -> No
 
 def test_the_scrape_reads_memory_only_and_stays_cheap_at_1000_vms() -> None:
     """1,000 VMs on one controller and on one agent: a scrape is pure iteration (no Kube)."""
-    ctl = Controller(ControllerConfig(), cast(Kube, None))
+    ctl = Controller(ControllerConfig(), FakeKube())
     for i in range(1000):
         ctl.vms[f"ns/vm{i}"] = vm(f"vm{i}", "Running", f"n{i % 50}", restartCount=i % 3,
                                   bootTime="2025-01-01T00:00:00Z")

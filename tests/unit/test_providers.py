@@ -6,9 +6,9 @@ import os
 import shutil
 import time
 
-from hyperfleet.operator.devstack import ch_double_cmd
 from hyperfleet.reconcilers import providers
 from hyperfleet.reconcilers.models.node import Provider
+from hyperfleet.reconcilers.testing.devstack import ch_double_cmd
 
 
 class Slow:

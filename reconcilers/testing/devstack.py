@@ -23,7 +23,7 @@ from pathlib import Path
 
 from hyperfleet.reconcilers.conventions import ALL_KINDS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # this file: <checkout>/reconcilers/testing/
 
 
 def k8s_dir() -> Path:

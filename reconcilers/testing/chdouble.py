@@ -12,7 +12,7 @@ CLI (one process per VM, like the real VMM)::
 
     hyperfleet-ch-double --api-socket path=/run/vm.sock \\
         [--event-monitor path=/run/vm.events] [--no-shutdown] [-v ...] [--log-file PATH]
-    python -m hyperfleet.reconcilers.hypervisor.double ...   # same thing
+    python -m hyperfleet.reconcilers.testing.chdouble ...   # same thing
     hyperfleet-ch-double --version    # "cloud-hypervisor v54.0.0-ae44c297-hyperfleet", exit 0
 
 ``--api-socket`` also takes a bare path (older releases). Unknown flags exit with status 1
@@ -413,7 +413,7 @@ class Contract:
 
         import yaml
 
-        text = files(__package__ or "hyperfleet.reconcilers.hypervisor").joinpath(
+        text = files(__package__ or "hyperfleet.reconcilers.testing").joinpath(
             SPEC_RESOURCE
         ).read_text(encoding="utf-8")
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
