@@ -186,9 +186,10 @@ class VmDriver:
         d = begin(vm, self.node_name, now_utc())
         try:
             paths = self.pm.paths(ns, name)
-            place = Place(api_socket=str(paths.socket), snapshots=str(paths.snapshots),
-                          vsock=str(paths.socket.with_suffix(".vsock")),
-                          console=str(paths.console))
+            d.place = place = Place(api_socket=str(paths.socket),
+                                    snapshots=str(paths.snapshots),
+                                    vsock=str(paths.socket.with_suffix(".vsock")),
+                                    console=str(paths.console))
             observed, pid = self.observe(ns, name, d.ledger.boot_memory)
             root = self._root_disk(vm)
             decide(vm, observed, d.now, node=self.node_name, place=place, pid=pid,

@@ -358,3 +358,18 @@ def test_a_vm_at_rest_as_asked_is_not_ready_and_says_why(
     assert out.converged and b["status"]["phase"] == phase
     assert (ready(b)["status"], ready(b)["reason"]) == ("False", reason)
     assert words in ready(b)["message"]
+
+
+def test_a_root_disk_failure_still_reports_the_running_vmm(sockdir: Path) -> None:
+    """A pass that fails before deciding anything (here: an image this agent cannot keep)
+    still says where the live VMM's API socket is."""
+    _, drv = agent(sockdir)
+    b = vm_body()
+    step(drv, b)
+    assert hv_state(b) == "Running"
+    respec(b, image={"path": "/var/lib/images/base.qcow2"})
+    out = step(drv, b)
+    assert b["status"]["phase"] == "Failed" and "NoImageStore" in reasons(out)
+    assert b["status"]["image"]["phase"] == "Failed"
+    assert b["status"]["apiSocket"] == str(sockdir / f"{NS}_{NAME}.sock")
+    assert b["status"]["hypervisor"]["pid"] is not None
