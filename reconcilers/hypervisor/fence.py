@@ -74,7 +74,10 @@ def pause_all(pm: ProcessManager) -> list[str]:
         fenced = read_fenced(pm.socket_dir)
         stamp = time.time()
         fenced.update({key: fenced.get(key, stamp) for key in paused})
-        (pm.socket_dir / FENCED_FILE).write_text(json.dumps(fenced))
+        # Whole or not at all: the agent may read it at any moment.
+        tmp = pm.socket_dir / f"{FENCED_FILE}.tmp"
+        tmp.write_text(json.dumps(fenced))
+        os.replace(tmp, pm.socket_dir / FENCED_FILE)
     return paused
 
 

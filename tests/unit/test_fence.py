@@ -80,6 +80,8 @@ def test_watchdog_pauses_vms_once_contact_is_stale_and_never_resumes_them(
     assert state(pm, "vm1") == "Running"
 
     wait(lambda: state(pm, "vm1") == "Paused", 5, "the watchdog pauses vm1")
+    # It records the fence right after pausing (the pause shows first).
+    wait(lambda: fence.read_fenced(sockdir), 5, "the watchdog's record of the fence")
     fenced = fence.read_fenced(sockdir)
     assert set(fenced) == {"default/vm1"}  # vm2 was paused already
     assert abs(fenced["default/vm1"] - time.time()) < 5
