@@ -204,15 +204,24 @@ class Agent:
         # The watcher thread wakes every ``step`` ms to look for changes (and takes the GIL
         # to do so): 100 ms keeps an idle node's cost at a few wakeups a second, and a VMM
         # event (exits come by pidfd at once) reaches its VM within a fifth of a second.
-        async for changes in watchfiles.awatch(self.pm.socket_dir, watch_filter=_event_file,
-                                               debounce=50, step=100, recursive=False):
-            keys = {Path(path).stem.replace("_", "/", 1) for _, path in changes}
-            await self.check_vmms([k for k in keys if k in self.wakeups])
+        while True:
+            try:
+                async for changes in watchfiles.awatch(
+                        self.pm.socket_dir, watch_filter=_event_file, debounce=50, step=100,
+                        recursive=False):
+                    keys = {Path(path).stem.replace("_", "/", 1) for _, path in changes}
+                    await self.check_vmms([k for k in keys if k in self.wakeups])
+            except Exception:
+                log.exception("watching the VMMs' event files failed; the sweep covers")
+            await asyncio.sleep(VMM_SWEEP_SECONDS)
 
     async def _sweep_vmms(self) -> None:
         while True:
             await asyncio.sleep(VMM_SWEEP_SECONDS)
-            await self.check_vmms(list(self.wakeups))
+            try:
+                await self.check_vmms(list(self.wakeups))
+            except Exception:
+                log.exception("checking the VMMs failed")
 
     async def check_vmms(self, keys: list[str], exits: bool = False) -> None:
         """Wake the loops of the VMs whose VMM has news. A VM whose pass is running now
