@@ -26,9 +26,11 @@ class AgentConfig:
     cpus: int | None = None  # None: discover from the host
     memory: str | None = None
     heartbeat_seconds: float = 5.0
-    # A converged VM's loop wakes on VMM events, VMM exit and changes to the object; this
-    # periodic vm.info is only the fallback (and the bulk of an idle node's CPU).
-    resync_seconds: float = 60.0
+    # A converged VM's loop wakes on VMM events (inotify on its event monitor), its VMM's
+    # exit (pidfd), a 5 s sweep of both, and changes to the object; cloud-hypervisor
+    # reports every state change as an event, so this periodic vm.info is a last resort
+    # (and was the bulk of an idle node's CPU at 60 s).
+    resync_seconds: float = 300.0
     lease_namespace: str = "hyperfleet-system"
     capabilities: tuple[str, ...] = ()  # declared by the operator, on top of discovered ones
     migration_address: str | None = None  # reachable IP for incoming live migrations
