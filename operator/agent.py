@@ -23,7 +23,7 @@ from hyperfleet.reconcilers.driver import VmDriver
 from hyperfleet.reconcilers.eviction import unbound_status
 from hyperfleet.reconcilers.gitops.types import ADOPT_ANNOTATION
 from hyperfleet.reconcilers.hypervisor import fence
-from hyperfleet.reconcilers.hypervisor.process import ProcessManager
+from hyperfleet.reconcilers.hypervisor.process import ProcessManager, vm_of
 from hyperfleet.reconcilers.images import DEFAULT_ROOTS
 from hyperfleet.reconcilers.jobs.runner import RECEIVE_TIMEOUT, JobRunner
 from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, KubeApi
@@ -95,7 +95,10 @@ class Agent:
 
     def spawn_job(self, fn: Callable[..., None], *args: Any) -> None:
         """Run a job (or a migration receiver) on the job threads, in the background."""
-        task = asyncio.get_running_loop().run_in_executor(self.job_threads, fn, *args)
+        self._keep(asyncio.get_running_loop().run_in_executor(self.job_threads, fn, *args))
+
+    def _keep(self, task: asyncio.Future[None]) -> None:
+        """Hold a background task until it is done (the loop keeps only weak references)."""
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
@@ -209,7 +212,7 @@ class Agent:
                 async for changes in watchfiles.awatch(
                         self.pm.socket_dir, watch_filter=_event_file, debounce=50, step=100,
                         recursive=False):
-                    keys = {Path(path).stem.replace("_", "/", 1) for _, path in changes}
+                    keys = {"/".join(vm_of(Path(path))) for _, path in changes}
                     await self.check_vmms([k for k in keys if k in self.wakeups])
             except Exception:
                 log.exception("watching the VMMs' event files failed; the sweep covers")
@@ -263,9 +266,7 @@ class Agent:
     def _vmm_exited(self, key: str) -> None:
         self.untrack(key)
         # Checked, not poked: a VMM the agent stopped itself is no news.
-        task = asyncio.ensure_future(self.check_vmms([key], exits=True))
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        self._keep(asyncio.ensure_future(self.check_vmms([key], exits=True)))
 
     def in_gap(self) -> bool:
         """Out of touch with the API server for longer than a few heartbeats."""

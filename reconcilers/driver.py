@@ -188,7 +188,7 @@ class VmDriver:
             paths = self.pm.paths(ns, name)
             d.place = place = Place(api_socket=str(paths.socket),
                                     snapshots=str(paths.snapshots),
-                                    vsock=str(paths.socket.with_suffix(".vsock")),
+                                    vsock=str(paths.vsock),
                                     console=str(paths.console))
             observed, pid = self.observe(ns, name, d.ledger.boot_memory)
             root = self._root_disk(vm)
@@ -231,7 +231,7 @@ class VmDriver:
     def _guest(self, vm: VirtualMachine) -> GuestClient:
         paths = self.pm.paths(vm.metadata.namespace or "default", vm.metadata.name)
         port = vm.spec.guest_agent.port if vm.spec.guest_agent else 1024
-        return GuestClient(str(paths.socket.with_suffix(".vsock")), port)
+        return GuestClient(str(paths.vsock), port)
 
     def _guest_step(self, vm: VirtualMachine, step: Step, d: Decision) -> None:
         """Checkpoint/restore through the guest agent. The deadline makes the guest stop

@@ -42,19 +42,26 @@ def merge(store: dict[str, dict[str, Any]], listed: dict[str, dict[str, Any]],
           list_version: str) -> None:
     """Make ``store`` what a list taken at ``list_version`` says, except where a watch event
     already brought something newer (etcd resourceVersions are increasing integers, which
-    the API server does not promise but every etcd-backed one gives)."""
+    the API server does not promise but every etcd-backed one gives). ``listed`` holds
+    compact copies already (``Kube.snapshot(..., each=compact)`` makes them page by page)
+    and is stored as it is."""
     at = version_of({"metadata": {"resourceVersion": list_version}})
     for key in [k for k, body in store.items() if k not in listed and version_of(body) <= at]:
         del store[key]  # deleted while no watch event could tell us
     for key, body in listed.items():
-        merge_one(store, key, body)
+        if _not_older(store, key, body):
+            store[key] = body
 
 
 def merge_one(store: dict[str, dict[str, Any]], key: str, body: Body) -> None:
     """Store a compact copy of ``body`` unless a newer version of it is already there."""
-    have = store.get(key)
-    if have is None or version_of(have) <= version_of(body):
+    if _not_older(store, key, body):
         store[key] = compact(body)
+
+
+def _not_older(store: Mapping[str, Mapping[str, Any]], key: str, body: Body) -> bool:
+    have = store.get(key)
+    return have is None or version_of(have) <= version_of(body)
 
 
 def compact(body: Body) -> dict[str, Any]:

@@ -154,10 +154,7 @@ class Kube:
         else:
             kw["limit"] = LIST_PAGE
         items: Items = []
-        token = ""
         while True:
-            if token:
-                kw["_continue"] = token
             try:
                 if res.namespaced and namespace:
                     out = self.api.list_namespaced_custom_object(GROUP, VERSION, namespace,
@@ -165,18 +162,18 @@ class Kube:
                 else:
                     out = self.api.list_cluster_custom_object(GROUP, VERSION, res.plural, **kw)
             except ApiException as exc:
-                if exc.status == 410 and token:  # the snapshot expired between pages
-                    items, token = [], ""
-                    kw.pop("_continue", None)
+                if exc.status == 410 and "_continue" in kw:  # expired between pages
+                    items = []
+                    del kw["_continue"]
                     continue
                 raise
             page = out.get("items") or []
             items.extend(map(each, page) if each else page)
             meta = out.get("metadata") or {}
-            token = meta.get("continue") or ""
-            if not token:
+            if not meta.get("continue"):
                 return items, str(meta.get("resourceVersion", ""))
-            del out, page
+            kw["_continue"] = meta["continue"]
+            del out, page  # not held while the next page is read
 
     @api_retry
     def create(self, res: Resource, body: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Pure: no process, socket, file or clock. The driver (:mod:`.driver`) observes the VMM,
 calls :func:`decide`, executes ``decision.steps`` in order (telling the decision what each
-one did), observes again and patches :meth:`Decision.report`. Restart backoff, the Manual
+one did), observes again and patches :attr:`Decision.status`. Restart backoff, the Manual
 halt, waiting for an image, the Ready/Failure/Recreated conditions and the status
 dictionary are decided here, so their tests need neither a VMM nor a patched clock.
 """
@@ -120,7 +120,7 @@ class Ledger:
 
 @dataclass
 class Decision:
-    """One pass's plan and its running account; :meth:`report` is the status to patch."""
+    """One pass's plan and its running account; :attr:`status` is the patch to write."""
 
     vm: VirtualMachine
     node: str
@@ -166,7 +166,7 @@ class Decision:
         if self.phase is None and self.desired is not None and not self._settled:
             probe = replace(self, ledger=self.ledger.copy())
             probe.settle()
-        return probe.report(probe.observed, probe.pid)
+        return probe.report()
 
     def _condition(self, type_: str, status: bool, reason: str, message: str) -> None:
         led = self.ledger
@@ -266,9 +266,9 @@ class Decision:
         if was is None or was.status != "True" or was.message != why:
             self.ledger.events.append(("Warning", reason, why))
 
-    def report(self, observed: Observed, pid: int | None) -> dict[str, Any]:
-        """The status patch for ``observed`` (the VMM after the steps)."""
-        led = self.ledger
+    def report(self) -> dict[str, Any]:
+        """The status patch for what was observed last (the VMM after the steps)."""
+        led, observed, pid = self.ledger, self.observed, self.pid
         phase = self.phase
         if phase is None:
             phase = phase_of(self.desired, observed) if self.desired else Phase.STARTING

@@ -36,6 +36,7 @@ class UnsafeNameError(ValueError):
 class VmPaths:
     socket: Path
     console: Path  # the serial port's unix socket (spec.serial Socket), bound by the VMM
+    vsock: Path  # the guest's vsock, as a unix socket (cloud-hypervisor's hybrid vsock)
     pidfile: Path
     events: Path
     log: Path
@@ -82,6 +83,7 @@ class ProcessManager:
         return VmPaths(
             socket=socket,
             console=socket.with_suffix(".console"),
+            vsock=socket.with_suffix(".vsock"),
             pidfile=self.socket_dir / f"{stem}.pid",
             events=self.socket_dir / f"{stem}.events",
             log=self.socket_dir / f"{stem}.log",
@@ -185,13 +187,20 @@ class ProcessManager:
         """(namespace, name) of every VMM still alive from an earlier agent run."""
         found = []
         for pidfile in sorted(self.socket_dir.glob("*_*.pid")):
-            namespace, _, name = pidfile.stem.partition("_")
+            namespace, name = vm_of(pidfile)
             try:
                 if self.pid(namespace, name) is not None:
                     found.append((namespace, name))
             except UnsafeNameError:
                 continue
         return found
+
+
+def vm_of(path: Path) -> tuple[str, str]:
+    """(namespace, name) of the VM one of the socket directory's files belongs to
+    (``<namespace>_<name>.<suffix>``: namespaces hold no "_")."""
+    namespace, _, name = path.stem.partition("_")
+    return namespace, name
 
 
 def _monotonic_start(pid: int, pidfile: Path) -> float | None:
