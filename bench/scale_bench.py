@@ -5,13 +5,19 @@ Prints, for one run: push -> all Running; operator CPU (controller, GitSource co
 agents; the VMMs excluded) in ms per VM started; idle CPU per VM once converged; RSS of
 each process; node heartbeat lapses (NotReady transitions). Asserts nothing.
 
-Usage: python bench/scale_bench.py [--vms 1000] [--agents 10] [--idle 10]
+Usage: python bench/scale_bench.py [--vms 1000] [--agents 10] [--idle 10] [--profile DIR]
+
+``--profile DIR``: py-spy samples each operator process while the VMs start (only threads
+holding the GIL, so waiting is not counted) and writes one collapsed-stack file per
+process to DIR (``bench/profile_summary.py DIR`` sums them by where the time goes).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +38,8 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=10)
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle measurement")
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="py-spy each operator process while the VMs start; stacks to DIR")
     args = ap.parse_args()
     n, k = args.vms, args.agents
     binary = fastvmm_binary()
@@ -57,10 +65,15 @@ def main() -> None:
         server0 = sum(cpu_seconds(pid) for pid in server)
         assert b.vms is not None
         writes0 = b.vms.writes
+        spies = profile(args.profile, pids) if args.profile else []
         t0 = b.push_and_notify(sha)
         wait(lambda: b.vms is not None and b.vms.count("Running") >= n, args.timeout,
              f"{n} VMs Running", every=0.1)
         took = time.time() - t0
+        for spy in spies:  # py-spy writes its file on SIGINT
+            spy.send_signal(2)
+        for spy in spies:
+            spy.wait(timeout=60)
         writes = b.vms.writes - writes0
         events = len(kubectl(b.kc, "-n", NS, "get", "events", "-o", "name").stdout.split())
         cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -102,6 +115,18 @@ def main() -> None:
         discard(work)
     print_figures(f"Scale benchmark ({os.cpu_count()} cores, real API server + etcd on loopback)",
                   figures)
+
+
+def profile(out: Path, pids: dict[str, int]) -> list[subprocess.Popen[bytes]]:
+    """Start py-spy on each process; stopped (and written out) by SIGINT."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
+    out.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen([spy, "record", "-p", str(pid), "--gil", "-r", "250", "-f", "raw",
+                              "-o", str(out / f"{name}.txt"), "--nonblocking"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, pid in pids.items()]
 
 
 if __name__ == "__main__":

@@ -217,7 +217,7 @@ def controller(
     from . import pools
 
     # VirtualMachinePools: active replica only, like scheduling and GitOps.
-    pools.register(registry, kube, active=lambda: scheduler.active)
+    pools.register(registry, kube, scheduler.vm_subscribers, active=lambda: scheduler.active)
     _run_kopf(registry, peer, _liveness(health_port, health_address))
 
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -45,9 +45,10 @@ from hyperfleet.reconcilers.fleet import (
     unschedulable_status,
     vm_hosts,
 )
+from hyperfleet.reconcilers.informer import Event, Informer
 from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
 from hyperfleet.reconcilers.jobs.dispatch import Decision, dispatch
-from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, KubeApi, Resource
+from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Kube, KubeApi, Resource
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_time, rfc3339
 from hyperfleet.reconcilers.nodes import LEASE_LABEL, node_view
 from hyperfleet.reconcilers.peering import is_active
@@ -76,12 +77,18 @@ class Controller:
         self._liveness = Liveness()
         self.dirty = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.vm_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._writes = asyncio.Semaphore(16)
         self._allocations_at = 0.0
         self.active = cfg.peering is None  # only the active peering replica schedules
         self._active_at = -1.0
         self._said = False  # whether this replica has logged its peering role yet
+        # The fleet's VMs come from an informer of our own (``register``), not from kopf: no
+        # per-object worker, body or patch for each of thousands of VMs, and each event is
+        # compacted on arrival. Others in the process (pools) subscribe to its events.
+        self.vm_informer: Informer | None = None
+        self.vm_subscribers: list[Callable[[str, dict[str, Any]], None]] = []
 
     async def parallel(self, coros: list[Coroutine[Any, Any, None]]) -> None:
         """Run API writes concurrently, but never more than 16 at once."""
@@ -119,6 +126,20 @@ class Controller:
             merge_one(store, key, body)  # (merge_one keeps a compact copy)
         self.dirty.set()
 
+    def observe_vms(self, events: list[Event]) -> None:
+        """A burst of VM watch events (compact copies, from the informer)."""
+        for type_, body in events:
+            key = object_key(body)
+            if type_ == "DELETED":
+                # (A deletion found by a relist carries only the name: pass on what we had.)
+                body = self.vms.pop(key, body)
+                self._views.pop(key, None)
+            else:
+                merge_one(self.vms, key, body, compacted=True)
+            for subscriber in self.vm_subscribers:
+                subscriber(type_, body)
+        self.dirty.set()
+
     def liveness(self, now: datetime) -> tuple[dict[str, dict[str, Any]], dict[str, datetime]]:
         """Node bodies and when each agent was last seen alive, by the controller's clock."""
         return self._liveness.update(self.nodes, self.leases, now)
@@ -127,18 +148,25 @@ class Controller:
         """Read everything the passes use before the first one (and again on taking over
         from another replica): the watches fill the view object by object, and a
         half-filled or frozen view must not look like lost nodes or free capacity."""
+        informed = self.vm_informer is not None
         while True:
             try:
-                vms, nodes, jobs, leases = await asyncio.gather(
-                    asyncio.to_thread(self.kube.snapshot, VMS, each=compact),
+                nodes, jobs, leases, vms = await asyncio.gather(
                     asyncio.to_thread(self.kube.snapshot, NODES, each=compact),
                     asyncio.to_thread(self.kube.snapshot, JOBS, each=compact),
-                    asyncio.to_thread(self.kube.lease_renewals, LEASE_LABEL))
+                    asyncio.to_thread(self.kube.lease_renewals, LEASE_LABEL),
+                    # The VM informer is never paused (kopf pauses only its own watches on
+                    # a standby): its first list is all a pass needs.
+                    asyncio.to_thread(lambda: ([], "") if informed
+                                      else self.kube.snapshot(VMS, each=compact)))
                 break
             except Exception:
                 log.exception("cannot list the cluster yet; retrying")
                 await asyncio.sleep(2)
-        merge(self.vms, {object_key(b): b for b in vms[0]}, vms[1])
+        if self.vm_informer is not None:
+            await self.vm_informer.synced.wait()
+        else:
+            merge(self.vms, {object_key(b): b for b in vms[0]}, vms[1])
         merge(self.nodes, {b["metadata"]["name"]: b for b in nodes[0]}, nodes[1])
         merge(self.jobs, {object_key(b): b for b in jobs[0]}, jobs[1])
         self.leases = {n: max(t, self.leases.get(n, t)) for n, t in leases.items()}
@@ -387,8 +415,9 @@ class Controller:
             self.kube.patch, NODES, name, {"status": status}, None, True)
 
 
-def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: KubeApi) -> Controller:
+def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: Kube) -> Controller:
     ctl = Controller(cfg, kube)
+    informer = ctl.vm_informer = Informer(kube, VMS, each=compact)
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -397,16 +426,11 @@ def register(registry: kopf.OperatorRegistry, cfg: ControllerConfig, kube: KubeA
         # Only Hyperfleet agents' Leases, filtered by the API server, not every Lease.
         settings.watching.label_selectors["coordination.k8s.io", "leases"] = LEASE_LABEL
         ctl.task = asyncio.create_task(ctl.run())
+        ctl.vm_task = asyncio.create_task(informer.run(ctl.observe_vms))
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        if ctl.task:
-            await cancel_all([ctl.task])
-
-    @kopf.on.event(GROUP, VERSION, VMS.plural, registry=registry)
-    async def vm_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
-                       namespace: str | None, **_: Any) -> None:
-        ctl.observe(ctl.vms, f"{namespace}/{name}", event, body)
+        await cancel_all([t for t in (ctl.task, ctl.vm_task) if t])
 
     @kopf.on.event("coordination.k8s.io", "v1", "leases", registry=registry,
                    labels={LEASE_LABEL: kopf.PRESENT})

@@ -294,9 +294,13 @@ class Pools:
 
 
 def register(registry: kopf.OperatorRegistry, kube: Kube,
+             vm_subscribers: list[Callable[[str, dict[str, Any]], None]],
              active: Callable[[], bool] | None = None) -> Pools:
-    """Add the VirtualMachinePool handlers to a kopf registry (the controller process)."""
+    """Add the VirtualMachinePool handlers to a kopf registry (the controller process).
+    Member events come from the controller's VM informer (``vm_subscribers``): one watch
+    of the fleet per process."""
     pools = Pools(kube, active=active)
+    vm_subscribers.append(pools.observe_vm)  # (it ignores VMs without the pool label)
 
     @kopf.on.cleanup(registry=registry, id="pools-cleanup")
     async def pools_cleanup(**_: Any) -> None:
@@ -305,11 +309,5 @@ def register(registry: kopf.OperatorRegistry, kube: Kube,
     @kopf.on.event(GROUP, VERSION, POOLS.plural, registry=registry, id="pools-pool-event")
     async def pool_event(*, event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         pools.observe_pool(event.get("type"), copy.deepcopy(dict(body)))
-
-    # Only VMs with the pool label: kopf filters the controller's one VM watch stream.
-    @kopf.on.event(GROUP, VERSION, VMS.plural, registry=registry, id="pools-member-event",
-                   labels={POOL_LABEL: kopf.PRESENT})
-    async def member_event(*, event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-        pools.observe_vm(event.get("type"), copy.deepcopy(dict(body)))
 
     return pools

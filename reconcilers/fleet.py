@@ -53,10 +53,12 @@ def merge(store: dict[str, dict[str, Any]], listed: dict[str, dict[str, Any]],
             store[key] = body
 
 
-def merge_one(store: dict[str, dict[str, Any]], key: str, body: Body) -> None:
-    """Store a compact copy of ``body`` unless a newer version of it is already there."""
+def merge_one(store: dict[str, dict[str, Any]], key: str, body: Body,
+              compacted: bool = False) -> None:
+    """Store a compact copy of ``body`` (``body`` itself if ``compacted`` already) unless a
+    newer version of it is already there."""
     if _not_older(store, key, body):
-        store[key] = compact(body)
+        store[key] = cast(dict[str, Any], body) if compacted else compact(body)
 
 
 def _not_older(store: Mapping[str, Mapping[str, Any]], key: str, body: Body) -> bool:

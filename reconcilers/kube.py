@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from . import conventions as conv
@@ -49,6 +51,10 @@ class Conflict(Exception):
 
 class Gone(Conflict):
     """The object was deleted since it was read (HTTP 404): a conflict nothing can win."""
+
+
+class Expired(Exception):
+    """A watch's resourceVersion is older than the API server keeps (HTTP 410): list again."""
 
 
 def _transient(exc: BaseException) -> bool:
@@ -139,8 +145,8 @@ class Kube:
     @api_retry
     def snapshot(self, res: Resource, namespace: str | None = None,
                  field_selector: str | None = None, cached: bool = False,
-                 each: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-                 ) -> tuple[Items, str]:
+                 each: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 label_selector: str | None = None) -> tuple[Items, str]:
         """The items and the list's resourceVersion (the point in time they describe).
 
         ``cached``: from the API server's watch cache (resourceVersion "0"), possibly a
@@ -149,6 +155,8 @@ class Kube:
         as its page arrives: a fleet read in one piece is ~10 KB of JSON per VM parsed at
         once, and the heap it grows to stays with the process."""
         kw: dict[str, Any] = {"field_selector": field_selector} if field_selector else {}
+        if label_selector:
+            kw["label_selector"] = label_selector
         if cached:
             kw["resource_version"] = "0"
         else:
@@ -174,6 +182,40 @@ class Kube:
                 return items, str(meta.get("resourceVersion", ""))
             kw["_continue"] = meta["continue"]
             del out, page  # not held while the next page is read
+
+    def watch(self, res: Resource, resource_version: str, field_selector: str | None = None,
+              label_selector: str | None = None, timeout: int = 300
+              ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """One watch request from ``resource_version``, all namespaces: (type, object) per
+        event until the API server ends it after ``timeout`` seconds. BOOKMARK events carry
+        only the resourceVersion to resume from. Raises ``Expired`` when the version is
+        older than the server keeps; the caller lists again."""
+        kw: dict[str, Any] = {
+            "watch": True, "resource_version": resource_version, "allow_watch_bookmarks": True,
+            "timeout_seconds": timeout, "_preload_content": False,
+            # No read may hang past the server's own end of the request.
+            "_request_timeout": (10, timeout + 30)}
+        if field_selector:
+            kw["field_selector"] = field_selector
+        if label_selector:
+            kw["label_selector"] = label_selector
+        try:
+            resp = self.api.list_cluster_custom_object(GROUP, VERSION, res.plural, **kw)
+        except ApiException as exc:
+            if exc.status == 410:
+                raise Expired(f"{res.plural} at {resource_version}") from exc
+            raise
+        try:
+            for line in iter_resp_lines(resp):  # type: ignore[no-untyped-call]
+                event = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object") or {}
+                    if status.get("code") == 410:
+                        raise Expired(f"{res.plural}: {status.get('message')}")
+                    raise ApiException(status=status.get("code"), reason=status.get("message"))
+                yield event["type"], event["object"]
+        finally:
+            resp.release_conn()
 
     @api_retry
     def create(self, res: Resource, body: dict[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ def test_controller_and_gitsource_register_no_change_handlers(tmp_path: Path) ->
     controller.register(registry, ControllerConfig(), Kube())
     gitsource.register(registry, GitOpsConfig(cache_dir=str(tmp_path)), Kube(),
                        active=lambda: True)
-    pools.register(registry, Kube(), active=lambda: True)
+    pools.register(registry, Kube(), [], active=lambda: True)
     assert not changing_reasons(registry) & set(CHANGE_HANDLERS_FORBIDDEN)
 
 
@@ -59,3 +59,18 @@ def test_no_diff_base_is_configured_and_stores_nothing() -> None:
     assert isinstance(store, NoDiffBase)
     body = kopf.Body({"metadata": {"name": "x"}, "spec": {"cpus": 1}})
     assert store.build(body=body) is None and store.fetch(body=body) is None
+
+
+def test_the_controller_process_leaves_the_vm_watch_to_its_own_informer(tmp_path: Path) -> None:
+    """kopf would give each of thousands of VMs a worker, a body and a patch per event: the
+    controller, GitOps and pools register no VM handler, so kopf does not watch VMs at all."""
+    registry = kopf.OperatorRegistry()
+    ctl = controller.register(registry, ControllerConfig(), Kube())
+    gitsource.register(registry, GitOpsConfig(cache_dir=str(tmp_path)), Kube(),
+                       active=lambda: True)
+    pools.register(registry, Kube(), ctl.vm_subscribers, active=lambda: True)
+    handlers = [*registry._watching.get_all_handlers(), *registry._changing.get_all_handlers(),
+                *registry._spawning.get_all_handlers()]
+    watched = {h.selector.any_name for h in handlers if h.selector is not None}
+    assert "virtualmachines" not in watched and "workernodes" in watched
+    assert ctl.vm_informer is not None and ctl.vm_subscribers  # pools hear the VMs from it
