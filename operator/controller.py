@@ -48,7 +48,7 @@ from hyperfleet.reconcilers.fleet import (
 from hyperfleet.reconcilers.informer import Event, Informer
 from hyperfleet.reconcilers.jobs.builder import JobBuilder, to_manifest
 from hyperfleet.reconcilers.jobs.dispatch import Decision, dispatch
-from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Kube, KubeApi, Resource
+from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, Kube, KubeApi, Resource
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_time, rfc3339
 from hyperfleet.reconcilers.nodes import LEASE_LABEL, node_view
 from hyperfleet.reconcilers.peering import is_active
@@ -364,24 +364,20 @@ class Controller:
                             meta: Mapping[str, Any], status: dict[str, Any]
                             ) -> dict[str, Any] | None:
         """Patch status only if the object is still the version the decision was made on.
-        On a conflict (or a vanished object) our copy is stale: read it again, or forget
-        it, and let the next pass decide anew. None when nothing was written."""
+        On a conflict our copy is stale and the newer version is on its way in the watch:
+        the next pass decides on it (a vanished object is forgotten at once). None when
+        nothing was written."""
         name, ns = meta["name"], meta.get("namespace")
         key = object_key({"metadata": meta})
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
         try:
             out = await asyncio.to_thread(self.kube.patch, res, name, patch, ns, True)
+        except Gone:
+            store.pop(key, None)
+            self.dirty.set()
+            return None
         except Conflict:
             self.dirty.set()
-            try:
-                fresh = await asyncio.to_thread(self.kube.get, res, name, ns)
-            except Exception:
-                log.exception("cannot re-read after a conflict", extra={"object": key})
-                return None
-            if fresh is None:
-                store.pop(key, None)
-            else:
-                merge_one(store, key, fresh)
             return None
         merge_one(store, key, out)
         return out
