@@ -7,7 +7,8 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
+from urllib.parse import quote
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -41,6 +42,8 @@ POOLS = Resource.of(conv.VIRTUAL_MACHINE_POOL)
 
 #: The items of a list response.
 Items = list[dict[str, Any]]
+#: A JSON patch (RFC 6902): its operations, ``test`` ones making it conditional.
+JsonPatch = list[dict[str, Any]]
 #: Objects per page of a full list.
 LIST_PAGE = 500
 
@@ -71,6 +74,39 @@ api_retry = retry(
 )
 
 
+def request(api: Any, method: str, path: str, body: Any = None,
+            content_type: str | None = None, query: list[tuple[str, Any]] | None = None
+            ) -> dict[str, Any]:
+    """One API request, plain JSON in and out. The generated methods validate each argument
+    with pydantic and build models, a fifth of a request's client CPU (0.70 vs 0.57 ms per
+    status patch, measured): too much for the calls made per VM started."""
+    headers = {"Accept": "application/json"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    _, url, headers, data, _ = api.param_serialize(
+        method, path, query_params=query, header_params=headers, body=body,
+        auth_settings=["BearerToken"])
+    answer = api.call_api(method, url, header_params=headers, body=data)
+    answer.read()  # (returns the connection to the pool)
+    if not 200 <= answer.status < 300:
+        raise ApiException(http_resp=answer)
+    return cast(dict[str, Any], json.loads(answer.data)) if answer.data else {}
+
+
+def object_path(res: Resource, name: str | None = None, namespace: str | None = None,
+                subresource: str | None = None) -> str:
+    """The URL path of a Hyperfleet object (or of its kind's collection, ``name`` None)."""
+    path = f"/apis/{GROUP}/{VERSION}"
+    if res.namespaced:
+        path += f"/namespaces/{quote(namespace or 'default', safe='')}"
+    path += f"/{res.plural}"
+    if name is not None:
+        path += f"/{quote(name, safe='')}"
+    if subresource:
+        path += f"/{subresource}"
+    return path
+
+
 def load_config(kubeconfig: str | None = None) -> None:
     """In-cluster config when running in a pod, else the kubeconfig."""
     try:
@@ -97,7 +133,7 @@ class KubeApi(Protocol):
 
     def create(self, res: Resource, body: dict[str, Any]) -> dict[str, Any]: ...
 
-    def patch(self, res: Resource, name: str, patch: dict[str, Any],
+    def patch(self, res: Resource, name: str, patch: dict[str, Any] | JsonPatch,
               namespace: str | None = None, status: bool = False) -> dict[str, Any]: ...
 
     def delete(self, res: Resource, name: str, namespace: str | None = None) -> None: ...
@@ -126,17 +162,11 @@ class Kube:
     @api_retry
     def get(self, res: Resource, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         try:
-            if res.namespaced:
-                obj = self.api.get_namespaced_custom_object(
-                    GROUP, VERSION, namespace, res.plural, name
-                )
-            else:
-                obj = self.api.get_cluster_custom_object(GROUP, VERSION, res.plural, name)
+            return request(self.api.api_client, "GET", object_path(res, name, namespace))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return dict(obj)
 
     def list(self, res: Resource, namespace: str | None = None,
              field_selector: str | None = None, cached: bool = False) -> Items:
@@ -220,52 +250,38 @@ class Kube:
     @api_retry
     def create(self, res: Resource, body: dict[str, Any]) -> dict[str, Any]:
         ns = body.get("metadata", {}).get("namespace") or "default"
-        if res.namespaced:
-            out = self.api.create_namespaced_custom_object(GROUP, VERSION, ns, res.plural, body)
-        else:
-            out = self.api.create_cluster_custom_object(GROUP, VERSION, res.plural, body)
-        return dict(out)
+        return request(self.api.api_client, "POST", object_path(res, None, ns), body,
+                       "application/json")
 
     @api_retry
     def patch(
         self,
         res: Resource,
         name: str,
-        patch: dict[str, Any],
+        patch: dict[str, Any] | JsonPatch,
         namespace: str | None = None,
         status: bool = False,
     ) -> dict[str, Any]:
-        """JSON merge patch; put metadata.resourceVersion in ``patch`` to make it conditional."""
+        """JSON merge patch; put metadata.resourceVersion in ``patch`` to make it conditional.
+        A list is a JSON patch (its ``test`` operations make it conditional)."""
+        kind = "json-patch" if isinstance(patch, list) else "merge-patch"
         try:
-            if res.namespaced:
-                fn = (
-                    self.api.patch_namespaced_custom_object_status
-                    if status
-                    else self.api.patch_namespaced_custom_object
-                )
-                out = fn(GROUP, VERSION, namespace, res.plural, name, patch)
-            else:
-                fn = (
-                    self.api.patch_cluster_custom_object_status
-                    if status
-                    else self.api.patch_cluster_custom_object
-                )
-                out = fn(GROUP, VERSION, res.plural, name, patch)
+            return request(self.api.api_client, "PATCH",
+                           object_path(res, name, namespace, "status" if status else None),
+                           patch, f"application/{kind}+json")
         except ApiException as exc:
             if exc.status == 409:
                 raise Conflict(f"{res.plural}/{name} changed since it was read") from exc
             if exc.status == 404:
                 raise Gone(f"{res.plural}/{name} no longer exists") from exc
+            if exc.status == 422 and isinstance(patch, list):  # a failed ``test``
+                raise Conflict(f"{res.plural}/{name} changed since it was read") from exc
             raise
-        return dict(out)
 
     @api_retry
     def delete(self, res: Resource, name: str, namespace: str | None = None) -> None:
         try:
-            if res.namespaced:
-                self.api.delete_namespaced_custom_object(GROUP, VERSION, namespace, res.plural, name)
-            else:
-                self.api.delete_cluster_custom_object(GROUP, VERSION, res.plural, name)
+            request(self.api.api_client, "DELETE", object_path(res, name, namespace))
         except ApiException as exc:
             if exc.status != 404:
                 raise

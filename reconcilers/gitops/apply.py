@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from hyperfleet.reconcilers.kube import Kube, api_retry
+from hyperfleet.reconcilers.kube import Kube, Resource, api_retry, object_path, request
 from hyperfleet.reconcilers.models.common import GROUP, VERSION
 
 from .types import FIELD_MANAGER, KINDS, OWNER_LABEL, ObjectRef
@@ -120,23 +120,13 @@ class Applier:
     def _patch(self, body: dict[str, Any], dry_run: bool) -> dict[str, Any]:
         ref = ObjectRef.of(body)
         info = KINDS[ref.kind]
-        kw: dict[str, Any] = {
-            "field_manager": self.field_manager,
-            "force": True,
-            "field_validation": "Strict",
-            "_content_type": APPLY_CONTENT_TYPE,
-            # The generated client maps only 200 to a body; an apply that creates answers 201.
-            "_preload_content": False,
-        }
+        query: list[tuple[str, Any]] = [("fieldManager", self.field_manager), ("force", True),
+                                        ("fieldValidation", "Strict")]
         if dry_run:
-            kw["dry_run"] = "All"
-        if info.namespaced:
-            out = self.api.patch_namespaced_custom_object(
-                GROUP, VERSION, ref.namespace, info.plural, ref.name, body, **kw)
-        else:
-            out = self.api.patch_cluster_custom_object(GROUP, VERSION, info.plural, ref.name, body, **kw)
-        data: dict[str, Any] = json.loads(out.data or b"{}")
-        return data
+            query.append(("dryRun", "All"))
+        res = Resource(info.plural, info.namespaced)
+        return request(self.api.api_client, "PATCH", object_path(res, ref.name, ref.namespace),
+                       body, APPLY_CONTENT_TYPE, query)
 
     def apply(self, body: dict[str, Any], dry_run: bool = False) -> Outcome:
         try:

@@ -18,9 +18,11 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
+import jsonpatch
+import jsonpointer
 from kubernetes import client
 
-from hyperfleet.reconcilers.kube import Conflict, Gone, Items, KubeApi, Resource
+from hyperfleet.reconcilers.kube import Conflict, Gone, Items, JsonPatch, KubeApi, Resource
 
 #: core/v1 Pods, kept like the custom objects (``put`` them): the console finds the agents'.
 PODS = Resource("pods", namespaced=True)
@@ -104,13 +106,22 @@ class FakeKube:
                 raise Conflict(f"{res.plural}/{meta['name']} already exists")
             return self.put(res, {**body, "metadata": {**meta, "generation": 1}})
 
-    def patch(self, res: Resource, name: str, patch: dict[str, Any],
+    def patch(self, res: Resource, name: str, patch: dict[str, Any] | JsonPatch,
               namespace: str | None = None, status: bool = False) -> dict[str, Any]:
         with self.lock:
             key = self._key(res, name, namespace)
             cur = self.objs.get(key)
             if cur is None:
                 raise Gone(name)
+            if isinstance(patch, list):  # a JSON patch: its failed ``test`` is a conflict
+                try:
+                    new = jsonpatch.apply_patch(cur, patch)
+                except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+                    raise Conflict(name) from exc
+                new["metadata"]["resourceVersion"] = str(next(self.rv))
+                self.objs[key] = new
+                self.writes.append({"jsonPatch": copy.deepcopy(patch)})
+                return copy.deepcopy(new)
             sent = copy.deepcopy(patch)
             body = copy.deepcopy(patch)
             want = (body.get("metadata") or {}).pop("resourceVersion", None)

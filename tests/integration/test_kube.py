@@ -16,7 +16,7 @@ import pytest
 from hyperfleet.reconcilers import kube as kube_mod
 from hyperfleet.reconcilers.conventions import API_VERSION, VIRTUAL_MACHINE
 from hyperfleet.reconcilers.informer import Event, Informer
-from hyperfleet.reconcilers.kube import VMS, Expired, Kube, load_config
+from hyperfleet.reconcilers.kube import VMS, Conflict, Expired, Gone, Kube, load_config
 from tests.integration.conftest import Cluster
 
 
@@ -124,3 +124,35 @@ async def _until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.05)
+
+
+def test_object_calls_round_trip_and_a_failed_json_patch_test_is_a_conflict(
+        cluster: Cluster) -> None:
+    load_config(str(cluster.kubeconfig))
+    kube = Kube()
+    ns = cluster.namespace
+    made = kube.create(VMS, {"apiVersion": API_VERSION, "kind": VIRTUAL_MACHINE.kind,
+                             "metadata": {"name": "jp", "namespace": ns},
+                             "spec": {"cpus": 1, "memory": "64Mi", "boot": {"kernel": "/k"}}})
+    assert kube.get(VMS, "jp", ns) == made
+    out = kube.patch(VMS, "jp", {"metadata": {"finalizers": ["a.example/x", "b.example/y"]}}, ns)
+    assert out["metadata"]["finalizers"] == ["a.example/x", "b.example/y"]
+    with pytest.raises(Conflict):  # stale: the finalizer at index 0 is not b
+        kube.patch(VMS, "jp", [{"op": "test", "path": "/metadata/finalizers/0",
+                                "value": "b.example/y"},
+                               {"op": "remove", "path": "/metadata/finalizers/0"}], ns)
+    with pytest.raises(Conflict):  # a merge patch made on an older version
+        kube.patch(VMS, "jp", {"metadata": {"resourceVersion": made["metadata"]["resourceVersion"],
+                                            "labels": {"x": "y"}}}, ns)
+    out = kube.patch(VMS, "jp", [{"op": "test", "path": "/metadata/finalizers/1",
+                                  "value": "b.example/y"},
+                                 {"op": "remove", "path": "/metadata/finalizers/1"}], ns)
+    assert out["metadata"]["finalizers"] == ["a.example/x"]
+    status = kube.patch(VMS, "jp", {"status": {"phase": "Pending"}}, ns, status=True)
+    assert status["status"]["phase"] == "Pending"
+    kube.patch(VMS, "jp", {"metadata": {"finalizers": None}}, ns)
+    kube.delete(VMS, "jp", ns)
+    assert kube.get(VMS, "jp", ns) is None
+    kube.delete(VMS, "jp", ns)  # already gone: not an error
+    with pytest.raises(Gone):
+        kube.patch(VMS, "jp", {"status": {"phase": "Running"}}, ns, status=True)

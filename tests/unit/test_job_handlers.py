@@ -18,7 +18,7 @@ from hyperfleet.reconcilers.jobs.handlers import (
     vm_restore,
     vm_snapshot,
 )
-from hyperfleet.reconcilers.kube import NODES, VMS, Resource
+from hyperfleet.reconcilers.kube import NODES, VMS, JsonPatch, Resource
 from hyperfleet.reconcilers.models.common import now_utc
 from hyperfleet.reconcilers.testing.fakekube import FakeKube
 
@@ -140,7 +140,7 @@ class NodeKube(FakeKube):
         self.put(VMS, {"metadata": {"name": "db", "namespace": "ns", "uid": "u2"},
                        "spec": {"cpus": 2, "memory": "4Gi"}, "status": {"nodeName": "n1"}})
 
-    def patch(self, res: Resource, name: str, patch: dict[str, Any],
+    def patch(self, res: Resource, name: str, patch: dict[str, Any] | JsonPatch,
               namespace: str | None = None, status: bool = False) -> dict[str, Any]:
         out = super().patch(res, name, patch, namespace, status)
         if status:

@@ -20,7 +20,7 @@ from hyperfleet.reconcilers.jobs.dispatch import dispatch
 from hyperfleet.reconcilers.jobs.handlers import HANDLERS, JobContext
 from hyperfleet.reconcilers.jobs.routing import WorkerView
 from hyperfleet.reconcilers.jobs.runner import JobRunner, MigrationPeers
-from hyperfleet.reconcilers.kube import JOBS, VMS, Conflict, Resource
+from hyperfleet.reconcilers.kube import JOBS, VMS, Conflict, JsonPatch, Resource
 from hyperfleet.reconcilers.models.common import now_utc
 from hyperfleet.reconcilers.testing.fakekube import FakeKube
 
@@ -36,7 +36,7 @@ class JobKube(FakeKube):
         self.put(JOBS, body)
         self.history: list[tuple[float, str, dict[str, Any]]] = []  # (time, thread, status)
 
-    def patch(self, res: Resource, name: str, patch: dict[str, Any],
+    def patch(self, res: Resource, name: str, patch: dict[str, Any] | JsonPatch,
               namespace: str | None = None, status: bool = False) -> dict[str, Any]:
         with self.lock:
             out = super().patch(res, name, patch, namespace, status)
