@@ -9,7 +9,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from hyperfleet.operator import logs
 from hyperfleet.operator.logs import JsonFormatter, RedactFilter, redact, setup
 
 KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----"
@@ -234,3 +237,35 @@ def test_entry_points_take_log_level() -> None:
         assert "--log-level" in r.output and "debug" in r.output, r.output
     with pytest.raises(SystemExit):
         gitsource.main(["--log-level", "verbose"])
+
+
+_WORDS = ["token", "password", "passwd", "passphrase", "secret", "apiKey", "api_key", "private-key",
+          "client-key-data", "ssh_key", "sshKey", "accessKey", "signingKey", "cookie",
+          "Authorization", "credential", "clientSecret", "key", "sig", "signature", "apikey"]
+_SHAPES = ["{w}={v}", "{w}: {v}", '"{w}": "{v}"', "?{w}={v}", "&x_{w}={v}", "--{w} {v}",
+           "-{w}={v}", "{w}: |\n  {v}\n", "{w} {v}", "https://{v}@host/{w}",
+           "-----BEGIN {w} PRIVATE KEY-----\n{v}"]
+
+
+@pytest.mark.parametrize("shape", _SHAPES)
+@pytest.mark.parametrize("word", _WORDS)
+def test_the_quick_screen_passes_every_secret_shape_to_the_patterns(shape: str, word: str) -> None:
+    for value in ("hunter2hunter2", "Bearer abcdefgh12345678", "ghp_abcdefgh12345678"):
+        text = shape.format(w=word, v=value)
+        slow = text
+        for pat, replacement in logs._PATTERNS:
+            slow = pat.sub(replacement, slow)
+        assert logs.redact(text) == slow, text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([
+    "token", "Bearer ", "basic ", "password", "passphrase", "secret", "apiKey", "client-key-data",
+    "ssh_key", "cookie", "Authorization", "credential", "sig", "://", "@", "=", ": ", "--",
+    "-----BEGIN RSA PRIVATE KEY-----", "LS0tLS1CRUdJTiBQUklW", "https://", "?", "&", "|\n  ",
+    "abcdefgh12345678", "vm-0001", "default/web", " ", "\n", '"', "'"]), max_size=12).map("".join))
+def test_the_quick_screen_never_lets_through_what_the_patterns_would_hide(text: str) -> None:
+    slow = text
+    for pat, replacement in logs._PATTERNS:
+        slow = pat.sub(replacement, slow)
+    assert logs.redact(text) == slow
