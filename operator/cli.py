@@ -212,7 +212,8 @@ def controller(
     if git_cfg is not None:
         # GitOps follows the same peering role as the scheduling loop: only the active
         # replica fetches, applies, prunes and takes webhooks.
-        ops = gitsource.register(registry, git_cfg, kube, active=lambda: scheduler.active)
+        ops = gitsource.register(registry, git_cfg, kube, active=lambda: scheduler.active,
+                                 vms=scheduler.vm_snapshot)
         series.register(metrics.GitSourceCollector(ops))
     from . import pools
 

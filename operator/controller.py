@@ -140,6 +140,13 @@ class Controller:
                 subscriber(type_, body)
         self.dirty.set()
 
+    def vm_snapshot(self) -> list[dict[str, Any]] | None:
+        """Every VM as the informer has it (compact copies; never modify them), or None
+        until its first list is in. Safe from any thread: the copy is one C call."""
+        if self.vm_informer is None or not self.vm_informer.synced.is_set():
+            return None
+        return list(self.vms.values())
+
     def liveness(self, now: datetime) -> tuple[dict[str, dict[str, Any]], dict[str, datetime]]:
         """Node bodies and when each agent was last seen alive, by the controller's clock."""
         return self._liveness.update(self.nodes, self.leases, now)

@@ -222,11 +222,12 @@ class GitOps:
 
     def __init__(self, cfg: GitOpsConfig, kube: Kube,
                  reconciler: GitSourceReconciler | None = None,
-                 active: Callable[[], bool] | None = None) -> None:
+                 active: Callable[[], bool] | None = None,
+                 vms: Callable[[], list[dict[str, Any]] | None] | None = None) -> None:
         cfg.check()
         self.cfg = cfg
         self.active = active or _always
-        self.applier = Applier(kube, workers=cfg.apply_workers)
+        self.applier = Applier(kube, workers=cfg.apply_workers, vms=vms)
         self.reconciler = reconciler or GitSourceReconciler(
             kube, GitFetcher(Path(cfg.cache_dir)), self.applier,
             nix=cfg.nix or shutil.which("nix"), server_dry_run=cfg.server_dry_run,
@@ -508,10 +509,12 @@ async def _healthz(_: web.Request) -> web.Response:
 
 
 def register(registry: kopf.OperatorRegistry, cfg: GitOpsConfig, kube: Kube,
-             active: Callable[[], bool] | None = None) -> GitOps:
+             active: Callable[[], bool] | None = None,
+             vms: Callable[[], list[dict[str, Any]] | None] | None = None) -> GitOps:
     """Add the GitSource handlers and the webhook receiver to a kopf registry. ``active``:
-    whether this replica is the active one (see GitOps); default always."""
-    ops = GitOps(cfg, kube, active=active)
+    whether this replica is the active one (see GitOps); default always. ``vms``: the
+    controller's view of the VMs when GitOps runs in its process (see ``Applier``)."""
+    ops = GitOps(cfg, kube, active=active, vms=vms)
 
     @kopf.on.startup(registry=registry, id="gitops-startup")
     async def gitops_startup(**_: Any) -> None:

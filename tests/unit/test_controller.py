@@ -12,6 +12,7 @@ from typing import Any, cast
 
 from hyperfleet.operator.controller import Controller
 from hyperfleet.operator.settings import ControllerConfig
+from hyperfleet.reconcilers.informer import Informer
 from hyperfleet.reconcilers.kube import NODES, VMS
 from hyperfleet.reconcilers.models.common import rfc3339
 from hyperfleet.reconcilers.testing.fakekube import FakeKube
@@ -112,3 +113,29 @@ def test_passes_are_spaced_by_twice_their_cost_within_bounds() -> None:
     assert pass_gap(0.001) == 0.02  # a small fleet reacts at once
     assert pass_gap(0.1) == 0.2  # a 10k-VM pass: passes take at most a third of the time
     assert pass_gap(3.0) == 1.0  # never more than a second between passes
+
+
+def test_the_vm_view_is_offered_to_others_only_once_the_informer_has_listed_and_events_keep_it() -> None:
+    async def scenario() -> None:
+        ctl = Controller(ControllerConfig(), FakeKube())
+        ctl.vm_informer = Informer(cast(Any, FakeKube()), VMS)  # (never run: events are fed by hand)
+        heard: list[tuple[str, str, Any]] = []
+        ctl.vm_subscribers.append(lambda t, b: heard.append(
+            (t, b["metadata"]["name"], b["metadata"].get("labels"))))
+        web = {"metadata": {"name": "web", "namespace": "t", "resourceVersion": "5",
+                            "labels": {"pool": "p"}}}
+        ctl.observe_vms([("ADDED", web)])
+        assert ctl.vm_snapshot() is None  # the first list is not in yet
+        ctl.vm_informer.synced.set()
+        assert ctl.vm_snapshot() == [web]
+        # An older event never replaces a newer copy; a relist's bare DELETED passes on
+        # what the view had (its labels: the pool workers need them).
+        ctl.observe_vms([("MODIFIED", {**web, "metadata": {**web["metadata"],
+                                                            "resourceVersion": "4"}})])
+        assert ctl.vms["t/web"]["metadata"]["resourceVersion"] == "5"
+        ctl.observe_vms([("DELETED", {"metadata": {"name": "web", "namespace": "t"}})])
+        assert ctl.vm_snapshot() == []
+        assert heard == [("ADDED", "web", {"pool": "p"}), ("MODIFIED", "web", {"pool": "p"}),
+                         ("DELETED", "web", {"pool": "p"})]
+
+    asyncio.run(scenario())
