@@ -156,3 +156,47 @@ def test_object_calls_round_trip_and_a_failed_json_patch_test_is_a_conflict(
     kube.delete(VMS, "jp", ns)  # already gone: not an error
     with pytest.raises(Gone):
         kube.patch(VMS, "jp", {"status": {"phase": "Running"}}, ns, status=True)
+
+
+class _Counting:
+    """The real client, counting lists and watches."""
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self.lists = 0
+        self.watches = 0
+
+    def snapshot(self, *args: Any, **kw: Any) -> Any:
+        self.lists += 1
+        return self.kube.snapshot(*args, **kw)
+
+    def watch(self, *args: Any, **kw: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+        self.watches += 1
+        yield from self.kube.watch(*args, **kw)
+
+
+def test_an_informer_resumes_a_watch_the_server_ended_without_listing_again(
+        cluster: Cluster) -> None:
+    load_config(str(cluster.kubeconfig))
+    kube = Kube()
+    label = f"informer-resume-{uuid.uuid4().hex[:8]}"
+    source = _Counting(kube)
+    informer = Informer(source, VMS, label_selector=f"test={label}", watch_seconds=1)
+    seen: list[tuple[str, str]] = []
+
+    async def scenario() -> None:
+        task = asyncio.create_task(informer.run(
+            lambda events: seen.extend((t, b["metadata"]["name"]) for t, b in events)))
+        await asyncio.wait_for(informer.synced.wait(), 30)
+        await _until(lambda: source.watches >= 3)  # the server ended two watches meanwhile
+        await asyncio.to_thread(kube.create, VMS, {
+            "apiVersion": API_VERSION, "kind": VIRTUAL_MACHINE.kind,
+            "metadata": {"name": "late", "namespace": cluster.namespace, "labels": {"test": label}},
+            "spec": {"cpus": 1, "memory": "64Mi", "boot": {"kernel": "/k"}}})
+        await _until(lambda: seen == [("ADDED", "late")])
+        assert source.lists == 1
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
