@@ -48,6 +48,7 @@ from hyperfleet.reconcilers.testing.devstack import (
 )
 
 SECRET = "bench-secret"
+SECRET_ENV = {"HYPERFLEET_WEBHOOK_SECRET": SECRET}
 NS = "bench"
 GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@example.com",
            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@example.com"}
@@ -156,7 +157,16 @@ class Bench:
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
         self.procs[name] = launch(cmd, self.work / f"{name}.log", self.kc, env)
 
-    def up(self) -> None:
+    def gitops_args(self, cache_flag: str = "--cache-dir") -> list[str]:
+        """The GitOps flags of a process whose receiver this bench's webhooks reach (the
+        controller calls its cache flag ``--git-cache-dir``)."""
+        return [cache_flag, str(self.work / "cache"), "--webhook-host", "127.0.0.1",
+                "--webhook-port", str(self.port)]
+
+    def up(self, gitops: bool = True) -> None:
+        """The API server and CRDs, and (``gitops``) a GitOps process of its own; without
+        it, the caller starts a process with ``gitops_args`` (the controller, as the chart
+        runs it) and then calls ``wait_receiver``."""
         self.api.start()
         install_crds(self.kc)
         kubectl(self.kc, "apply", "--server-side", "-f", "-", input_=crdgen.render(GIT_SOURCE))
@@ -167,10 +177,12 @@ class Bench:
         load_config(str(self.kc))
         self.kube = Kube()
         self.vms = VmWatch(self.kube)
-        self.start("gitops", [sys.executable, "-m", "hyperfleet.operator.gitsource", "--namespace", NS,
-                              "--cache-dir", str(self.work / "cache"), "--webhook-host", "127.0.0.1",
-                              "--webhook-port", str(self.port)],
-                   {"HYPERFLEET_WEBHOOK_SECRET": SECRET})
+        if gitops:
+            self.start("gitops", [sys.executable, "-m", "hyperfleet.operator.gitsource",
+                                  "--namespace", NS, *self.gitops_args()], SECRET_ENV)
+            self.wait_receiver()
+
+    def wait_receiver(self) -> None:
         wait(lambda: _get(f"http://127.0.0.1:{self.port}/healthz"), 30, "webhook receiver")
 
     def down(self) -> None:
