@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import copy
+import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ import kopf
 import watchfiles
 
 from hyperfleet.reconcilers import providers
-from hyperfleet.reconcilers.conventions import WORKER_NODE
+from hyperfleet.reconcilers.conventions import WORKER_NODE, role_finalizer
 from hyperfleet.reconcilers.disks import NodeStorage
 from hyperfleet.reconcilers.driver import VmDriver
 from hyperfleet.reconcilers.eviction import unbound_status
@@ -25,8 +28,9 @@ from hyperfleet.reconcilers.gitops.types import ADOPT_ANNOTATION
 from hyperfleet.reconcilers.hypervisor import fence
 from hyperfleet.reconcilers.hypervisor.process import ProcessManager, vm_of
 from hyperfleet.reconcilers.images import DEFAULT_ROOTS
+from hyperfleet.reconcilers.informer import Event, Informer, object_key
 from hyperfleet.reconcilers.jobs.runner import RECEIVE_TIMEOUT, JobRunner
-from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, KubeApi
+from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, JsonPatch, Kube, KubeApi
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_quantity, version_of
 from hyperfleet.reconcilers.models.vm import VirtualMachine
 from hyperfleet.reconcilers.nodes import (
@@ -46,6 +50,25 @@ AGENT_VERSION = "0.1.0"
 PROBE_INTERVAL = 300.0  # seconds between capability discoveries
 ORPHAN_SWEEP_SECONDS = 60.0  # the backstop sweep for VMMs of VMs not bound here
 VMM_SWEEP_SECONDS = 5.0  # the backstop for VMM exits and events the watches missed
+#: The agents' finalizer on the VMs bound to them. kopf's name for it (the "agent" role's),
+#: so that VMs finalized by older agents, and VMs that moved between nodes, carry the one
+#: every agent removes.
+FINALIZER = role_finalizer("agent")
+#: How long a deleted VM's loop may take to finish its pass before it is cancelled (its VMM
+#: is destroyed after the pass either way: the driver holds a per-VM lock).
+STOP_SECONDS = 30.0
+#: After a VM loop failed: as long as kopf waited before running a failed daemon again.
+LOOP_RETRY_SECONDS = 60.0
+#: First and longest wait between attempts of a finalizer write or a deletion's cleanup.
+RETRY_SECONDS = (0.5, 30.0)
+
+
+@dataclass
+class VmLoop:
+    """A VM's loop task and what asks it to finish (what kopf's DaemonStopped was)."""
+
+    task: asyncio.Task[None]
+    stopped: asyncio.Event
 
 
 class Agent:
@@ -63,9 +86,23 @@ class Agent:
             st.phase.value, job.operation).inc()
         self.wakeups: dict[str, asyncio.Event] = {}
         self.pidfds: dict[str, tuple[int, int]] = {}  # VM -> (VMM pid, its pidfd)
-        # The live body (kopf updates it in place) of each VM whose loop runs here: the
-        # per-VM metrics read it at scrape time (metrics.NodeVmCollector).
-        self.vms: dict[str, kopf.Body] = {}
+        # The VMs bound here as the watch (``vm_informer``) brought them last: plain dicts,
+        # each replaced by the next event and never changed in place, so a loop's pass can
+        # hold one without copying it.
+        self.bodies: dict[str, dict[str, Any]] = {}
+        # The latest body of each VM whose loop runs here: the per-VM metrics read it at
+        # scrape time (metrics.NodeVmCollector).
+        self.vms: dict[str, dict[str, Any]] = {}
+        # Each VM's loop. One that ended on its own (moved away by migration, evicted) stays
+        # here, so that later events do not start it again, until the VM leaves the watch:
+        # what kopf did with its daemons.
+        self.loops: dict[str, VmLoop] = {}
+        # What a VM that left the watch still has running (its loop finishing its pass, its
+        # deletion's cleanup): a new VM of the same name waits for it.
+        self.ending: dict[str, list[asyncio.Task[None]]] = {}
+        self.deleting: dict[str, asyncio.Task[None]] = {}  # deletion's cleanup, once per VM
+        self.finalizing: set[str] = set()  # VMs whose finalizer write is on its way
+        self.vm_informer: Informer | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.background: set[asyncio.Future[None]] = set()
         # Per VM: the copy its loop last decided on (or wrote); a watch event equal to it
@@ -422,21 +459,332 @@ class Agent:
             # one periodic cost that grows with the node's VMs.
             await asyncio.sleep(max(ORPHAN_SWEEP_SECONDS, self.cfg.heartbeat_seconds))
 
+    # ------------------------------------------------------------------ the VMs bound here
 
-def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: KubeApi) -> Agent:
+    def observe_vms(self, events: list[Event]) -> None:
+        """A burst of watch events of the VMs bound here (the informer's sink: it runs on
+        the loop and must not block). A new VM gets our finalizer and its loop; a change
+        wakes the loop; a deletion runs the cleanup, once; a VM gone from the watch (deleted,
+        or no longer bound here) stops its loop and leaves its VMM to eviction and fencing."""
+        for type_, body in events:
+            key = object_key(body)
+            known = self.bodies.get(key)
+            if type_ == "DELETED" or (known is not None and _uid(known) != _uid(body)):
+                self._forget(key)  # (another object of the same name starts afresh)
+                if type_ == "DELETED":
+                    continue
+            self._store(key, body)
+            if body["metadata"].get("deletionTimestamp"):
+                self._delete(key)
+                continue
+            self._ensure_finalizer(key)
+            if key not in self.loops:
+                self._start_loop(key)
+
+    def _store(self, key: str, body: dict[str, Any]) -> None:
+        self.bodies[key] = body
+        if key in self.vms:
+            self.vms[key] = body
+        # (A loop woken by our own write sees nothing new in the body and goes back to
+        # waiting: see the wait after each pass.)
+        ev = self.wakeups.get(key)
+        if ev is not None:
+            ev.set()
+
+    def _forget(self, key: str) -> None:
+        """The VM left the watch: stop its loop, as kopf stopped a daemon then."""
+        self.bodies.pop(key, None)
+        loop = self.loops.pop(key, None)
+        if loop is not None:
+            loop.stopped.set()
+        for task in (loop.task if loop else None, self.deleting.pop(key, None)):
+            if task is not None and not task.done():
+                self.ending.setdefault(key, []).append(task)
+                task.add_done_callback(functools.partial(self._ended, key))
+
+    def _ended(self, key: str, task: asyncio.Task[None]) -> None:
+        left = [t for t in self.ending.get(key, ()) if t is not task]
+        if left:
+            self.ending[key] = left
+        else:
+            self.ending.pop(key, None)
+
+    def _start_loop(self, key: str) -> None:
+        stopped = asyncio.Event()
+        before = list(self.ending.get(key, ()))
+        task = asyncio.create_task(self._run_loop(key, stopped, before), name=f"vm {key}")
+        self.loops[key] = VmLoop(task, stopped)
+
+    async def _run_loop(self, key: str, stopped: asyncio.Event,
+                        before: list[asyncio.Task[None]]) -> None:
+        """A VM's loop, after whatever an earlier VM of the same name left running here,
+        and again after a failure, as kopf ran a failed daemon again."""
+        if before:
+            await asyncio.wait(before)
+        while not stopped.is_set():
+            try:
+                await self.vm_loop(key, stopped)
+                return
+            except Exception:
+                log.exception("VM loop failed; retrying", extra={
+                    "vm": key, "seconds": LOOP_RETRY_SECONDS})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopped.wait(), LOOP_RETRY_SECONDS)
+
+    async def vm_loop(self, key: str, stopped: asyncio.Event) -> None:
+        """Drive one VM bound here until ``stopped`` (it was deleted or left the node) or
+        until it is no longer ours to drive: a converge pass, its status and events, then a
+        wait for a change, the VMM's news or the resync."""
+        body = self.bodies.get(key)
+        if body is None:
+            return
+        namespace = body["metadata"].get("namespace") or "default"
+        name = body["metadata"]["name"]
+        kube, cfg = self.kube, self.cfg
+        wake = self.wakeup(key)
+        self.driver.arrived(key)
+        epoch = self.fence_epoch
+        written = 0  # resourceVersion of our last status write
+        self.vms[key] = body
+        try:
+            while not stopped.is_set():
+                wake.clear()
+                body = self.bodies.get(key, body)
+                if FINALIZER not in (body["metadata"].get("finalizers") or ()):
+                    # Never drive a VM whose deletion would not wait for us: its object
+                    # could go while the VMM runs, and a new VM of the same name run twice.
+                    # (``_ensure_finalizer`` is writing it; its answer wakes us.)
+                    await _wait_either(wake, stopped, cfg.heartbeat_seconds)
+                    continue
+                if self.fenced:
+                    await _wait_either(wake, stopped, cfg.heartbeat_seconds)
+                    continue
+                if epoch != self.fence_epoch or self.in_gap():
+                    # Fenced since the last pass, or out of touch with the API server: our
+                    # copy may predate a move elsewhere. Act only on a fresh read.
+                    try:
+                        fresh = await asyncio.to_thread(kube.get, VMS, name, namespace)
+                    except Exception:
+                        await _wait_either(wake, stopped, cfg.heartbeat_seconds)
+                        continue
+                    if fresh is None or (fresh.get("status") or {}).get("nodeName") \
+                            != cfg.node_name:
+                        await asyncio.to_thread(self.stop_moved, namespace, name, fresh)
+                        return
+                    epoch = self.fence_epoch
+                if version_of(body) < written:
+                    # Our own write's watch event is on its way: converging on the older
+                    # copy would only make a conflicting write. Poll briefly rather than
+                    # wait for a wakeup that may already have been consumed.
+                    give_up = time.monotonic() + 2.0
+                    while version_of(self.bodies.get(key, body)) < written \
+                            and time.monotonic() < give_up and not stopped.is_set():
+                        await asyncio.sleep(0.01)
+                    written = 0  # arrived, or the watch restarted: go by what we have
+                    body = self.bodies.get(key, body)
+                if (body.get("status") or {}).get("evictFrom") == cfg.node_name:
+                    await asyncio.to_thread(self.evict, namespace, name, body)
+                    return
+                self.poked.discard(key)
+                seen = body  # the version this pass decides on (never changed in place)
+                self.decided[key] = seen
+                vm = VirtualMachine.from_body(seen)
+                with metrics.RECONCILE_SECONDS.labels("vm").time():
+                    outcome = await asyncio.to_thread(self.driver.converge, vm)
+                if outcome is None:
+                    return
+                self.track(key, outcome.status["hypervisor"]["pid"])
+                current = dict(seen.get("status") or {})
+                if any(_without_nulls(current.get(k)) != _without_nulls(v)
+                       for k, v in outcome.status.items()):
+                    try:
+                        out = await asyncio.to_thread(self.write_status, seen, outcome.status)
+                    except Conflict:
+                        out = None
+                    if out is None:  # unbound, evicted or deleted meanwhile: see the change
+                        await _wait_either(wake, stopped, 1.0)
+                        continue
+                    written = version_of(out)
+                    self.decided[key] = out  # its watch event brings nothing new
+                for type_, reason, message in outcome.events:
+                    await asyncio.to_thread(kube.event, self.bodies.get(key, body), reason,
+                                            message, type_, "hyperfleet-agent")
+                result = "converged" if outcome.converged else "pending"
+                metrics.RECONCILES.labels("vm", result).inc()
+                if outcome.retry_after is not None:
+                    delay = outcome.retry_after
+                else:
+                    delay = cfg.resync_seconds if outcome.converged else 0.2
+                until = time.monotonic() + delay
+                while not stopped.is_set() and (left := until - time.monotonic()) > 0:
+                    await _wait_either(wake, stopped, left)
+                    if not wake.is_set() or key in self.poked \
+                            or not _same_inputs(self.decided[key], self.bodies.get(key, body)):
+                        break
+                    # Woken by the watch event of our own write (it can arrive before the
+                    # write returns): nothing new, so no pass until the time is up.
+                    wake.clear()
+        finally:
+            self.wakeups.pop(key, None)
+            self.decided.pop(key, None)
+            self.poked.discard(key)
+            self.vms.pop(key, None)
+            self.untrack(key)
+
+    def _ensure_finalizer(self, key: str) -> None:
+        """Put our finalizer on a VM bound here that lacks it (in the background)."""
+        meta = self.bodies[key]["metadata"]
+        if key in self.finalizing or FINALIZER in (meta.get("finalizers") or ()):
+            return
+        self.finalizing.add(key)
+        self._keep(asyncio.ensure_future(self._add_finalizer(key)))
+
+    async def _add_finalizer(self, key: str) -> None:
+        """A merge patch of the finalizers, conditional on the version they were read from
+        (a list is written whole). On a conflict the VM changed: its next watch event
+        brings the version to write on, and tries again."""
+        delay = RETRY_SECONDS[0]
+        try:
+            while (body := self.bodies.get(key)) is not None:
+                meta = body["metadata"]
+                finalizers = list(meta.get("finalizers") or ())
+                if FINALIZER in finalizers or meta.get("deletionTimestamp"):
+                    return
+                patch = {"metadata": {"finalizers": [*finalizers, FINALIZER],
+                                      "resourceVersion": meta["resourceVersion"]}}
+                try:
+                    out = await asyncio.to_thread(self.kube.patch, VMS, meta["name"], patch,
+                                                  meta.get("namespace"))
+                except Conflict:
+                    if self.bodies.get(key) is body:
+                        return  # the event of the change is still on its way
+                    continue  # it came meanwhile: write on it
+                except Exception as exc:
+                    log.warning("adding the finalizer failed; retrying", extra={
+                        "vm": key, "error": str(exc), "seconds": delay})
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, RETRY_SECONDS[1])
+                    continue
+                # Stored at once (the watch event follows): the VM's first pass waits for it.
+                latest = self.bodies.get(key)
+                if latest is not None and _uid(latest) == _uid(out) \
+                        and version_of(out) > version_of(latest):
+                    self._store(key, _drop_managed_fields(out))
+                return
+        finally:
+            self.finalizing.discard(key)
+
+    def _delete(self, key: str) -> None:
+        """The VM is being deleted: clean up once (``_remove``)."""
+        if key in self.deleting:
+            return
+        loop = self.loops.get(key)
+        if loop is not None:
+            loop.stopped.set()  # now: no pass may start on this version, woken or not
+        task = asyncio.create_task(self._remove(key, self.bodies[key], loop,
+                                                list(self.ending.get(key, ()))))
+        self.deleting[key] = task
+        self._keep(task)
+
+    async def _remove(self, key: str, body: dict[str, Any], loop: VmLoop | None,
+                      before: list[asyncio.Task[None]]) -> None:
+        """Stop the VM's loop, destroy its VMM, remove its disks if its reclaim policy says
+        so, and only then remove our finalizer: the object goes once nothing of it runs
+        here. Each step is retried until it is done."""
+        if loop is not None:
+            await asyncio.wait([loop.task], timeout=STOP_SECONDS)
+            if not loop.task.done():
+                log.warning("VM loop did not stop in time; cancelling it", extra={
+                    "vm": key, "seconds": STOP_SECONDS})
+                loop.task.cancel()
+                await asyncio.wait([loop.task])
+        if before:
+            await asyncio.wait(before)
+        latest = self.bodies.get(key)
+        if latest is not None and _uid(latest) == _uid(body):
+            body = latest
+        meta = body["metadata"]
+        namespace, name = meta.get("namespace") or "default", meta["name"]
+        delay = RETRY_SECONDS[0]
+        while True:
+            try:
+                await asyncio.to_thread(self.driver.destroy, namespace, name)
+                image: dict[str, Any] = dict((body.get("spec") or {}).get("image") or {})
+                if image and image.get("reclaimPolicy", "Delete") == "Delete":
+                    await asyncio.to_thread(self.storage.remove, namespace, name)
+                break
+            except Exception:
+                log.exception("removing the VM failed; retrying", extra={
+                    "vm": key, "seconds": delay})
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RETRY_SECONDS[1])
+        log.info("VM removed from node", extra={"vm": key})
+        await self._release(key, body)
+
+    async def _release(self, key: str, body: dict[str, Any]) -> None:
+        """Remove our finalizer with a JSON patch that tests the object's uid and the entry
+        it removes: other finalizers and other writes do not make it fail, and a list that
+        did change never loses the wrong entry (then it is read again)."""
+        meta = body["metadata"]
+        namespace, name, uid = meta.get("namespace"), meta["name"], meta.get("uid")
+        delay = RETRY_SECONDS[0]
+        while FINALIZER in (finalizers := list(body["metadata"].get("finalizers") or ())):
+            index = finalizers.index(FINALIZER)
+            ops: JsonPatch = [
+                {"op": "test", "path": f"/metadata/finalizers/{index}", "value": FINALIZER},
+                {"op": "remove", "path": f"/metadata/finalizers/{index}"}]
+            if uid:
+                ops.insert(0, {"op": "test", "path": "/metadata/uid", "value": uid})
+            try:
+                await asyncio.to_thread(self.kube.patch, VMS, name, ops, namespace)
+                return
+            except Gone:
+                return
+            except Conflict:
+                pass  # the finalizers changed: read them again
+            except Exception as exc:
+                log.warning("removing the finalizer failed; retrying", extra={
+                    "vm": key, "error": str(exc), "seconds": delay})
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RETRY_SECONDS[1])
+            try:
+                fresh = await asyncio.to_thread(self.kube.get, VMS, name, namespace)
+            except Exception as exc:
+                log.warning("reading the VM failed; retrying", extra={
+                    "vm": key, "error": str(exc), "seconds": delay})
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RETRY_SECONDS[1])
+                continue
+            if fresh is None or (uid and _uid(fresh) != uid):
+                return  # gone already
+            body = fresh
+
+    async def stop_vms(self) -> None:
+        """At shutdown: end every VM loop and cleanup; the VMMs run on, and the next agent
+        adopts them (a cleanup cut short is done again: the finalizer is still there)."""
+        tasks: list[asyncio.Future[None]] = []
+        for loop in self.loops.values():
+            loop.stopped.set()
+            tasks.append(loop.task)
+        tasks += [*self.deleting.values(), *(t for ts in self.ending.values() for t in ts)]
+        await cancel_all(tasks)
+
+
+def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: Kube) -> Agent:
     agent = Agent(cfg, kube)
-
-    def bound_here(status: kopf.Status, **_: Any) -> bool:
-        return bool(status.get("nodeName") == cfg.node_name)
+    # The VMs bound to this node come from an informer of our own, not from kopf: no
+    # per-object worker, body copy, diff and patch on every event, nor a daemon per VM.
+    # It watches only this node's VMs (a selectable field in the CRD): an agent's load then
+    # grows with its own VMs, not with the fleet.
+    informer = agent.vm_informer = Informer(
+        kube, VMS, field_selector=f"status.nodeName={cfg.node_name}", each=_drop_managed_fields)
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_kopf(settings, "agent")
-        # Watch only this node's VMs and jobs (selectable fields in the CRDs): an agent's
-        # load then grows with its own VMs, not with the fleet.
-        node = cfg.node_name
-        settings.watching.field_selectors[GROUP, VMS.plural] = f"status.nodeName={node}"
-        settings.watching.field_selectors[GROUP, JOBS.plural] = f"status.assignedNode={node}"
+        # Watch only this node's jobs (a selectable field in the CRD), as for the VMs.
+        settings.watching.field_selectors[GROUP, JOBS.plural] = \
+            f"status.assignedNode={cfg.node_name}"
         # Each VM's converge pass runs in a worker thread (blocking socket I/O); the default
         # pool (cores + 4) would serialise a node's VMs behind a few slow VMM starts.
         asyncio.get_running_loop().set_default_executor(
@@ -450,20 +798,14 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: KubeApi) -
         agent.tasks = [asyncio.create_task(agent.heartbeat_loop()),
                        asyncio.create_task(agent.watch_vmms()),
                        asyncio.create_task(agent.fence_loop()),
-                       asyncio.create_task(agent.migration_loop())]
+                       asyncio.create_task(agent.migration_loop()),
+                       asyncio.create_task(informer.run(agent.observe_vms))]
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
         await asyncio.to_thread(agent.jobs.hand_back)
         await cancel_all(agent.tasks)
-
-    @kopf.on.event(GROUP, VERSION, VMS.plural, registry=registry)
-    async def vm_event(*, name: str, namespace: str | None, **_: Any) -> None:
-        # (A loop woken by kopf's finalizer or its own status write sees nothing new in
-        # the body and goes back to waiting: see the wait after each pass.)
-        ev = agent.wakeups.get(f"{namespace}/{name}")
-        if ev is not None:
-            ev.set()
+        await agent.stop_vms()
 
     @kopf.on.event(GROUP, VERSION, JOBS.plural, registry=registry)
     async def job_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
@@ -478,112 +820,24 @@ def register(registry: kopf.OperatorRegistry, cfg: AgentConfig, kube: KubeApi) -
             agent.jobs.running[key] = threading.Event()  # claimed here; the runner takes over
             agent.spawn_job(agent.jobs.run, snapshot)
 
-    @kopf.daemon(GROUP, VERSION, VMS.plural, registry=registry, when=bound_here,
-                 cancellation_timeout=30.0)
-    async def vm_daemon(
-        *, body: kopf.Body, name: str, namespace: str | None, stopped: kopf.DaemonStopped,
-        **_: Any,
-    ) -> None:
-        namespace = namespace or "default"
-        key = f"{namespace}/{name}"
-        wake = agent.wakeup(key)
-        agent.driver.arrived(key)
-        epoch = agent.fence_epoch
-        written = 0  # resourceVersion of our last status write
-        agent.vms[key] = body
-        try:
-            while not stopped:
-                wake.clear()
-                if agent.fenced:
-                    await _wait_either(wake, stopped, agent.cfg.heartbeat_seconds)
-                    continue
-                if epoch != agent.fence_epoch or agent.in_gap():
-                    # Fenced since the last pass, or out of touch with the API server: our
-                    # copy may predate a move elsewhere. Act only on a fresh read.
-                    try:
-                        fresh = await asyncio.to_thread(kube.get, VMS, name, namespace)
-                    except Exception:
-                        await _wait_either(wake, stopped, agent.cfg.heartbeat_seconds)
-                        continue
-                    if fresh is None or (fresh.get("status") or {}).get("nodeName") \
-                            != cfg.node_name:
-                        await asyncio.to_thread(agent.stop_moved, namespace, name, fresh)
-                        return
-                    epoch = agent.fence_epoch
-                if version_of(body) < written:
-                    # Our own write's watch event is on its way (kopf updates ``body`` in
-                    # place): converging on the older copy would only make a conflicting
-                    # write. Poll briefly rather than wait for a wakeup that may already
-                    # have been consumed.
-                    give_up = time.monotonic() + 2.0
-                    while version_of(body) < written and time.monotonic() < give_up and not stopped:
-                        await asyncio.sleep(0.01)
-                    written = 0  # arrived, or the watch restarted: go by what we have
-                if (body.get("status") or {}).get("evictFrom") == cfg.node_name:
-                    await asyncio.to_thread(agent.evict, namespace, name, dict(body))
-                    return
-                agent.poked.discard(key)
-                seen = copy.deepcopy(dict(body))  # the version this pass decides on
-                agent.decided[key] = seen
-                vm = VirtualMachine.from_body(seen)
-                with metrics.RECONCILE_SECONDS.labels("vm").time():
-                    outcome = await asyncio.to_thread(agent.driver.converge, vm)
-                if outcome is None:
-                    return
-                agent.track(key, outcome.status["hypervisor"]["pid"])
-                current = dict(seen.get("status") or {})
-                if any(_without_nulls(current.get(k)) != _without_nulls(v)
-                       for k, v in outcome.status.items()):
-                    try:
-                        out = await asyncio.to_thread(agent.write_status, seen, outcome.status)
-                    except Conflict:
-                        out = None
-                    if out is None:  # unbound, evicted or deleted meanwhile: see the change
-                        await _wait_either(wake, stopped, 1.0)
-                        continue
-                    written = version_of(out)
-                    agent.decided[key] = out  # its watch event brings nothing new
-                for type_, reason, message in outcome.events:
-                    await asyncio.to_thread(kube.event, dict(body), reason, message, type_,
-                                            "hyperfleet-agent")
-                result = "converged" if outcome.converged else "pending"
-                metrics.RECONCILES.labels("vm", result).inc()
-                if outcome.retry_after is not None:
-                    delay = outcome.retry_after
-                else:
-                    delay = agent.cfg.resync_seconds if outcome.converged else 0.2
-                until = time.monotonic() + delay
-                while not stopped and (left := until - time.monotonic()) > 0:
-                    await _wait_either(wake, stopped, left)
-                    if not wake.is_set() or key in agent.poked \
-                            or not _same_inputs(agent.decided[key], body):
-                        break
-                    # Woken by the watch event of our own write (it can arrive before the
-                    # write returns): nothing new, so no pass until the time is up.
-                    wake.clear()
-        finally:
-            agent.wakeups.pop(key, None)
-            agent.decided.pop(key, None)
-            agent.poked.discard(key)
-            agent.vms.pop(key, None)
-            agent.untrack(key)
-
-    @kopf.on.delete(GROUP, VERSION, VMS.plural, registry=registry, when=bound_here)
-    async def vm_delete(*, name: str, namespace: str | None, spec: kopf.Spec,
-                        **_: Any) -> None:
-        namespace = namespace or "default"
-        await asyncio.to_thread(agent.driver.destroy, namespace, name)
-        image: dict[str, Any] = dict(spec.get("image") or {})
-        if image and image.get("reclaimPolicy", "Delete") == "Delete":
-            await asyncio.to_thread(agent.storage.remove, namespace, name)
-        log.info("VM removed from node", extra={"vm": f"{namespace}/{name}"})
-
     return agent
 
 
+def _drop_managed_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """A VM as the agent keeps it: without managedFields, which no pass reads and which
+    are the larger part of a small object (the informer's freshly parsed copy, or a write's
+    answer: changed in place)."""
+    body.get("metadata", {}).pop("managedFields", None)
+    return body
+
+
+def _uid(body: Mapping[str, Any]) -> str | None:
+    uid = (body.get("metadata") or {}).get("uid")
+    return str(uid) if uid else None
+
 
 #: What a VM loop's decisions depend on: everything but the bookkeeping of writes
-#: (resourceVersion, managedFields) and the finalizers (kopf's own).
+#: (resourceVersion, managedFields) and the finalizers (ours, and any others).
 _IGNORED_METADATA = frozenset({"resourceVersion", "managedFields", "finalizers"})
 
 
@@ -608,8 +862,8 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
-async def _wait_either(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:
-    """Sleep until the object changed, the daemon is stopped, or ``timeout`` passed."""
+async def _wait_either(wake: asyncio.Event, stopped: asyncio.Event, timeout: float) -> None:
+    """Sleep until the object changed, the loop is stopped, or ``timeout`` passed."""
     waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
     try:
         await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

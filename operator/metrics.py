@@ -193,7 +193,8 @@ class FleetCollector(Collector):
 
 class NodeVmCollector(Collector):
     """One set of series per VM on this agent's node, like KubeVirt's kubevirt_vmi_*: from
-    the VM loops' live bodies (kopf updates them in place), gone when a VM's loop ends."""
+    the latest body of each VM whose loop runs (the agent replaces it on every watch event),
+    gone when a VM's loop ends."""
 
     def __init__(self, node: str, vms: Mapping[str, Body]) -> None:
         self.node = node

@@ -36,11 +36,22 @@ def test_controller_and_gitsource_register_no_change_handlers(tmp_path: Path) ->
     assert not changing_reasons(registry) & set(CHANGE_HANDLERS_FORBIDDEN)
 
 
-def test_the_agent_registers_only_a_deletion_handler(tmp_path: Path) -> None:
+def test_the_agent_registers_no_vm_handlers(tmp_path: Path) -> None:
+    """kopf would give each VM a worker, a daemon, a diff and a patch per event: the agent's
+    VMs (their loops, finalizer and deletion) come from its own informer, watching only
+    the VMs bound to its node, so kopf does not watch VMs in the agent at all."""
     registry = kopf.OperatorRegistry()
-    agent.register(registry, AgentConfig("n1", socket_dir=str(tmp_path / "run"),
-                                         state_dir=str(tmp_path / "state")), Kube())
-    assert changing_reasons(registry) == {"delete"}
+    node = agent.register(registry, AgentConfig("n1", socket_dir=str(tmp_path / "run"),
+                                                state_dir=str(tmp_path / "state")), Kube())
+    assert not changing_reasons(registry)
+    assert not registry._spawning.get_all_handlers()  # no daemon per VM
+    handlers = [*registry._watching.get_all_handlers(), *registry._changing.get_all_handlers(),
+                *registry._spawning.get_all_handlers()]
+    watched = {h.selector.any_name for h in handlers if h.selector is not None}
+    assert "virtualmachines" not in watched and "vmjobs" in watched
+    informer = node.vm_informer
+    assert informer is not None and informer.res.plural == "virtualmachines"
+    assert informer.field_selector == "status.nodeName=n1"
 
 
 @pytest.mark.parametrize("handler", CHANGE_HANDLERS_FORBIDDEN)
