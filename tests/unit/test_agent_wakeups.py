@@ -16,10 +16,10 @@ def vm() -> dict[str, Any]:
             "spec": {"cpus": 1}, "status": {"nodeName": "n1", "phase": "Scheduled"}}
 
 
-def test_kopfs_finalizer_and_write_bookkeeping_are_nothing_new() -> None:
+def test_the_agent_finalizer_and_write_bookkeeping_are_nothing_new() -> None:
     a, b = vm(), vm()
     b["metadata"].update(resourceVersion="11", finalizers=["hyperfleet.dev/agent"],
-                         managedFields=[{"manager": "kopf"}])
+                         managedFields=[{"manager": "hyperfleet-agent"}])
     assert _same_inputs(a, b)
 
 
