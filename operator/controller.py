@@ -51,7 +51,7 @@ from hyperfleet.reconcilers.jobs.dispatch import Decision, dispatch
 from hyperfleet.reconcilers.kube import JOBS, NODES, VMS, Conflict, Gone, Kube, KubeApi, Resource
 from hyperfleet.reconcilers.models.common import GROUP, VERSION, now_utc, parse_time, rfc3339
 from hyperfleet.reconcilers.nodes import LEASE_LABEL, node_view
-from hyperfleet.reconcilers.peering import is_active
+from hyperfleet.reconcilers.peering import Activation, is_active
 from hyperfleet.reconcilers.scheduler import NodeView, VmView, schedule, vm_view
 
 from . import metrics
@@ -84,6 +84,7 @@ class Controller:
         self.active = cfg.peering is None  # only the active peering replica schedules
         self._active_at = -1.0
         self._said = False  # whether this replica has logged its peering role yet
+        self._activation = Activation()
         # The fleet's VMs come from an informer of our own (``register``), not from kopf: no
         # per-object worker, body or patch for each of thousands of VMs, and each event is
         # compacted on arrival. Others in the process (pools) subscribe to its events.
@@ -192,7 +193,8 @@ class Controller:
         except Exception:
             log.exception("cannot read the peering object; standing by")
             peers = {}
-        active = is_active(peers, p.identity, p.priority, now_utc())
+        active = self._activation.update(is_active(peers, p.identity, p.priority, now_utc()),
+                                         time.monotonic())
         if active != self.active or not self._said:
             self._said = True
             log.info("active replica: scheduling here" if active

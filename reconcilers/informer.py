@@ -30,7 +30,10 @@ Event = tuple[str, dict[str, Any]]
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 RETRY_SECONDS = 2.0  # after a failed list or watch
-WATCH_SECONDS = 300  # one watch request's length (the server ends it; we go on from there)
+#: One watch request's length: the server ends it and we go on from its last version. A
+#: connection that died without a word (a partition) is found by the read timeout, this
+#: plus 30 s (kopf's watches: 60 s and 70 s).
+WATCH_SECONDS = 60
 
 
 class Watchable(Protocol):

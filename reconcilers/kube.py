@@ -214,7 +214,7 @@ class Kube:
             del out, page  # not held while the next page is read
 
     def watch(self, res: Resource, resource_version: str, field_selector: str | None = None,
-              label_selector: str | None = None, timeout: int = 300
+              label_selector: str | None = None, timeout: int = 60
               ) -> Iterator[tuple[str, dict[str, Any]]]:
         """One watch request from ``resource_version``, all namespaces: (type, object) per
         event until the API server ends it after ``timeout`` seconds. BOOKMARK events carry

@@ -38,3 +38,29 @@ def is_active(peers: Mapping[str, Any], identity: str, priority: int, now: datet
         if seen + lifetime > now and rank >= priority:
             return False
     return True
+
+
+#: How long a replica must stay eligible before it acts: longer than the interval at which
+#: every replica reads the peering object (1 s), so that of two replicas starting together
+#: (each announced, neither yet seen by the other) the lower one has stood by before the
+#: higher one binds, and a higher one joining later finds the active one already standing by.
+SETTLE_SECONDS = 2.5
+
+
+class Activation:
+    """``is_active`` held for ``settle`` seconds in a row before a replica acts (and dropped
+    at once when it no longer holds): kopf peering alone lets two replicas that start
+    together both act for up to a second."""
+
+    def __init__(self, settle: float = SETTLE_SECONDS) -> None:
+        self.settle = settle
+        self._since: float | None = None
+
+    def update(self, eligible: bool, now: float) -> bool:
+        """``now``: a monotonic clock. Whether this replica may act."""
+        if not eligible:
+            self._since = None
+            return False
+        if self._since is None:
+            self._since = now
+        return now - self._since >= self.settle
