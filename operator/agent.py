@@ -71,6 +71,23 @@ class VmLoop:
     stopped: asyncio.Event
 
 
+class _Backoff:
+    """Waits between attempts of a step that must eventually succeed (a finalizer write, a
+    deletion's cleanup): from RETRY_SECONDS[0], doubling up to RETRY_SECONDS[1], each
+    failure logged with the wait that follows."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.delay = RETRY_SECONDS[0]
+
+    async def wait(self, what: str, exc: BaseException, trace: bool = False) -> None:
+        """``trace``: log the traceback too (an unexpected failure, not an API error)."""
+        log.warning(f"{what} failed; retrying", exc_info=exc if trace else None, extra={
+            "vm": self.key, "error": str(exc), "seconds": self.delay})
+        await asyncio.sleep(self.delay)
+        self.delay = min(2 * self.delay, RETRY_SECONDS[1])
+
+
 class Agent:
     """State shared by the agent's handlers (one per process)."""
 
@@ -643,7 +660,7 @@ class Agent:
         """A merge patch of the finalizers, conditional on the version they were read from
         (a list is written whole). On a conflict the VM changed: its next watch event
         brings the version to write on, and tries again."""
-        delay = RETRY_SECONDS[0]
+        backoff = _Backoff(key)
         try:
             while (body := self.bodies.get(key)) is not None:
                 meta = body["metadata"]
@@ -660,10 +677,7 @@ class Agent:
                         return  # the event of the change is still on its way
                     continue  # it came meanwhile: write on it
                 except Exception as exc:
-                    log.warning("adding the finalizer failed; retrying", extra={
-                        "vm": key, "error": str(exc), "seconds": delay})
-                    await asyncio.sleep(delay)
-                    delay = min(2 * delay, RETRY_SECONDS[1])
+                    await backoff.wait("adding the finalizer", exc)
                     continue
                 # Stored at once (the watch event follows): the VM's first pass waits for it.
                 latest = self.bodies.get(key)
@@ -705,7 +719,7 @@ class Agent:
             body = latest
         meta = body["metadata"]
         namespace, name = meta.get("namespace") or "default", meta["name"]
-        delay = RETRY_SECONDS[0]
+        backoff = _Backoff(key)
         while True:
             try:
                 await asyncio.to_thread(self.driver.destroy, namespace, name)
@@ -713,11 +727,8 @@ class Agent:
                 if image and image.get("reclaimPolicy", "Delete") == "Delete":
                     await asyncio.to_thread(self.storage.remove, namespace, name)
                 break
-            except Exception:
-                log.exception("removing the VM failed; retrying", extra={
-                    "vm": key, "seconds": delay})
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, RETRY_SECONDS[1])
+            except Exception as exc:
+                await backoff.wait("removing the VM", exc, trace=True)
         log.info("VM removed from node", extra={"vm": key})
         await self._release(key, body)
 
@@ -727,7 +738,7 @@ class Agent:
         did change never loses the wrong entry (then it is read again)."""
         meta = body["metadata"]
         namespace, name, uid = meta.get("namespace"), meta["name"], meta.get("uid")
-        delay = RETRY_SECONDS[0]
+        backoff = _Backoff(key)
         while FINALIZER in (finalizers := list(body["metadata"].get("finalizers") or ())):
             index = finalizers.index(FINALIZER)
             ops: JsonPatch = [
@@ -743,17 +754,11 @@ class Agent:
             except Conflict:
                 pass  # the finalizers changed: read them again
             except Exception as exc:
-                log.warning("removing the finalizer failed; retrying", extra={
-                    "vm": key, "error": str(exc), "seconds": delay})
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, RETRY_SECONDS[1])
+                await backoff.wait("removing the finalizer", exc)
             try:
                 fresh = await asyncio.to_thread(self.kube.get, VMS, name, namespace)
             except Exception as exc:
-                log.warning("reading the VM failed; retrying", extra={
-                    "vm": key, "error": str(exc), "seconds": delay})
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, RETRY_SECONDS[1])
+                await backoff.wait("reading the VM", exc)
                 continue
             if fresh is None or (uid and _uid(fresh) != uid):
                 return  # gone already

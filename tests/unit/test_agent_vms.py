@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
+from hyperfleet.operator import agent as agent_mod
 from hyperfleet.operator.agent import FINALIZER, Agent
 from hyperfleet.operator.settings import AgentConfig
 from hyperfleet.reconcilers.kube import VMS, JsonPatch, Resource
@@ -219,3 +222,50 @@ def test_a_vm_that_leaves_the_watch_stops_its_loop_and_one_that_comes_back_start
 
     asyncio.run(scenario())
     assert runs == ["u1", "u2", "u3"]
+
+
+def test_a_deletion_whose_steps_fail_retries_each_with_backoff_until_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The VMM that would not stop and the API server that refused the finalizer's removal
+    are retried (each failure logged with its wait), never skipped: the VM is released only
+    once its VMM is gone."""
+    monkeypatch.setattr(agent_mod, "RETRY_SECONDS", (0.01, 0.02))
+    kube = FakeKube()
+    deleting = vm(finalizers=[FINALIZER], deleting=True)
+    kube.put(VMS, deleting, keep_version=True)
+    agent = make_agent(tmp_path, kube)
+    steps: list[str] = []
+    failures = {"destroy": 2, "release": 2}
+
+    def destroy(ns: str, name: str) -> None:
+        if failures["destroy"]:
+            failures["destroy"] -= 1
+            raise OSError("VMM still there")
+        steps.append("destroyed")
+
+    def patch(res: Resource, name: str, patch: dict[str, Any] | JsonPatch,
+              namespace: str | None = None, status: bool = False) -> dict[str, Any]:
+        if isinstance(patch, list) and failures["release"]:
+            failures["release"] -= 1
+            raise ApiException(status=503, reason="unavailable")
+        if isinstance(patch, list):
+            steps.append("released")
+        return FakeKube.patch(kube, res, name, patch, namespace, status)
+
+    monkeypatch.setattr(agent.driver, "destroy", destroy)
+    monkeypatch.setattr(kube, "patch", patch)
+
+    async def scenario() -> None:
+        agent.observe_vms([("ADDED", deleting)])
+        await until(lambda: "released" in steps)
+
+    with caplog.at_level(logging.WARNING, logger="hyperfleet.agent"):
+        asyncio.run(scenario())
+    assert steps == ["destroyed", "released"]
+    assert FINALIZER not in stored(kube)["metadata"].get("finalizers", [])
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count("removing the VM failed; retrying") == 2
+    assert said.count("removing the finalizer failed; retrying") == 2
+    assert [getattr(r, "seconds", None) for r in caplog.records
+            if r.getMessage() == "removing the VM failed; retrying"] == [0.01, 0.02]
