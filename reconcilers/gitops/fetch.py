@@ -373,6 +373,11 @@ class GitFetcher:
         return skipped
 
 
+#: git's words for an HTTP 401/403 ("The requested URL returned error: 403"), not any 403 in
+#: the text: a path such as /tmp/pytest-403/gone.git is no authentication failure.
+_HTTP_DENIED = re.compile(r"returned error: (?:401|403)\b")
+
+
 def _classify(exc: git.GitCommandError, url: str, ref: GitRef, secrets: list[str]) -> FetchError:
     err = scrub(str(exc.stderr or "").strip() or str(exc), secrets)
     lines = [ln.strip().removeprefix("stderr: ").strip("'").strip() for ln in err.splitlines()]
@@ -384,7 +389,7 @@ def _classify(exc: git.GitCommandError, url: str, ref: GitRef, secrets: list[str
                           reason="RevisionNotFound")
     if ("authentication failed" in low or "could not read username" in low
             or "could not read password" in low or "permission denied" in low
-            or re.search(r"\b(401|403)\b", low)):
+            or _HTTP_DENIED.search(low)):
         return FetchError(f"authentication to {url} failed: check spec.secretRef and its token or "
                           f"identity ({last})", transient=False, reason="AuthenticationFailed")
     if "host key verification failed" in low:

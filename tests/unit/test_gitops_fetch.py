@@ -11,7 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from git import GitCommandError
 
+from hyperfleet.reconcilers.gitops import fetch as fetch_mod
 from hyperfleet.reconcilers.gitops.fetch import (
     Credentials,
     FetchError,
@@ -375,3 +377,20 @@ def test_export_only_the_path_and_leaves_out_links_to_the_host(remote: Remote, f
         "fleet/passwd", "fleet/token", "result"]  # the whole tree
     with pytest.raises(PathNotFound, match="'nope' does not exist"):
         fetcher.export("ns/f", url, c, tmp_path / "x", "nope")
+
+
+@pytest.mark.parametrize(("stderr", "auth"), [
+    ("fatal: unable to access 'https://git.example/r.git/': The requested URL returned error: 403",
+     True),
+    ("fatal: unable to access 'https://git.example/r.git/': The requested URL returned error: 401",
+     True),
+    # A number in a path is not an HTTP status (this failed once when pytest's temporary
+    # directory happened to be /tmp/pytest-of-root/pytest-403).
+    ("fatal: '/tmp/pytest-403/gone.git' does not appear to be a git repository\n"
+     "fatal: Could not read from remote repository.", False),
+])
+def test_only_an_http_401_or_403_reads_as_an_authentication_failure(stderr: str, auth: bool) -> None:
+    exc = GitCommandError(["git", "fetch"], 128, stderr=stderr)
+    out = fetch_mod._classify(exc, "https://git.example/r.git", GitRef(branch="main"), [])
+    assert (out.reason == "AuthenticationFailed") is auth
+    assert out.transient is not auth
